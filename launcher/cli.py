@@ -1,0 +1,247 @@
+"""argv → plan. Everything is validated here, before any process starts: bad input is one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib.metadata
+import math
+import netrc
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import recipe as recipes
+from . import spawn
+from .plan import Plan
+from .sinks import write_json
+
+USAGE = "launch RECIPE [launcher flags] [recipe hyperparameter flags]"
+DEBUG_STEPS = 30
+SECRET = re.compile(r"key|token|secret|passw|credential", re.I)
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def base_parser(add_help: bool) -> Parser:
+    p = Parser(prog="launch", usage=USAGE, add_help=add_help, allow_abbrev=False,
+               description="Run a training recipe in one process or many, on Accelerate.")
+    p.add_argument("recipe", nargs="?", metavar="RECIPE", help="path of the recipe file, e.g. recipes/cifar.py")
+    g = p.add_argument_group("where it runs")
+    g.add_argument("--debug", action="store_true",
+                   help=f"one process in this process (a debugger works), first GPU or the CPU, {DEBUG_STEPS} steps, "
+                        "one evaluation, anomaly detection on")
+    g.add_argument("--gpus", type=int, metavar="N", help="N processes on this node, one GPU each")
+    g.add_argument("--cpu", action="store_true", help="run on the CPU (gloo); with --procs N, N processes")
+    g.add_argument("--procs", type=int, metavar="N", help="with --cpu: number of processes")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="DataLoader workers per process for per-sample datasets (default: 0 on CPU, 4 on GPU)")
+    g = p.add_argument_group("training")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="default: fp32")
+    g.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                   help="split each optimizer step into K micro-steps (the global batch stays the same); default 1")
+    g.add_argument("--clip-grad", type=float, default=0.0, metavar="NORM",
+                   help="clip the total gradient norm to NORM; 0 = off (the norm is logged either way)")
+    g.add_argument("--seed", type=int, default=0, help="default: 0")
+    g.add_argument("--max-steps", type=int, metavar="N",
+                   help="stop after N optimizer steps; the LR schedule spans these N steps")
+    g.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="evaluate on the validation split every N optimizer steps (default 0: at epoch ends)")
+    g.add_argument("--eval-epochs", type=int, default=1, metavar="E",
+                   help="evaluate at the end of every E-th epoch; 0 = not at epoch ends (default 1)")
+    g = p.add_argument_group("logging")
+    g.add_argument("--run-dir", metavar="DIR", help="where config.json, metrics.jsonl, logs and W&B files go "
+                                                    "(default: runs/NAME)")
+    g.add_argument("--name", help="run name (default: RECIPE-DATE-TIME)")
+    g.add_argument("--log-every", type=int, default=10, metavar="N",
+                   help="record metrics every N optimizer steps (default 10)")
+    g.add_argument("--wandb", choices=["online", "offline", "disabled"],
+                   help="default: $WANDB_MODE, else online when an API key is configured, else offline "
+                        "(disabled with --debug)")
+    g.add_argument("--wandb-project", metavar="P", help="default: the recipe's name")
+    g.add_argument("--wandb-entity", metavar="E")
+    return p
+
+
+def parse(argv: list[str]) -> tuple[Plan, object, object]:
+    """(plan, recipe module, Hparams) from argv, or UsageError."""
+    known, _ = base_parser(add_help=False).parse_known_args(argv)
+    if known.recipe is None:
+        if "-h" in argv or "--help" in argv:
+            base_parser(add_help=True).print_help()
+            sys.exit(0)
+        raise UsageError(f"missing RECIPE (usage: {USAGE}; see launch --help)")
+    try:
+        module = recipes.load(known.recipe)
+        parser = base_parser(add_help=True)
+        recipes.add_flags(parser, module.Hparams, Path(known.recipe))
+    except recipes.RecipeError as e:
+        raise UsageError(str(e)) from None
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise UsageError(_unknown(unknown, parser))
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(module.Hparams)}
+    try:
+        hp = recipes.hparams(module.Hparams, values)
+    except recipes.RecipeError as e:
+        raise UsageError(str(e)) from None
+    return make_plan(args, hp, Path(known.recipe).resolve()), module, hp
+
+
+def _unknown(unknown: list[str], parser: argparse.ArgumentParser) -> str:
+    flag = next((u for u in unknown if u.startswith("-")), None)
+    if flag is None:
+        return f"unexpected argument {unknown[0]!r} (usage: {USAGE})"
+    flag = flag.split("=", 1)[0]
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else " (see launch RECIPE --help)"
+    return f"unknown flag {flag}{hint}"
+
+
+def _at_least(value, low, flag: str) -> None:
+    if value is not None and not value >= low:
+        raise UsageError(f"{flag} must be at least {low}, not {value}")
+
+
+def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
+    for value, low, flag in ((args.gpus, 1, "--gpus"), (args.procs, 1, "--procs"), (args.grad_accum, 1, "--grad-accum"),
+                             (args.max_steps, 1, "--max-steps"), (args.log_every, 1, "--log-every"),
+                             (args.eval_every, 0, "--eval-every"), (args.eval_epochs, 0, "--eval-epochs"),
+                             (args.workers, 0, "--workers"), (args.seed, 0, "--seed"), (args.clip_grad, 0, "--clip-grad")):
+        _at_least(value, low, flag)
+    if not math.isfinite(args.clip_grad):
+        raise UsageError(f"--clip-grad must be a finite number, not {args.clip_grad}")
+    if args.cpu and args.gpus is not None:
+        raise UsageError("--cpu and --gpus exclude each other (CPU processes: --cpu --procs N)")
+    if args.procs is not None and not args.cpu:
+        raise UsageError("--procs N needs --cpu (for GPU processes use --gpus N)")
+    if args.debug and max(args.gpus or 1, args.procs or 1) > 1:
+        raise UsageError("--debug runs one process; drop --gpus/--procs or --debug")
+
+    import torch  # already imported by the recipe; needed here only to count GPUs
+
+    if args.gpus is not None:
+        visible = torch.cuda.device_count()
+        if args.gpus > visible:
+            where = f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" if "CUDA_VISIBLE_DEVICES" in os.environ else ""
+            raise UsageError(f"--gpus {args.gpus}: {visible or 'no'} GPU{'s' if visible != 1 else ''} visible{where}; "
+                             "use --cpu to run on the CPU")
+        device, nproc = "cuda", args.gpus
+    elif args.cpu:
+        device, nproc = "cpu", args.procs or 1
+    else:
+        device, nproc = ("cuda" if torch.cuda.is_available() else "cpu"), 1
+    if args.precision == "fp16" and device == "cpu":
+        raise UsageError("--precision fp16 needs a GPU (Accelerate would silently train in fp32 on the CPU); "
+                         "use bf16 or fp32")
+    if args.precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--precision bf16: {torch.cuda.get_device_name()} has no bf16; use fp16 or fp32")
+
+    world, accum, batch = nproc, args.grad_accum, hp.batch_size
+    if batch < 1 or batch % (world * accum):
+        raise UsageError(f"--batch-size {batch} must be a positive multiple of {world} process(es) × {accum} "
+                         f"accumulation step(s) = {world * accum}: it is the global batch of one optimizer step")
+    if hp.epochs < 1 and args.max_steps is None:
+        raise UsageError(f"--epochs must be at least 1, not {hp.epochs}")
+
+    name = args.name or f"{recipe_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(args.run_dir or Path("runs") / name).resolve()
+    if (run_dir / "config.json").exists():
+        raise UsageError(f"run directory {run_dir} already holds a run; choose another --run-dir or --name")
+    wandb = args.wandb or ("disabled" if args.debug else default_wandb_mode())
+    return Plan(
+        recipe=str(recipe_path), hparams=dataclasses.asdict(hp), run_dir=str(run_dir), name=name,
+        device=device, nproc=nproc, precision=args.precision, grad_accum=accum, clip_grad=args.clip_grad,
+        seed=args.seed, max_steps=args.max_steps or (DEBUG_STEPS if args.debug else None),
+        eval_every=0 if args.debug else args.eval_every, eval_epochs=0 if args.debug else args.eval_epochs,
+        eval_limit=10 if args.debug else None, log_every=1 if args.debug else args.log_every,
+        workers=args.workers if args.workers is not None else (4 if device == "cuda" and not args.debug else 0),
+        debug=args.debug, wandb=wandb, wandb_project=args.wandb_project or recipe_path.stem,
+        wandb_entity=args.wandb_entity,
+    )
+
+
+def default_wandb_mode() -> str:
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("online", "offline", "disabled"):
+        return mode
+    if mode == "dryrun":
+        return "offline"
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        rc = netrc.netrc(os.environ.get("NETRC") or os.path.expanduser("~/.netrc"))
+        return "online" if rc.authenticators("api.wandb.ai") else "offline"
+    except (OSError, netrc.NetrcParseError):
+        return "offline"
+
+
+def record(plan: Plan) -> dict:
+    """config.json: the plan with secret-looking hyperparameters masked, the code's commit, the versions."""
+    hparams = {k: "<redacted>" if SECRET.search(k) else v for k, v in plan.hparams.items()}
+    return {"plan": {**dataclasses.asdict(plan), "hparams": hparams}, "git": _git(Path(plan.recipe).parent),
+            "versions": _versions()}
+
+
+def _git(where: Path) -> dict | None:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for pkg in ("launcher", "torch", "accelerate", "deepspeed", "wandb", "torchmetrics", "numpy"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return versions
+
+
+def describe(plan: Plan) -> str:
+    where = (f"{plan.nproc} GPU process{'es' if plan.nproc > 1 else ''} (nccl)" if plan.device == "cuda"
+             else f"{plan.nproc} CPU process{'es' if plan.nproc > 1 else ''}{' (gloo)' if plan.nproc > 1 else ''}")
+    return (f"launch: {Path(plan.recipe).name}{' (debug)' if plan.debug else ''} · {where} · {plan.precision}"
+            f" · W&B {plan.wandb} · run dir {plan.run_dir}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        plan, module, hp = parse(argv)
+        if hasattr(module, "prepare"):
+            try:
+                module.prepare(hp)  # once per node, before any process starts: downloads, caches
+            except Exception as e:
+                raise UsageError(f"{Path(plan.recipe).name}: preparing the data failed: "
+                                 f"{recipes.describe_error(e, Path(plan.recipe))}") from None
+    except UsageError as e:
+        print(f"launch: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(plan.run_dir) / "config.json", record(plan))
+    print(describe(plan), flush=True)
+    try:
+        code = spawn.launch(plan)
+    except KeyboardInterrupt:
+        print("launch: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,97 @@
+"""Build the run with Accelerate, and the few operations the loop calls each step.
+
+Accelerate builds: process group, device, DDP wrapper, autocast, loss scaler.
+The per-step path then does only what a careful hand-written loop does (no
+prepared dataloader or optimizer wrappers, which cost about half the speed on
+short steps; see benchmarks/overhead.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .plan import Plan
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def accelerator(plan: Plan):
+    """The Accelerator the plan asks for; fails loudly rather than run something else."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cpu = plan.device == "cpu"
+    # a backend given to a single process would make Accelerate expect a process group
+    group = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timedelta(minutes=10))]
+    acc = Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[plan.precision],
+                      kwargs_handlers=group if plan.world_size > 1 else [])
+    if acc.num_processes != plan.world_size:
+        raise RuntimeError(
+            f"this process sees a world of {acc.num_processes} process(es) but the plan has {plan.world_size}: "
+            "it would train a separate model instead of joining the job (were RANK/WORLD_SIZE/LOCAL_RANK lost?)"
+        )
+    if acc.device.type != plan.device:
+        raise RuntimeError(f"planned device {plan.device} but Accelerate chose {acc.device}")
+    if plan.precision != "fp32" and not acc.native_amp:
+        raise RuntimeError(f"{plan.precision} mixed precision is not available on {acc.device}")
+    return acc
+
+
+@dataclass
+class Engine:
+    """The wrapped model plus the per-step operations, for DDP (or one process)."""
+
+    model: nn.Module  # what training calls: DDP-wrapped when distributed, autocast applied
+    module: nn.Module  # the recipe's own module: the same parameters, no communication hooks
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    accum: int
+    scaler: torch.amp.GradScaler | None
+
+    def __post_init__(self):
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.ddp = isinstance(self.model, DistributedDataParallel)
+
+    def sync(self, enabled: bool) -> None:
+        """All-reduce gradients in the next backward only when enabled (the last micro-step)."""
+        if self.ddp:
+            self.model.require_backward_grad_sync = enabled
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.accum  # the one place the loss is normalised for accumulation
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def grad_norm(self, clip: float) -> torch.Tensor:
+        """Total gradient norm before clipping; clips to `clip` when it is > 0. Sync steps only."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if clip > 0:
+            return torch.nn.utils.clip_grad_norm_(self.params, clip)
+        return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+
+    def step(self) -> None:
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def sync_buffers(self) -> None:
+        """Give every rank rank zero's buffers (batch-norm statistics drift apart between forwards)."""
+        if self.ddp:
+            for b in self.module.buffers():
+                torch.distributed.broadcast(b, 0)
+
+
+def build(acc, module: nn.Module, optimizer, scheduler, accum: int) -> Engine:
+    return Engine(acc.prepare_model(module), module, optimizer, scheduler, accum, acc.scaler)

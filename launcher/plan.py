@@ -1,0 +1,66 @@
+"""The plan: one resolved, serialisable description of a run.
+
+The CLI builds it, validates it and hands it to every worker (through the
+environment, so that nothing on disk can go stale and no secret is written).
+Workers never parse argv; they only read a plan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+PLAN_ENV = "LAUNCHER_PLAN"
+
+
+@dataclass
+class Plan:
+    recipe: str  # absolute path of the recipe file
+    hparams: dict  # the recipe's Hparams, resolved, as plain values
+    run_dir: str
+    name: str
+    device: str = "cpu"  # "cuda" or "cpu"
+    nproc: int = 1  # processes on this node
+    nnodes: int = 1
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    grad_accum: int = 1
+    clip_grad: float = 0.0  # 0 = no clipping; the norm is logged either way
+    seed: int = 0
+    max_steps: int | None = None  # caps the run; the LR schedule is planned over the capped length
+    eval_every: int = 0  # optimizer steps between evaluations; 0 = at epoch ends only
+    eval_epochs: int = 1  # evaluate every this many epochs; 0 = never at epoch ends
+    eval_limit: int | None = None  # batches per evaluation (debug); None = the whole split
+    log_every: int = 10  # optimizer steps between metric records
+    workers: int = 0  # DataLoader workers per process, for per-sample datasets
+    debug: bool = False
+    wandb: str = "offline"  # online | offline | disabled
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc
+
+    @property
+    def batch_size(self) -> int:
+        return self.hparams["batch_size"]
+
+    @property
+    def micro_batch(self) -> int:
+        """Samples per process per forward pass: the global batch split over processes and accumulation."""
+        return self.batch_size // (self.world_size * self.grad_accum)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls(**json.loads(text))
+
+    @classmethod
+    def from_env(cls) -> Plan:
+        text = os.environ.get(PLAN_ENV)
+        if not text:
+            raise RuntimeError(f"{PLAN_ENV} is not set: workers are started by `launch`, not by hand")
+        return cls.from_json(text)

@@ -1,0 +1,174 @@
+"""The recipe contract: load a recipe file and turn its Hparams into flags.
+
+A recipe is a Python file with
+
+    @dataclass
+    class Hparams: ...                  # every field is a flag; batch_size and epochs are required
+    def data(hp) -> Splits              # train / val / test datasets
+    def model(hp) -> nn.Module
+    def loss(hp) -> callable(out, y) -> scalar Tensor (mean over the batch)
+
+and optionally
+
+    def prepare(hp)                     # once per node before any process starts (download, cache)
+    def metrics(hp) -> dict[str, torchmetrics.Metric]
+    def optimizer(model, hp, total_steps) -> (optimizer, scheduler)
+
+It never learns how many processes, which device or which precision it runs with.
+This module knows nothing about devices or ranks either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import sys
+import traceback
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+REQUIRED = ("Hparams", "data", "model", "loss")
+OPTIONAL = ("prepare", "metrics", "optimizer")
+REQUIRED_FIELDS = {"batch_size": int, "epochs": int}
+
+
+class RecipeError(Exception):
+    """A recipe that cannot be used as written; the CLI shows it as one line and exits 2."""
+
+
+@dataclass
+class Splits:
+    """What a recipe's `data(hp)` returns.
+
+    Each split is a map-style dataset of (input, target) pairs. A
+    `torch.utils.data.TensorDataset` of two tensors is batched by indexing, on the
+    device when it fits: no DataLoader, no per-sample Python. Any other dataset goes
+    through a DataLoader with `--workers` processes.
+
+    `augment(x, y) -> (x, y)` is applied to every training micro-batch after it
+    reached the device: batched tensor ops, not per-sample transforms.
+    """
+
+    train: Any
+    val: Any = None
+    test: Any = None
+    augment: Callable | None = None
+
+
+def load(path: str | Path) -> ModuleType:
+    """Import a recipe file and check that it has what the launcher needs."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} not found")
+    name = f"recipe_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise RecipeError(f"recipe {path} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    # a recipe may import helpers that sit beside it
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise RecipeError(f"recipe {path} failed to import: {describe_error(e, path)}") from e
+    missing = [n for n in REQUIRED if not hasattr(module, n)]
+    if missing:
+        raise RecipeError(f"recipe {path} lacks {', '.join(missing)} (a recipe defines {', '.join(REQUIRED)})")
+    if not dataclasses.is_dataclass(module.Hparams):
+        raise RecipeError(f"recipe {path}: Hparams must be a @dataclass")
+    for n in REQUIRED[1:] + OPTIONAL:
+        if hasattr(module, n) and not callable(getattr(module, n)):
+            raise RecipeError(f"recipe {path}: {n} must be a function")
+    hints = _hints(module.Hparams, path)
+    for f, typ in REQUIRED_FIELDS.items():
+        if hints.get(f) is not typ:
+            raise RecipeError(f"recipe {path}: Hparams needs a field `{f}: {typ.__name__}`")
+    if not hasattr(module, "optimizer") and hints.get("lr") is not float:
+        raise RecipeError(f"recipe {path}: the default optimizer needs a field `lr: float` (or define optimizer())")
+    return module
+
+
+def describe_error(e: BaseException, path: Path) -> str:
+    """`Type: message (file, line N)`, pointing into the recipe where possible."""
+    where = ""
+    if isinstance(e, SyntaxError) and e.lineno:
+        where = f" (line {e.lineno})"
+    else:
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == path]
+        if frames:
+            where = f" (line {frames[-1].lineno})"
+    return f"{type(e).__name__}: {e}{where}"
+
+
+def _hints(cls: type, path: Path) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception as e:
+        raise RecipeError(f"recipe {path}: cannot read the types of Hparams: {e}") from e
+
+
+def _parser_for(typ: Any) -> tuple[Callable[[str], Any] | None, list | None, str]:
+    """(parse function, choices, shown type) for a field type; parse None means a bool switch."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if typ is bool:
+        return None, None, "bool"
+    if typ in (int, float, str):
+        return typ, None, typ.__name__
+    if origin is typing.Literal and len({type(a) for a in args}) == 1 and type(args[0]) in (int, float, str):
+        return type(args[0]), list(args), "{" + ",".join(map(str, args)) + "}"
+    if args and type(None) in args and len(args) == 2:  # Optional[T]
+        inner = next(a for a in args if a is not type(None))
+        parse, choices, shown = _parser_for(inner)
+        if parse is not None and choices is None:
+            return (lambda s: None if s.lower() == "none" else parse(s)), None, f"{shown} or none"
+    raise TypeError(typ)
+
+
+def add_flags(parser: argparse.ArgumentParser, Hparams: type, path: Path) -> None:
+    """Every field of Hparams becomes `--field-name`, type-checked, its default shown in --help."""
+    group = parser.add_argument_group(f"hyperparameters of {path.name} (Hparams)")
+    hints = _hints(Hparams, path)
+    for f in dataclasses.fields(Hparams):
+        default = _default(f)
+        required = default is dataclasses.MISSING
+        try:
+            parse, choices, shown = _parser_for(hints[f.name])
+        except TypeError:
+            raise RecipeError(
+                f"recipe {path}: Hparams.{f.name} has type {hints[f.name]!r}; "
+                "a flag needs int, float, str, bool, a Literal of those, or Optional of int/float/str"
+            ) from None
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        help_text = f"{help_text + ' ' if help_text else ''}[{shown}, {'required' if required else f'default: {default}'}]"
+        default = None if required else default
+        try:
+            if parse is None:
+                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, required=required, help=help_text)
+            else:
+                group.add_argument(flag, dest=f.name, type=parse, choices=choices, default=default, required=required, metavar=shown.upper(), help=help_text)
+        except argparse.ArgumentError:
+            raise RecipeError(f"recipe {path}: Hparams.{f.name} clashes with the launcher's own flag {flag}") from None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def hparams(Hparams: type, values: dict[str, Any]) -> Any:
+    """Build the recipe's Hparams; its __post_init__ may reject values with ValueError."""
+    try:
+        return Hparams(**{f.name: values[f.name] for f in dataclasses.fields(Hparams)})
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise RecipeError(f"invalid hyperparameters: {e}") from e

@@ -1,0 +1,93 @@
+"""Rank zero's outputs: console (progress bar + summary lines), metrics.jsonl, W&B.
+
+Only global rank 0 ever builds a Sinks. Nothing here is on the per-step path
+except `advance`, which tqdm keeps to a time check between redraws.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .plan import Plan
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def warn(text: str) -> None:
+    print(f"launch: warning: {text}", file=sys.stderr, flush=True)
+
+
+def start_wandb(plan: Plan, config: dict):
+    """A W&B run, or None with one warning when W&B cannot start: training never depends on it."""
+    if plan.wandb == "disabled":
+        return None
+    try:
+        import wandb
+
+        run = wandb.init(
+            project=plan.wandb_project,
+            entity=plan.wandb_entity,
+            name=plan.name,
+            dir=plan.run_dir,
+            config=config,
+            mode=plan.wandb,
+            settings=wandb.Settings(init_timeout=30, silent=True, console="off"),
+        )
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        warn(f"W&B could not start ({type(e).__name__}: {reason}); "
+             f"continuing with local logs in {Path(plan.run_dir) / 'metrics.jsonl'}")
+        return None
+    if plan.wandb == "offline":
+        print(f"W&B: offline run in {Path(run.dir).parent}; upload it with `wandb sync {Path(run.dir).parent}`",
+              flush=True)
+    else:
+        print(f"W&B: {run.url}", flush=True)
+    return run
+
+
+class Sinks:
+    def __init__(self, plan: Plan, data: dict, total_steps: int, start_step: int = 0):
+        # the launcher wrote config.json; the sizes that data() revealed complete it
+        path = Path(plan.run_dir) / "config.json"
+        config = {**json.loads(path.read_text()), "data": data}
+        write_json(path, config)
+        self.file = open(Path(plan.run_dir) / "metrics.jsonl", "a", buffering=1)
+        self.wandb = start_wandb(plan, config)
+        # disable=None: drawn only when stderr is a terminal, never into log files
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=None,
+                        leave=False, file=sys.stderr)
+
+    def advance(self) -> None:
+        self.bar.update()
+
+    def print(self, text: str) -> None:
+        if self.bar.disable:
+            print(text, flush=True)
+        else:
+            self.bar.write(text, file=sys.stdout)
+
+    def log(self, step: int, values: dict, line: str | None = None) -> None:
+        """One record at one optimizer step, to every sink; `line` also goes to the console."""
+        self.file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        if self.wandb:
+            self.wandb.log(values, step=step)
+        if line:
+            self.print(line)
+
+    def close(self, ok: bool) -> None:
+        self.bar.close()
+        self.file.close()
+        if self.wandb:
+            self.wandb.finish(exit_code=0 if ok else 1)

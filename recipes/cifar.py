@@ -1,0 +1,266 @@
+"""CIFAR-10 with a ResNet-9-style network (the DAWNBench design), trained with SGD + Nesterov.
+
+    launch recipes/cifar.py --gpus 8 --precision bf16
+    launch recipes/cifar.py --debug --cpu --width 16
+
+Data: --data-dir (default $CIFAR10_DIR, else ~/.cache/cifar10) holding CIFAR-10's own
+python-pickle folder (cifar-10-batches-py/), an image-folder tree (train/<class>/*.jpg,
+test/<class>/*.jpg), or a .tar/.tar.gz archive of either. When nothing is found and
+--download is on, the official archive is fetched (MD5 checked). The decoded images
+are cached once per node as one uint8 tensor file, so later runs start in a blink.
+Batches are cut from that tensor on the device; crop and flip run as batched tensor ops.
+"""
+
+import hashlib
+import io
+import os
+import pickle
+import re
+import tarfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from launcher import Splits, param_groups, warmup_cosine
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+MD5 = "c58f30108f718f92721af3b95e74349a"
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class Hparams:
+    data_dir: str = field(default_factory=lambda: os.environ.get("CIFAR10_DIR", "~/.cache/cifar10"),
+                          metadata={"help": "CIFAR-10 folder or archive ($CIFAR10_DIR)"})
+    download: bool = field(default=True, metadata={"help": "fetch the official archive when none is found"})
+    cache_dir: str = "~/.cache/launcher"
+    val_size: int = field(default=5000, metadata={"help": "images held out of train for validation"})
+    epochs: int = 20
+    batch_size: int = 512  # global: samples per optimizer step, however many processes share them
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup: float = 0.2  # fraction of the optimizer steps
+    label_smoothing: float = 0.2
+    width: int = field(default=64, metadata={"help": "channels of the first layer; later ones are 2, 4, 8 ×"})
+
+    def __post_init__(self):
+        if not 0 <= self.val_size < 50_000:
+            raise ValueError(f"--val-size must be in [0, 50000), not {self.val_size}")
+
+
+# ---------------------------------------------------------------- data
+
+
+def prepare(hp: Hparams) -> None:
+    """Once per node, before any process starts: find or download the data and cache it decoded."""
+    cached(hp)
+
+
+def data(hp: Hparams) -> Splits:
+    images = torch.load(cached(hp), weights_only=True)
+    # validation is carved out of train by a fixed draw: the same whatever the training seed
+    order = torch.randperm(50_000, generator=torch.Generator().manual_seed(0))
+    val, train = order[: hp.val_size], order[hp.val_size :]
+    x, y = images["train_x"], images["train_y"]
+    return Splits(
+        train=TensorDataset(x[train], y[train]),
+        val=TensorDataset(x[val], y[val]) if hp.val_size else None,
+        test=TensorDataset(images["test_x"], images["test_y"]),
+        augment=augment,
+    )
+
+
+def augment(x: torch.Tensor, y: torch.Tensor):
+    """Random crop after 4 px of zero padding, and horizontal flip: batched, on the device."""
+    n, device = len(x), x.device
+    x = torch.where(torch.rand(n, 1, 1, 1, device=device) < 0.5, x.flip(3), x)
+    shift = torch.randint(0, 9, (2, n, 1), device=device)
+    rows, cols = (shift + torch.arange(32, device=device)).unbind(0)  # (n, 32) each
+    padded = F.pad(x, (4, 4, 4, 4))
+    x = padded[torch.arange(n, device=device)[:, None, None, None], torch.arange(3, device=device)[:, None, None],
+               rows[:, None, :, None], cols[:, None, None, :]]
+    return x, y
+
+
+def cached(hp: Hparams) -> Path:
+    """The decoded-tensor cache for this data source, built on first use."""
+    data_dir = Path(hp.data_dir).expanduser()
+    source = find(data_dir)
+    if source is None:
+        if not hp.download:
+            raise FileNotFoundError(f"no CIFAR-10 in {data_dir} (pickle folder, train/ + test/ image folders, or an "
+                                    "archive of either); set --data-dir or CIFAR10_DIR, or allow --download")
+        source = download(data_dir)
+    stat = source.stat()
+    key = hashlib.sha1(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    path = Path(hp.cache_dir).expanduser() / f"cifar10-{key}.pt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save(decode(source), tmp)
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    return path
+
+
+def find(data_dir: Path) -> Path | None:
+    if data_dir.is_file():
+        return data_dir
+    if not data_dir.is_dir():
+        return None
+    for folder in (data_dir / "cifar-10-batches-py", data_dir):
+        if (folder / "data_batch_1").is_file():
+            return folder
+    if (data_dir / "train").is_dir() and (data_dir / "test").is_dir():
+        return data_dir
+    archives = sorted(p for p in data_dir.iterdir() if re.search(r"cifar.*\.(tar|tar\.gz|tgz)$", p.name, re.I))
+    return archives[0] if archives else None
+
+
+def download(data_dir: Path) -> Path:
+    target = data_dir / "cifar-10-python.tar.gz"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp, digest = target.with_name(target.name + ".part"), hashlib.md5()
+    try:
+        with urllib.request.urlopen(URL, timeout=30) as response, open(tmp, "wb") as out:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise FileNotFoundError(f"no CIFAR-10 in {data_dir} and the download from {URL} failed ({e}); "
+                                "set --data-dir or CIFAR10_DIR to a copy") from None
+    if digest.hexdigest() != MD5:
+        tmp.unlink()
+        raise ValueError(f"downloaded {URL} has MD5 {digest.hexdigest()}, expected {MD5}")
+    os.replace(tmp, target)
+    return target
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR-10's batches are pickles of numpy arrays: allow exactly that, never arbitrary code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch file")
+        return super().find_class(module, name)
+
+
+def _batch(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+    d = _ArraysOnly(io.BytesIO(raw), encoding="bytes").load()
+    return np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b"labels"], dtype=np.int64)
+
+
+def _image(raw: bytes, name: str) -> np.ndarray:
+    from PIL import Image
+
+    img = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    if img.shape != (32, 32, 3):
+        raise ValueError(f"{name}: {img.shape[1]}×{img.shape[0]} image, CIFAR-10 images are 32×32")
+    return img.transpose(2, 0, 1)
+
+
+def decode(source: Path) -> dict[str, torch.Tensor]:
+    """Every image of the source as uint8 (N, 3, 32, 32) plus int64 labels, for train and test."""
+    batches: dict[str, bytes] = {}  # pickle layout: file name → bytes
+    images: dict[tuple[str, int, str], bytes] = {}  # image folders: (split, class, file name) → bytes
+
+    def take(relative: str, read) -> None:
+        parts = relative.split("/")
+        if re.fullmatch(r"data_batch_[1-5]|test_batch", parts[-1]):
+            batches[parts[-1]] = read()
+        elif len(parts) >= 3 and parts[-3] in ("train", "test") and parts[-2] in CLASSES \
+                and re.search(r"\.(png|jpe?g|bmp)$", parts[-1], re.I):
+            images[(parts[-3], CLASSES.index(parts[-2]), parts[-1])] = read()
+
+    if source.is_file():
+        with tarfile.open(source, "r:*") as tar:
+            for member in tar:
+                if member.isfile():
+                    take(member.name, lambda: tar.extractfile(member).read())
+    else:
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                take(path.relative_to(source).as_posix(), path.read_bytes)
+
+    if len(batches) == 6:
+        train = [_batch(batches[f"data_batch_{i}"]) for i in range(1, 6)]
+        test = _batch(batches["test_batch"])
+        xs, ys = np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])
+        arrays = {"train": (xs, ys), "test": test}
+    elif images:
+        arrays = {}
+        for split in ("train", "test"):
+            keys = sorted(k for k in images if k[0] == split)
+            if not keys:
+                raise ValueError(f"{source}: no {split}/<class>/ images")
+            arrays[split] = (np.stack([_image(images[k], "/".join(map(str, k))) for k in keys]),
+                             np.array([k[1] for k in keys], dtype=np.int64))
+    else:
+        raise ValueError(f"{source} holds neither CIFAR-10's pickle batches nor train/<class>/ and test/<class>/ images")
+    return {f"{split}_{kind}": torch.from_numpy(np.ascontiguousarray(a))
+            for split, (x, y) in arrays.items() for kind, a in (("x", x), ("y", y))}
+
+
+# ---------------------------------------------------------------- model and training
+
+
+def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(c, c), conv_bn(c, c))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ResNet9(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        w = width
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255, persistent=False)
+        self.layers = nn.Sequential(
+            conv_bn(3, w),
+            conv_bn(w, 2 * w), nn.MaxPool2d(2), Residual(2 * w),
+            conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
+            conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Residual(8 * w),
+            nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8 * w, 10, bias=False),
+        )
+
+    def forward(self, x):
+        x = (x.float() - self.mean) / self.std  # uint8 images in, normalised here, on the device
+        return self.layers(x) * 0.125  # a cooler softmax at initialisation trains faster (Page, 2018)
+
+
+def model(hp: Hparams) -> nn.Module:
+    return ResNet9(hp.width)
+
+
+def loss(hp: Hparams):
+    return nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+
+
+def metrics(hp: Hparams) -> dict:
+    return {"acc": MulticlassAccuracy(num_classes=10, average="micro")}
+
+
+def optimizer(model: nn.Module, hp: Hparams, total_steps: int):
+    opt = torch.optim.SGD(param_groups(model, hp.weight_decay), lr=hp.lr, momentum=hp.momentum, nesterov=True)
+    return opt, warmup_cosine(opt, total_steps, hp.warmup)
