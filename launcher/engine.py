@@ -8,6 +8,7 @@ short steps; see benchmarks/overhead.py).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -25,21 +26,27 @@ def accelerator(plan: Plan):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    guard(int(os.environ.get("WORLD_SIZE", "1")), plan)
     cpu = plan.device == "cpu"
     # a backend given to a single process would make Accelerate expect a process group
     group = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timedelta(minutes=10))]
     acc = Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[plan.precision],
                       kwargs_handlers=group if plan.world_size > 1 else [])
-    if acc.num_processes != plan.world_size:
-        raise RuntimeError(
-            f"this process sees a world of {acc.num_processes} process(es) but the plan has {plan.world_size}: "
-            "it would train a separate model instead of joining the job (were RANK/WORLD_SIZE/LOCAL_RANK lost?)"
-        )
+    guard(acc.num_processes, plan)
     if acc.device.type != plan.device:
         raise RuntimeError(f"planned device {plan.device} but Accelerate chose {acc.device}")
     if plan.precision != "fp32" and not acc.native_amp:
         raise RuntimeError(f"{plan.precision} mixed precision is not available on {acc.device}")
     return acc
+
+
+def guard(seen: int, plan: Plan) -> None:
+    """A worker that sees another world than planned would train a separate model, silently: stop it."""
+    if seen != plan.world_size:
+        raise RuntimeError(
+            f"this process sees a world of {seen} process(es) but the plan has {plan.world_size}: "
+            "it would train a separate model instead of joining the job (were RANK/WORLD_SIZE/LOCAL_RANK lost?)"
+        )
 
 
 @dataclass

@@ -96,11 +96,11 @@ def load(path: str | Path) -> ModuleType:
 
 
 def describe_error(e: BaseException, path: Path) -> str:
-    """`Type: message (file, line N)`, pointing into the recipe where possible."""
+    """`Type: message (line N)`, pointing into the recipe for anything but a plain bad-input error."""
     where = ""
     if isinstance(e, SyntaxError) and e.lineno:
         where = f" (line {e.lineno})"
-    else:
+    elif not isinstance(e, (OSError, ValueError)):
         frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == path]
         if frames:
             where = f" (line {frames[-1].lineno})"

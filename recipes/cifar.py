@@ -54,8 +54,8 @@ class Hparams:
     width: int = field(default=64, metadata={"help": "channels of the first layer; later ones are 2, 4, 8 ×"})
 
     def __post_init__(self):
-        if not 0 <= self.val_size < 50_000:
-            raise ValueError(f"--val-size must be in [0, 50000), not {self.val_size}")
+        if self.val_size < 0:
+            raise ValueError(f"--val-size must be at least 0, not {self.val_size}")
 
 
 # ---------------------------------------------------------------- data
@@ -68,10 +68,12 @@ def prepare(hp: Hparams) -> None:
 
 def data(hp: Hparams) -> Splits:
     images = torch.load(cached(hp), weights_only=True)
-    # validation is carved out of train by a fixed draw: the same whatever the training seed
-    order = torch.randperm(50_000, generator=torch.Generator().manual_seed(0))
-    val, train = order[: hp.val_size], order[hp.val_size :]
     x, y = images["train_x"], images["train_y"]
+    if hp.val_size >= len(y):
+        raise ValueError(f"--val-size {hp.val_size} leaves nothing of the {len(y)} training images to train on")
+    # validation is carved out of train by a fixed draw: the same whatever the training seed
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    val, train = order[: hp.val_size], order[hp.val_size :]
     return Splits(
         train=TensorDataset(x[train], y[train]),
         val=TensorDataset(x[val], y[val]) if hp.val_size else None,

@@ -1,0 +1,41 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "recipes" / "tiny.py"
+LAUNCH = Path(sys.executable).parent / "launch"  # the installed console script, as a user runs it
+
+
+def clean_env(**extra) -> dict:
+    """The test's environment without W&B credentials or modes inherited from the developer's shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def launch(*args, env=None, timeout=300, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LAUNCH), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=env or clean_env(), cwd=cwd)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in records(run_dir) if "train/loss" in r}
+
+
+def eval_record(run_dir: Path, split: str) -> dict:
+    """The last evaluation of a split, without its prefix."""
+    found = [r for r in records(run_dir) if f"{split}/loss" in r]
+    assert found, f"no {split} evaluation in {run_dir}/metrics.jsonl"
+    return {k.split("/", 1)[1]: v for k, v in found[-1].items() if k.startswith(split + "/")}

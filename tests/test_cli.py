@@ -1,0 +1,133 @@
+"""Bad input: one clear line, exit 2, nothing spawned. And the flags a recipe gets."""
+
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, launch, ok
+from launcher import cli
+
+DIGITS = ROOT / "recipes" / "digits.py"
+CIFAR = ROOT / "recipes" / "cifar.py"
+
+
+def test_help_lists_the_recipes_hyperparameters_with_types_and_defaults():
+    out = ok(launch(DIGITS, "--help")).stdout
+    for flag in ("--batch-size BATCH_SIZE", "--grad-accum K", "--precision {fp32,bf16,fp16}", "--gpus N"):
+        assert flag.split()[0] in out
+    assert "[int, default: 64]" in out  # --batch-size
+    assert "[float, default: 0.003]" in out  # --lr
+    assert "hyperparameters of digits.py" in out
+
+
+def test_launcher_help_without_a_recipe():
+    out = ok(launch("--help")).stdout
+    assert "launch RECIPE" in out and "--cpu" in out
+
+
+BAD = [
+    pytest.param([DIGITS, "--bach-size", "32"], "unknown flag --bach-size (did you mean --batch-size?)", id="unknown-flag"),
+    pytest.param([DIGITS, "--batch-size", "abc"], "argument --batch-size: invalid int value: 'abc'", id="wrong-type"),
+    pytest.param([DIGITS, "--precision", "fp8"], "invalid choice: 'fp8'", id="bad-choice"),
+    pytest.param(["recipes/nope.py"], "recipe", id="missing-recipe"),
+    pytest.param([], "missing RECIPE", id="no-recipe"),
+    pytest.param([DIGITS, "--cpu", "--gpus", "1"], "--cpu and --gpus exclude each other", id="cpu-and-gpus"),
+    pytest.param([DIGITS, "--cpu", "--procs", "0"], "--procs must be at least 1, not 0", id="zero-procs"),
+    pytest.param([DIGITS, "--procs", "2"], "--procs N needs --cpu", id="procs-without-cpu"),
+    pytest.param([DIGITS, "--cpu", "--grad-accum", "-1"], "--grad-accum must be at least 1", id="negative-accum"),
+    pytest.param([DIGITS, "--cpu", "--clip-grad", "-0.5"], "--clip-grad must be at least 0", id="negative-clip"),
+    pytest.param([DIGITS, "--cpu", "--procs", "2", "--batch-size", "63"], "must be a positive multiple of 2",
+                 id="indivisible-batch"),
+    pytest.param([DIGITS, "--cpu", "--precision", "fp16"], "--precision fp16 needs a GPU", id="fp16-on-cpu"),
+    pytest.param([DIGITS, "--debug", "--cpu", "--procs", "2"], "--debug runs one process", id="debug-many"),
+    pytest.param([CIFAR, "--cpu", "--val-size", "-1"], "invalid hyperparameters: --val-size must be at least 0",
+                 id="hparam-check"),
+    pytest.param([CIFAR, "--cpu", "--data-dir", "/nonexistent/cifar", "--no-download"], "no CIFAR-10 in /nonexistent",
+                 id="missing-data-dir"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    run_dir = tmp_path / "run"
+    result = launch(*args, "--run-dir", run_dir, cwd=ROOT) if args else launch(cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launch: error: "), result.stderr
+    assert message in lines[0]
+    assert not run_dir.exists() and "processes" not in result.stdout  # nothing was set up or spawned
+
+
+def test_recipe_that_fails_to_import(tmp_path):
+    recipe = tmp_path / "broken.py"
+    recipe.write_text("import torch\n\nimport no_such_module\n")
+    result = launch(recipe)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"launch: error: recipe {recipe} failed to import: "
+                                     "ModuleNotFoundError: No module named 'no_such_module' (line 3)")
+
+
+def test_recipe_without_the_contract(tmp_path):
+    recipe = tmp_path / "partial.py"
+    recipe.write_text("def data(hp):\n    pass\n")
+    result = launch(recipe)
+    assert result.returncode == 2
+    assert "lacks Hparams, model, loss" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpus_without_a_gpu():
+    result = launch(DIGITS, "--gpus", "1")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "launch: error: --gpus 1: no GPUs visible; use --cpu to run on the CPU"
+
+
+def test_a_run_directory_is_never_reused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    result = launch(DIGITS, "--cpu", "--run-dir", tmp_path)
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr
+
+
+def test_bad_input_fails_fast():
+    start = time.perf_counter()
+    assert launch(DIGITS, "--lr", "fast").returncode == 2
+    assert time.perf_counter() - start < 30  # generous: imports only, no process group, no data
+
+
+def test_every_field_type_becomes_a_typed_flag(tmp_path):
+    recipe = tmp_path / "types.py"
+    recipe.write_text(TYPES_RECIPE)
+    plan, _, hp = cli.parse([str(recipe), "--cpu", "--run-dir", str(tmp_path / "r"), "--batch-size", "8",
+                             "--rate", "1e-3", "--name-tag", "x y", "--no-flag", "--mode", "b", "--cap", "none",
+                             "--depth", "3"])
+    assert (hp.batch_size, hp.rate, hp.name_tag, hp.flag, hp.mode, hp.cap, hp.depth) == (8, 1e-3, "x y", False, "b",
+                                                                                          None, 3)
+    assert plan.hparams["mode"] == "b" and plan.micro_batch == 8
+    with pytest.raises(cli.UsageError, match="invalid choice: 'c'"):
+        cli.parse([str(recipe), "--cpu", "--mode", "c", "--depth", "1"])
+    with pytest.raises(cli.UsageError, match="required: --depth"):
+        cli.parse([str(recipe), "--cpu"])
+
+
+TYPES_RECIPE = """
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+@dataclass
+class Hparams:
+    depth: int                 # no default: a required flag
+    epochs: int = 1
+    batch_size: int = 4
+    rate: float = 0.1
+    lr: float = 0.1
+    name_tag: str = "a"
+    flag: bool = True
+    mode: Literal["a", "b"] = "a"
+    cap: Optional[int] = 5
+
+def data(hp): ...
+def model(hp): ...
+def loss(hp): ...
+"""

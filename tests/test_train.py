@@ -1,0 +1,156 @@
+"""Training through the real CLI, with real processes over gloo: what ranks end with, and what gets logged."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, clean_env, eval_record, launch, ok, train_records
+from launcher.plan import PLAN_ENV, Plan
+
+
+def params(dump_dir: Path, rank: int, tag: str = "final") -> dict[str, torch.Tensor]:
+    return torch.load(dump_dir / f"rank{rank}-{tag}.pt", weights_only=True)
+
+
+def assert_close(a: dict, b: dict, rtol: float, atol: float = 1e-7) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+def train_tiny(tmp_path: Path, name: str, *flags, procs: int = 1) -> Path:
+    """Run the tiny recipe; return its dump folder (the run directory is beside it)."""
+    dump = tmp_path / name
+    dump.mkdir()
+    where = ["--cpu", "--procs", procs] if procs > 1 else ["--cpu"]
+    ok(launch(TINY, *where, "--wandb", "disabled", "--run-dir", dump / "run", "--dump-dir", dump, *flags))
+    return dump
+
+
+def test_two_processes_end_with_identical_parameters(tmp_path):
+    dump = train_tiny(tmp_path, "ddp", "--epochs", "3", procs=2)
+    final0, final1 = params(dump, 0), params(dump, 1)
+    for k in final0:
+        assert torch.equal(final0[k], final1[k]), k
+    assert not torch.equal(final0["0.weight"], params(dump, 0, "init")["0.weight"])  # it did train
+    steps = train_records(dump / "run")
+    assert max(steps) == 3 * (96 // 16)
+    assert steps[max(steps)]["train/loss"] < steps[min(steps)]["train/loss"]
+    config = json.loads((dump / "run" / "config.json").read_text())
+    assert config["plan"]["nproc"] == 2 and config["data"]["total_steps"] == 18
+    assert {"torch", "accelerate", "wandb"} <= config["versions"].keys()
+
+
+def test_world_size_guard_stops_a_worker_that_would_train_alone(tmp_path):
+    plan = Plan(recipe=str(TINY), hparams={"batch_size": 16, "epochs": 1}, run_dir=str(tmp_path), name="guard",
+                nproc=2)
+    result = subprocess.run([sys.executable, "-m", "launcher.worker"], capture_output=True, text=True, timeout=120,
+                            env=clean_env(**{PLAN_ENV: plan.to_json()}))
+    assert result.returncode != 0
+    assert "this process sees a world of 1 process(es) but the plan has 2" in result.stderr
+
+
+def test_world_size_guard_under_torchrun(tmp_path):
+    """Two processes started by torchrun for a plan of three: every rank refuses, none trains."""
+    plan = Plan(recipe=str(TINY), hparams={"batch_size": 15, "epochs": 1}, run_dir=str(tmp_path), name="guard",
+                nproc=3)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-addr", "127.0.0.1", "--master-port", "0", "-m", "launcher.worker"],
+                            capture_output=True, text=True, timeout=120,
+                            env=clean_env(**{PLAN_ENV: plan.to_json(), "ACCELERATE_USE_CPU": "1"}))
+    assert result.returncode != 0
+    assert "sees a world of 2 process(es) but the plan has 3" in result.stderr + result.stdout
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_accumulation_equals_one_big_step(tmp_path, procs):
+    """K micro-steps of B/K samples give the parameters of one step of B (fp32, rtol 1e-5)."""
+    common = ("--batch-size", "32", "--epochs", "2", "--momentum", "0.9")
+    one = train_tiny(tmp_path, "one", *common, "--grad-accum", "1", procs=procs)
+    accum = train_tiny(tmp_path, "accum", *common, "--grad-accum", "4", procs=procs)
+    assert_close(params(accum, 0), params(one, 0), rtol=1e-5)
+    assert not torch.equal(params(one, 0)["2.weight"], params(one, 0, "init")["2.weight"])
+
+
+def test_two_processes_optimise_like_one(tmp_path):
+    """The global batch is the same samples on 1 or N processes, so training is the same up to rounding."""
+    common = ("--batch-size", "32", "--epochs", "2")
+    single = train_tiny(tmp_path, "single", *common)
+    double = train_tiny(tmp_path, "double", *common, "--grad-accum", "2", procs=2)
+    assert_close(params(double, 0), params(single, 0), rtol=1e-5)
+
+
+def test_clipping_bounds_the_update_and_logs_the_norm_before_clipping(tmp_path):
+    """SGD with lr 1 and no momentum: the update is minus the (clipped) gradient."""
+    flags = ("--lr", "1", "--momentum", "0", "--schedule", "constant", "--max-steps", "1", "--log-every", "1",
+             "--grad-accum", "2")
+    free = train_tiny(tmp_path, "free", *flags, procs=2)
+    clipped = train_tiny(tmp_path, "clipped", *flags, "--clip-grad", "0.05", procs=2)
+
+    def update_norm(dump):
+        before, after = params(dump, 0, "init"), params(dump, 0)
+        return torch.cat([(after[k] - before[k]).flatten() for k in before]).norm().item()
+
+    true_norm = update_norm(free)
+    assert true_norm > 0.05  # otherwise the bound would prove nothing
+    assert train_records(free / "run")[1]["grad_norm"] == pytest.approx(true_norm, rel=1e-5)
+    assert 0.05 * 0.999 < update_norm(clipped) <= 0.05 * (1 + 1e-5)
+    assert train_records(clipped / "run")[1]["grad_norm"] == pytest.approx(true_norm, rel=1e-5)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["tensors", "dataloader"])
+def test_evaluation_on_two_processes_equals_one(tmp_path, per_sample):
+    """37 validation and 23 test samples: divisible by neither the eval batch (8) nor the world size (2)."""
+    flags = ["--lr", "0", "--batch-size", "8", "--max-steps", "2"] + (["--per-sample"] if per_sample else [])
+    single = train_tiny(tmp_path, "single", *flags)
+    double = train_tiny(tmp_path, "double", *flags, procs=2)
+    for split, size in (("val", 37), ("test", 23)):
+        one, two = eval_record(single / "run", split), eval_record(double / "run", split)
+        assert one["count"] == two["count"] == size  # every sample once: no padding duplicates, none dropped
+        assert two["acc"] == one["acc"]
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+
+
+def test_learning_rate_follows_optimizer_steps_on_any_number_of_processes(tmp_path):
+    flags = ("--batch-size", "16", "--epochs", "2", "--log-every", "1", "--warmup", "0.25")
+    single = train_records(train_tiny(tmp_path, "single", *flags) / "run")
+    double = train_records(train_tiny(tmp_path, "double", *flags, procs=2) / "run")
+    total, warm = 12, 3  # 96 samples / 16 per step × 2 epochs; a quarter of them warm up
+    for step in range(1, total + 1):
+        k = step - 1  # the lr used by the k-th optimizer step (counted from 0)
+        expected = 0.1 * ((k + 1) / warm if k < warm else 0.5 * (1 + math.cos(math.pi * (k - warm) / (total - warm))))
+        assert single[step]["lr"] == pytest.approx(expected, rel=1e-9)
+        assert double[step]["lr"] == single[step]["lr"]
+
+
+def test_the_embedded_recipe_learns(tmp_path):
+    """The README's first command: digits, two CPU processes, ≥ 95 % test accuracy."""
+    run = tmp_path / "run"
+    out = ok(launch(ROOT / "recipes" / "digits.py", "--cpu", "--procs", "2", "--wandb", "disabled", "--run-dir", run))
+    assert "batch 64 = 2 processes × 1 accumulation × 32 per device" in out.stdout
+    assert eval_record(run, "test")["acc"] >= 0.95
+
+
+def cifar_source() -> Path | None:
+    where = os.environ.get("CIFAR10_DIR")
+    return Path(where) if where and Path(where).exists() else None
+
+
+@pytest.mark.skipif(cifar_source() is None, reason="CIFAR10_DIR does not point at CIFAR-10 (.ci/run sets it to "
+                                                   "../shared/data, which holds cifar10-jpeg.tar.gz)")
+def test_cifar_debug_run_on_the_shared_data(tmp_path):
+    run = tmp_path / "run"
+    out = ok(launch(ROOT / "recipes" / "cifar.py", "--debug", "--cpu", "--width", "16", "--batch-size", "128",
+                    "--run-dir", run, "--cache-dir", tmp_path / "cache", timeout=900))
+    assert "(debug)" in out.stdout
+    losses = [r["train/loss"] for _, r in sorted(train_records(run).items())]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1  # the loss falls
+    assert eval_record(run, "val")["acc"] > 0.15  # above chance (0.1) after 30 steps
