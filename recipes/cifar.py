@@ -152,7 +152,7 @@ class _ArraysOnly(pickle.Unpickler):
     """CIFAR-10's batches are pickles of numpy arrays: allow exactly that, never arbitrary code."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -161,8 +161,8 @@ class _ArraysOnly(pickle.Unpickler):
 
 
 def _batch(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
-    d = _ArraysOnly(io.BytesIO(raw), encoding="bytes").load()
-    return np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b"labels"], dtype=np.int64)
+    d = _ArraysOnly(io.BytesIO(raw), encoding="latin1").load()  # written by Python 2: latin1 keeps the bytes
+    return np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(d["labels"], dtype=np.int64)
 
 
 def _image(raw: bytes, name: str) -> np.ndarray:

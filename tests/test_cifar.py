@@ -1,0 +1,134 @@
+"""The CIFAR-10 recipe's data: every layout it accepts decodes to the same tensors, splits never leak,
+pickles cannot run code, and the augmentation only crops and flips."""
+
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from launcher import recipe
+
+cifar = recipe.load(ROOT / "recipes" / "cifar.py")
+PER_CLASS = {"train": 3, "test": 1}  # a miniature CIFAR-10: 30 training and 10 test images
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Random images sorted by class, the order an image-folder tree is read in."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for split, n in PER_CLASS.items():
+        labels = np.repeat(np.arange(10), n)
+        out[split] = (rng.integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8), labels)
+    return out
+
+
+def write_pickles(folder: Path, images) -> Path:
+    folder.mkdir(parents=True)
+    x, y = images["train"]
+    for i, part in enumerate(np.array_split(np.arange(len(y)), 5), start=1):
+        batch = {"data": x[part].reshape(len(part), -1), "labels": y[part].tolist()}
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=2))
+    x, y = images["test"]
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": x.reshape(len(y), -1), "labels": y.tolist()}, 2))
+    return folder
+
+
+def write_folders(root: Path, images) -> Path:
+    for split, (x, y) in images.items():
+        for i, (img, label) in enumerate(zip(x, y)):
+            path = root / split / cifar.CLASSES[label] / f"{i:04d}.png"  # PNG: lossless, so pixels compare exactly
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.transpose(1, 2, 0)).save(path)
+    return root
+
+
+def tar(source: Path, target: Path, arcname: str) -> Path:
+    with tarfile.open(target, "w:gz") as t:
+        t.add(source, arcname=arcname)
+    return target
+
+
+def assert_decoded(decoded: dict, images) -> None:
+    for split, (x, y) in images.items():
+        assert torch.equal(decoded[f"{split}_x"], torch.from_numpy(x))
+        assert torch.equal(decoded[f"{split}_y"], torch.from_numpy(y))
+        assert decoded[f"{split}_x"].dtype == torch.uint8
+
+
+def test_every_layout_decodes_to_the_same_images(tmp_path, images):
+    pickles = write_pickles(tmp_path / "p" / "cifar-10-batches-py", images)
+    folders = write_folders(tmp_path / "f", images)
+    (tmp_path / "a").mkdir()
+    tar(folders, tmp_path / "a" / "cifar10-jpeg.tar.gz", ".")
+    layouts = {
+        "pickle folder": tmp_path / "p",
+        "image folders": folders,
+        "pickle archive": tar(pickles, tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py"),
+        "image archive in a folder": tmp_path / "a",
+    }
+    for name, where in layouts.items():
+        source = cifar.find(where)
+        assert source is not None, name
+        assert_decoded(cifar.decode(source), images)
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps({"data": Exploit(), "labels": []}, protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load posix.system"):
+        cifar.decode(folder)
+    assert not marker.exists()
+
+
+def test_splits_are_disjoint_and_the_validation_draw_is_fixed(tmp_path, images):
+    write_folders(tmp_path / "data", images)
+    hp = cifar.Hparams(data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"), val_size=7, download=False)
+    cifar.prepare(hp)
+    splits = cifar.data(hp)
+    train, val, test = (set(map(bytes, s.tensors[0].flatten(1).numpy())) for s in (splits.train, splits.val,
+                                                                                      splits.test))
+    assert (len(train), len(val), len(test)) == (23, 7, 10)
+    assert not (train & val) and not (train & test) and not (val & test)
+    torch.manual_seed(123)  # the training seed must not move the validation split
+    assert torch.equal(cifar.data(hp).val.tensors[0], splits.val.tensors[0])
+
+
+def test_the_decoded_cache_is_built_once_per_source(tmp_path, images):
+    data = write_folders(tmp_path / "data", images)
+    hp = cifar.Hparams(data_dir=str(data), cache_dir=str(tmp_path / "cache"), download=False)
+    first = cifar.cached(hp)
+    built = first.stat().st_mtime_ns
+    assert cifar.cached(hp) == first and first.stat().st_mtime_ns == built
+    assert list(first.parent.iterdir()) == [first]  # no temporary left behind
+    archive = tar(data, tmp_path / "cifar.tar.gz", ".")
+    assert cifar.cached(cifar.Hparams(data_dir=str(archive), cache_dir=str(tmp_path / "cache"))) != first
+
+
+def test_augment_only_crops_and_flips():
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(64)
+    out, labels = cifar.augment(x, y)
+    assert out.shape == x.shape and out.dtype == torch.uint8 and torch.equal(labels, y)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    moved = 0
+    for i in range(len(x)):
+        candidates = [img[:, dy:dy + 32, dx:dx + 32] for img in (padded[i], padded[i].flip(2))
+                      for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(out[i], c) for c in candidates), i
+        moved += not torch.equal(out[i], x[i])
+    assert moved > 50  # it does augment

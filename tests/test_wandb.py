@@ -1,0 +1,98 @@
+"""W&B with its real client: offline runs read back with `wandb leet inspect --json`."""
+
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, clean_env, launch, ok, records
+from launcher import cli
+
+WANDB = Path(sys.executable).parent / "wandb"
+
+
+def history(run: Path) -> dict[int, dict]:
+    """Every value W&B recorded, merged per step."""
+    out = subprocess.run([str(WANDB), "leet", "inspect", "--json", str(run)], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    steps = defaultdict(dict)
+    for line in out.splitlines():
+        record = json.loads(line)
+        if record["type"] == "history":
+            item = record["history"]["item"]
+            steps[item["_step"]].update(item)
+    return dict(steps)
+
+
+def config(run: Path) -> dict:
+    out = subprocess.run([str(WANDB), "leet", "inspect", "--json", str(run)], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    return next(json.loads(line)["run"]["config"]["update"] for line in out.splitlines() if '"type":"run"' in line)
+
+
+def test_two_processes_make_one_offline_run_with_the_logged_metrics(tmp_path):
+    run_dir = tmp_path / "run"
+    ok(launch(TINY, "--cpu", "--procs", "2", "--wandb", "offline", "--run-dir", run_dir, "--max-steps", "12",
+              "--log-every", "3", "--eval-every", "6", cwd=tmp_path))
+    runs = list(tmp_path.rglob("offline-run-*"))
+    assert len(runs) == 1 and runs[0].parent == run_dir / "wandb", runs  # rank 1 made none
+
+    logged = history(runs[0])
+    assert sorted(logged) == [3, 6, 9, 12]
+    local = defaultdict(dict)
+    for r in records(run_dir):
+        local[r["step"]].update(r)
+    for step in (3, 6, 9, 12):
+        for key in ("train/loss", "lr", "grad_norm", "samples_per_s"):
+            assert logged[step][key] == local[step][key], (step, key)
+    for step in (6, 12):
+        assert logged[step]["val/loss"] == local[step]["val/loss"]
+        assert logged[step]["val/count"] == 37
+    assert "val/loss" not in logged[3] and "val/loss" not in logged[9]
+    assert logged[12]["test/count"] == 23
+    assert config(runs[0])["plan"]["nproc"] == 2
+
+
+def test_disabled_writes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    ok(launch(TINY, "--cpu", "--wandb", "disabled", "--run-dir", run_dir, "--max-steps", "3", cwd=tmp_path))
+    assert not list(tmp_path.rglob("*wandb*"))
+    assert (run_dir / "metrics.jsonl").exists()
+
+
+def test_online_without_a_key_warns_once_and_trains_on(tmp_path):
+    run_dir = tmp_path / "run"
+    result = ok(launch(TINY, "--cpu", "--procs", "2", "--wandb", "online", "--run-dir", run_dir, "--max-steps", "3",
+                       env=clean_env(HOME=tmp_path, NETRC=tmp_path / "no-netrc"), cwd=tmp_path, timeout=180))
+    warnings = [line for line in result.stderr.splitlines() if "W&B could not start" in line]
+    assert len(warnings) == 1, result.stderr
+    assert "No API key configured" in warnings[0]
+    assert max(r["step"] for r in records(run_dir)) == 3
+
+
+@pytest.mark.parametrize("env,mode", [
+    ({}, "offline"),
+    ({"WANDB_API_KEY": "x" * 40}, "online"),
+    ({"WANDB_MODE": "disabled", "WANDB_API_KEY": "x" * 40}, "disabled"),
+    ({"WANDB_MODE": "dryrun"}, "offline"),
+])
+def test_default_mode(monkeypatch, tmp_path, env, mode):
+    for k in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert cli.default_wandb_mode() == mode
+
+
+def test_default_mode_finds_a_netrc_login(monkeypatch, tmp_path):
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc.chmod(0o600)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert cli.default_wandb_mode() == "online"
