@@ -60,9 +60,12 @@ class Loader:
     def batches(self, index_lists) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if is_tensor_data(self.ds):
             x, y = self.ds.tensors
+            if x.device == self.device:  # the common case: cut batches where the data already lives
+                for idx in index_lists:
+                    yield x[idx], y[idx]
+                return
             for idx in index_lists:
-                idx = idx.to(x.device, non_blocking=True)
-                yield (x[idx].to(self.device, non_blocking=True), y[idx].to(self.device, non_blocking=True))
+                yield x[idx].to(self.device, non_blocking=True), y[idx].to(self.device, non_blocking=True)
             return
         loader = DataLoader(
             self.ds,

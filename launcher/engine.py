@@ -70,7 +70,8 @@ class Engine:
             self.model.require_backward_grad_sync = enabled
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss = loss / self.accum  # the one place the loss is normalised for accumulation
+        if self.accum > 1:
+            loss = loss / self.accum  # the one place the loss is normalised for accumulation
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def grad_norm(self, clip: float) -> torch.Tensor:
