@@ -83,6 +83,8 @@ class Sinks:
         self.file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         if self.wandb:
             self.wandb.log(values, step=step)
+        if "train/loss" in values:
+            self.bar.set_postfix_str(f"loss {values['train/loss']:.4f}", refresh=False)
         if line:
             self.print(line)
 

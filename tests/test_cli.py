@@ -131,3 +131,13 @@ def data(hp): ...
 def model(hp): ...
 def loss(hp): ...
 """
+
+
+def test_secrets_stay_out_of_the_run_record(tmp_path):
+    recipe = tmp_path / "secret.py"
+    recipe.write_text(TYPES_RECIPE + "\n@dataclass\nclass Hparams(Hparams):\n    hub_token: str = ''\n")
+    plan, _, _ = cli.parse([str(recipe), "--cpu", "--depth", "1", "--hub-token", "SENTINEL-7f3a"])
+    assert plan.hparams["hub_token"] == "SENTINEL-7f3a"  # the workers get it
+    record = cli.record(plan)
+    assert record["plan"]["hparams"]["hub_token"] == "<redacted>"
+    assert "SENTINEL" not in str(record)

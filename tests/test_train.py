@@ -154,3 +154,22 @@ def test_cifar_debug_run_on_the_shared_data(tmp_path):
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1  # the loss falls
     assert eval_record(run, "val")["acc"] > 0.15  # above chance (0.1) after 30 steps
+
+
+def test_bf16_autocast_on_two_cpu_processes(tmp_path):
+    """bf16 really runs (the result moves off fp32's), stays close, and ranks still agree exactly."""
+    common = ("--epochs", "2", "--batch-size", "16")
+    fp32 = params(train_tiny(tmp_path, "fp32", *common, procs=2), 0)
+    dump = train_tiny(tmp_path, "bf16", *common, "--precision", "bf16", procs=2)
+    bf16 = params(dump, 0)
+    for k in bf16:
+        assert torch.equal(bf16[k], params(dump, 1)[k]), k
+    assert any(not torch.equal(bf16[k], fp32[k]) for k in bf16)
+    assert_close(bf16, fp32, rtol=0.05, atol=0.02)
+
+
+def test_per_sample_datasets_with_dataloader_workers_train_like_tensors(tmp_path):
+    common = ("--epochs", "2", "--batch-size", "16")
+    tensors = train_tiny(tmp_path, "tensors", *common, procs=2)
+    loader = train_tiny(tmp_path, "loader", *common, "--per-sample", "--workers", "2", procs=2)
+    assert_close(params(loader, 0), params(tensors, 0), rtol=1e-6)
