@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -59,16 +58,14 @@ def _local_group(plan: Plan) -> int:
         elastic_launch(config, sys.executable)("-u", "-m", "launcher.worker")
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        print(f"launch: rank {rank} failed: {_root_cause(failure)}", file=sys.stderr, flush=True)
+        print(f"launch: rank {rank} failed: {_root_cause(failure, plan.run_dir)}", file=sys.stderr, flush=True)
         return 1
     return 0
 
 
-def _root_cause(failure) -> str:
-    """The worker's traceback when it wrote one, else how it died and where its logs are."""
+def _root_cause(failure, run_dir: str) -> str:
+    """The worker's traceback when it wrote one, else how it died and where its output went."""
     message = failure.message
     if isinstance(message, dict):
         return message.get("extraInfo", {}).get("py_callstack") or message.get("message", "")
-    if failure.error_file and os.path.isfile(failure.error_file):
-        return json.dumps(failure.error_file_data)
-    return f"{message} (exit code {failure.exitcode}); its output is under {Path(failure.error_file).parent}"
+    return f"{message} (exit code {failure.exitcode}); its output is under {Path(run_dir) / 'logs'}"
