@@ -93,21 +93,24 @@ def main() -> None:
         tmp = Path(tmp)
         raw, ours = [], []
         for rep in range(args.reps):
-            pair = [lambda: raw.append(handwritten_steps_per_s(args.steps)),
-                    lambda: ours.append(launcher_steps_per_s(args.steps, tmp, rep))]
-            for measure in pair if rep % 2 == 0 else reversed(pair):
-                measure()
+            for side in ("hand-written", "launcher")[:: 1 if rep % 2 == 0 else -1]:  # alternate who goes first
+                if side == "launcher":
+                    ours.append(launcher_steps_per_s(args.steps, tmp, rep))
+                else:
+                    raw.append(handwritten_steps_per_s(args.steps))
             print(f"  loop rep {rep + 1}: hand-written {raw[-1]:.0f} steps/s, launcher {ours[-1]:.0f} steps/s",
                   file=sys.stderr)
         torchrun, launch = [], []
         for rep in range(args.startup_reps):
-            pair = [lambda: torchrun.append(torchrun_startup()), lambda: launch.append(launcher_startup(tmp, rep))]
-            for measure in pair if rep % 2 == 0 else reversed(pair):
-                measure()
+            for side in ("torchrun", "launch")[:: 1 if rep % 2 == 0 else -1]:
+                if side == "launch":
+                    launch.append(launcher_startup(tmp, rep))
+                else:
+                    torchrun.append(torchrun_startup())
             print(f"  start-up rep {rep + 1}: torchrun {torchrun[-1]:.2f} s, launch {launch[-1]:.2f} s",
                   file=sys.stderr)
 
-    ratios = [o / r for o, r in zip(ours, raw)]
+    ratios = [o / r for o, r in zip(ours, raw, strict=True)]
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
     print(f"per-step: MLP 64-128-10, batch 32, AdamW, clip 1.0, 1 thread, {args.steps - WARMUP} timed steps after "

@@ -117,10 +117,11 @@ def _at_least(value, low, flag: str) -> None:
 
 
 def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
-    for value, low, flag in ((args.gpus, 1, "--gpus"), (args.procs, 1, "--procs"), (args.grad_accum, 1, "--grad-accum"),
-                             (args.max_steps, 1, "--max-steps"), (args.log_every, 1, "--log-every"),
-                             (args.eval_every, 0, "--eval-every"), (args.eval_epochs, 0, "--eval-epochs"),
-                             (args.workers, 0, "--workers"), (args.seed, 0, "--seed"), (args.clip_grad, 0, "--clip-grad")):
+    for value, low, flag in ((args.gpus, 1, "--gpus"), (args.procs, 1, "--procs"),
+                             (args.grad_accum, 1, "--grad-accum"), (args.max_steps, 1, "--max-steps"),
+                             (args.log_every, 1, "--log-every"), (args.eval_every, 0, "--eval-every"),
+                             (args.eval_epochs, 0, "--eval-epochs"), (args.workers, 0, "--workers"),
+                             (args.seed, 0, "--seed"), (args.clip_grad, 0, "--clip-grad")):
         _at_least(value, low, flag)
     if not math.isfinite(args.clip_grad):
         raise UsageError(f"--clip-grad must be a finite number, not {args.clip_grad}")
@@ -136,7 +137,8 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
     if args.gpus is not None:
         visible = torch.cuda.device_count()
         if args.gpus > visible:
-            where = f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" if "CUDA_VISIBLE_DEVICES" in os.environ else ""
+            mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+            where = f" (CUDA_VISIBLE_DEVICES={mask})" if mask is not None else ""
             raise UsageError(f"--gpus {args.gpus}: {visible or 'no'} GPU{'s' if visible != 1 else ''} visible{where}; "
                              "use --cpu to run on the CPU")
         device, nproc = "cuda", args.gpus

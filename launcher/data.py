@@ -76,7 +76,8 @@ class Loader:
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def train_epoch(self, seed: int, epoch: int, start_step: int, steps: int, batch: int, accum: int, world: int, rank: int):
+    def train_epoch(self, seed: int, epoch: int, start_step: int, steps: int, batch: int, accum: int, world: int,
+                    rank: int):
         order = permutation(len(self.ds), seed, epoch)
         if is_tensor_data(self.ds):
             order = order.to(self.ds.tensors[0].device)

@@ -147,13 +147,15 @@ def add_flags(parser: argparse.ArgumentParser, Hparams: type, path: Path) -> Non
             ) from None
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
-        help_text = f"{help_text + ' ' if help_text else ''}[{shown}, {'required' if required else f'default: {default}'}]"
-        default = None if required else default
+        shown_default = "required" if required else f"default: {default}"
+        options = {"dest": f.name, "required": required, "default": None if required else default,
+                   "help": f"{help_text + ' ' if help_text else ''}[{shown}, {shown_default}]"}
+        if parse is None:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options.update(type=parse, choices=choices, metavar=shown.upper())
         try:
-            if parse is None:
-                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, required=required, help=help_text)
-            else:
-                group.add_argument(flag, dest=f.name, type=parse, choices=choices, default=default, required=required, metavar=shown.upper(), help=help_text)
+            group.add_argument(flag, **options)
         except argparse.ArgumentError:
             raise RecipeError(f"recipe {path}: Hparams.{f.name} clashes with the launcher's own flag {flag}") from None
 

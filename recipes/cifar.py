@@ -174,28 +174,28 @@ def _image(raw: bytes, name: str) -> np.ndarray:
     return img.transpose(2, 0, 1)
 
 
-def decode(source: Path) -> dict[str, torch.Tensor]:
-    """Every image of the source as uint8 (N, 3, 32, 32) plus int64 labels, for train and test."""
-    batches: dict[str, bytes] = {}  # pickle layout: file name → bytes
-    images: dict[tuple[str, int, str], bytes] = {}  # image folders: (split, class, file name) → bytes
-
-    def take(relative: str, read) -> None:
+def _sort(files, batches: dict, images: dict) -> None:
+    """Read the (relative path, read function) pairs that are CIFAR-10 batches or class-folder images."""
+    for relative, read in files:
         parts = relative.split("/")
         if re.fullmatch(r"data_batch_[1-5]|test_batch", parts[-1]):
             batches[parts[-1]] = read()
-        elif len(parts) >= 3 and parts[-3] in ("train", "test") and parts[-2] in CLASSES \
-                and re.search(r"\.(png|jpe?g|bmp)$", parts[-1], re.I):
+        elif (len(parts) >= 3 and parts[-3] in ("train", "test") and parts[-2] in CLASSES
+              and re.search(r"\.(png|jpe?g|bmp)$", parts[-1], re.I)):
             images[(parts[-3], CLASSES.index(parts[-2]), parts[-1])] = read()
 
+
+def decode(source: Path) -> dict[str, torch.Tensor]:
+    """Every image of the source as uint8 (N, 3, 32, 32) plus int64 labels, for train and test."""
+    batches: dict[str, bytes] = {}  # pickle layout: file name → bytes
+    images: dict[tuple, bytes] = {}  # image folders: (split, class index, file name) → bytes
     if source.is_file():
         with tarfile.open(source, "r:*") as tar:
-            for member in tar:
-                if member.isfile():
-                    take(member.name, lambda: tar.extractfile(member).read())
+            files = ((m.name, tar.extractfile(m).read) for m in tar if m.isfile())
+            _sort(files, batches, images)
     else:
-        for path in sorted(source.rglob("*")):
-            if path.is_file():
-                take(path.relative_to(source).as_posix(), path.read_bytes)
+        _sort(((p.relative_to(source).as_posix(), p.read_bytes) for p in sorted(source.rglob("*")) if p.is_file()),
+              batches, images)
 
     if len(batches) == 6:
         train = [_batch(batches[f"data_batch_{i}"]) for i in range(1, 6)]
@@ -211,7 +211,7 @@ def decode(source: Path) -> dict[str, torch.Tensor]:
             arrays[split] = (np.stack([_image(images[k], "/".join(map(str, k))) for k in keys]),
                              np.array([k[1] for k in keys], dtype=np.int64))
     else:
-        raise ValueError(f"{source} holds neither CIFAR-10's pickle batches nor train/<class>/ and test/<class>/ images")
+        raise ValueError(f"{source} holds neither CIFAR-10's pickle batches nor train/<class>/, test/<class>/ images")
     return {f"{split}_{kind}": torch.from_numpy(np.ascontiguousarray(a))
             for split, (x, y) in arrays.items() for kind, a in (("x", x), ("y", y))}
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
-from conftest import ROOT
 from launcher import recipe
 
 cifar = recipe.load(ROOT / "recipes" / "cifar.py")
@@ -42,7 +42,7 @@ def write_pickles(folder: Path, images) -> Path:
 
 def write_folders(root: Path, images) -> Path:
     for split, (x, y) in images.items():
-        for i, (img, label) in enumerate(zip(x, y)):
+        for i, (img, label) in enumerate(zip(x, y, strict=True)):
             path = root / split / cifar.CLASSES[label] / f"{i:04d}.png"  # PNG: lossless, so pixels compare exactly
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img.transpose(1, 2, 0)).save(path)

@@ -4,8 +4,8 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, launch, ok
 
-from conftest import ROOT, TINY, launch, ok
 from launcher import cli
 
 DIGITS = ROOT / "recipes" / "digits.py"
@@ -27,7 +27,8 @@ def test_launcher_help_without_a_recipe():
 
 
 BAD = [
-    pytest.param([DIGITS, "--bach-size", "32"], "unknown flag --bach-size (did you mean --batch-size?)", id="unknown-flag"),
+    pytest.param([DIGITS, "--bach-size", "32"], "unknown flag --bach-size (did you mean --batch-size?)",
+                 id="unknown-flag"),
     pytest.param([DIGITS, "--batch-size", "abc"], "argument --batch-size: invalid int value: 'abc'", id="wrong-type"),
     pytest.param([DIGITS, "--precision", "fp8"], "invalid choice: 'fp8'", id="bad-choice"),
     pytest.param(["recipes/nope.py"], "recipe", id="missing-recipe"),

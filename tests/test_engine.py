@@ -27,5 +27,5 @@ def test_the_loss_scaler_path_gives_the_plain_update():
         engine.step()
         assert all(p.grad is None for p in model.parameters())
     assert norms[0] > 0.01 and torch.equal(norms[0], norms[1])  # logged before clipping, unscaled
-    for a, b in zip(plain_model.parameters(), scaled_model.parameters()):
+    for a, b in zip(plain_model.parameters(), scaled_model.parameters(), strict=True):
         assert torch.equal(a, b)

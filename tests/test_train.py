@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY, clean_env, eval_record, launch, ok, train_records
+
 from launcher.plan import PLAN_ENV, Plan
 
 
@@ -21,7 +21,7 @@ def params(dump_dir: Path, rank: int, tag: str = "final") -> dict[str, torch.Ten
 def assert_close(a: dict, b: dict, rtol: float, atol: float = 1e-7) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def train_tiny(tmp_path: Path, name: str, *flags, procs: int = 1) -> Path:
