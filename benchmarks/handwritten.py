@@ -72,4 +72,5 @@ for epoch in range(math.ceil(steps / (len(y) // hp.batch_size))):
 if rank == 0:
     print(json.dumps({"first_step": first, "windows": windows}))
 if world > 1:
+    dist.barrier()  # nobody tears the group down while a peer still talks
     dist.destroy_process_group()
