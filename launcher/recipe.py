@@ -66,6 +66,9 @@ def load(path: str | Path) -> ModuleType:
     if not path.is_file():
         raise RecipeError(f"recipe {path} not found")
     name = f"recipe_{path.stem}"
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+        return loaded  # checked when it was first loaded (the launcher, then an in-process worker)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise RecipeError(f"recipe {path} is not a Python file")
@@ -75,9 +78,18 @@ def load(path: str | Path) -> ModuleType:
     if str(path.parent) not in sys.path:
         sys.path.insert(0, str(path.parent))
     try:
-        spec.loader.exec_module(module)
-    except Exception as e:
-        raise RecipeError(f"recipe {path} failed to import: {describe_error(e, path)}") from e
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            raise RecipeError(f"recipe {path} failed to import: {describe_error(e, path)}") from e
+        _check(module, path)
+    except RecipeError:
+        del sys.modules[name]  # never hand out a module that failed
+        raise
+    return module
+
+
+def _check(module: ModuleType, path: Path) -> None:
     missing = [n for n in REQUIRED if not hasattr(module, n)]
     if missing:
         raise RecipeError(f"recipe {path} lacks {', '.join(missing)} (a recipe defines {', '.join(REQUIRED)})")
@@ -92,7 +104,6 @@ def load(path: str | Path) -> ModuleType:
             raise RecipeError(f"recipe {path}: Hparams needs a field `{f}: {typ.__name__}`")
     if not hasattr(module, "optimizer") and hints.get("lr") is not float:
         raise RecipeError(f"recipe {path}: the default optimizer needs a field `lr: float` (or define optimizer())")
-    return module
 
 
 def describe_error(e: BaseException, path: Path) -> str:

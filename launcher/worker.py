@@ -21,6 +21,10 @@ def run(plan: Plan) -> dict:
         return trainer.Trainer(plan, acc, module, hp).fit()
     finally:
         if torch.distributed.is_initialized():
+            # DDP's reducer keeps gloo work objects that hold tensors; left to interpreter shutdown, their
+            # destructors abort the process ("terminate called without an active exception"), so free them
+            # now: Accelerate holds the prepared model until free_memory(), which also collects the garbage
+            acc.free_memory()
             torch.distributed.destroy_process_group()
 
 
@@ -35,7 +39,11 @@ def main() -> None:
         from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
         ErrorHandler().record_exception(e)
-        sys.exit(1)
+        # skip interpreter shutdown: the traceback still holds the process group's objects, whose
+        # destructors would abort the process and hide the exit code
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":
