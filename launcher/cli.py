@@ -6,20 +6,23 @@ import argparse
 import dataclasses
 import difflib
 import importlib.metadata
+import json
 import math
 import netrc
 import os
 import platform
 import re
+import secrets
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from . import checkpoint
 from . import recipe as recipes
 from . import spawn
 from .plan import Plan
-from .sinks import write_json
+from .sinks import warn, write_json
 
 USAGE = "launch RECIPE [launcher flags] [recipe hyperparameter flags]"
 DEBUG_STEPS = 30
@@ -61,9 +64,25 @@ def base_parser(add_help: bool) -> Parser:
                    help="evaluate on the validation split every N optimizer steps (default 0: at epoch ends)")
     g.add_argument("--eval-epochs", type=int, default=1, metavar="E",
                    help="evaluate at the end of every E-th epoch; 0 = not at epoch ends (default 1)")
+    g.add_argument("--early-stop", type=int, default=0, metavar="PATIENCE",
+                   help="stop when the recipe's best metric has not improved for PATIENCE evaluations; 0 = never")
+    g.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip optimizer steps whose gradient is not finite, and count them, instead of stopping")
+    g = p.add_argument_group("checkpoints and faults")
+    g.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="save a checkpoint every N optimizer steps (default 0: at the end, on SIGTERM/SIGINT, and "
+                        "the best evaluation only)")
+    g.add_argument("--keep", type=int, default=3, metavar="K", help="step checkpoints to keep; 0 = all (default 3)")
+    g.add_argument("--resume", metavar="auto|PATH",
+                   help="auto: continue from the run directory's newest complete checkpoint, or start fresh if it "
+                        "has none; PATH: a checkpoint directory, or a run directory to take the newest one from")
+    g.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                   help="after a worker crash, restart every process from the newest checkpoint, up to N times")
+    g.add_argument("--timeout", type=float, default=600, metavar="SECONDS",
+                   help="how long a collective waits for a silent rank before the job fails (default 600)")
     g = p.add_argument_group("logging")
-    g.add_argument("--run-dir", metavar="DIR", help="where config.json, metrics.jsonl, logs and W&B files go "
-                                                    "(default: runs/NAME)")
+    g.add_argument("--run-dir", metavar="DIR", help="where config.json, metrics.jsonl, checkpoints, logs and W&B "
+                                                    "files go (default: runs/NAME)")
     g.add_argument("--name", help="run name (default: RECIPE-DATE-TIME)")
     g.add_argument("--log-every", type=int, default=10, metavar="N",
                    help="record metrics every N optimizer steps (default 10)")
@@ -111,20 +130,31 @@ def _unknown(unknown: list[str], parser: argparse.ArgumentParser) -> str:
     return f"unknown flag {flag}{hint}"
 
 
-def _at_least(value, low, flag: str) -> None:
-    if value is not None and not value >= low:
-        raise UsageError(f"{flag} must be at least {low}, not {value}")
+def _check_numbers(args: argparse.Namespace) -> None:
+    bounds = ((args.gpus, 1, "--gpus"), (args.procs, 1, "--procs"), (args.grad_accum, 1, "--grad-accum"),
+              (args.max_steps, 1, "--max-steps"), (args.log_every, 1, "--log-every"),
+              (args.eval_every, 0, "--eval-every"), (args.eval_epochs, 0, "--eval-epochs"),
+              (args.workers, 0, "--workers"), (args.seed, 0, "--seed"), (args.clip_grad, 0, "--clip-grad"),
+              (args.save_every, 0, "--save-every"), (args.keep, 0, "--keep"), (args.early_stop, 0, "--early-stop"),
+              (args.max_restarts, 0, "--max-restarts"))
+    for value, low, flag in bounds:
+        if value is not None and not value >= low:
+            raise UsageError(f"{flag} must be at least {low}, not {value}")
+    for value, flag in ((args.clip_grad, "--clip-grad"), (args.timeout, "--timeout")):
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, not {value}")
+    if args.timeout < 10:
+        raise UsageError(f"--timeout {args.timeout:g}: a collective timeout under 10 s would fail healthy runs")
+    if args.max_restarts > 100:
+        raise UsageError(f"--max-restarts {args.max_restarts}: a job that crashed 100 times will not heal; at most 100")
+    cores = len(os.sched_getaffinity(0))
+    if args.procs and args.procs > cores:
+        raise UsageError(f"--procs {args.procs}: this machine gives this command {cores} CPU core"
+                         f"{'s' if cores != 1 else ''}, and each process needs one")
 
 
-def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
-    for value, low, flag in ((args.gpus, 1, "--gpus"), (args.procs, 1, "--procs"),
-                             (args.grad_accum, 1, "--grad-accum"), (args.max_steps, 1, "--max-steps"),
-                             (args.log_every, 1, "--log-every"), (args.eval_every, 0, "--eval-every"),
-                             (args.eval_epochs, 0, "--eval-epochs"), (args.workers, 0, "--workers"),
-                             (args.seed, 0, "--seed"), (args.clip_grad, 0, "--clip-grad")):
-        _at_least(value, low, flag)
-    if not math.isfinite(args.clip_grad):
-        raise UsageError(f"--clip-grad must be a finite number, not {args.clip_grad}")
+def _where(args: argparse.Namespace) -> tuple[str, int]:
+    """(device, processes on this node)."""
     if args.cpu and args.gpus is not None:
         raise UsageError("--cpu and --gpus exclude each other (CPU processes: --cpu --procs N)")
     if args.procs is not None and not args.cpu:
@@ -151,29 +181,73 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
                          "use bf16 or fp32")
     if args.precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError(f"--precision bf16: {torch.cuda.get_device_name()} has no bf16; use fp16 or fp32")
+    return device, nproc
 
+
+def _run_dir(args: argparse.Namespace, stem: str) -> tuple[Path, str, Path | None, dict]:
+    """(run directory, run name, checkpoint to resume from, its manifest)."""
+    resume = None
+    if args.resume and args.resume != "auto":
+        given = Path(args.resume).resolve()
+        if not given.exists():
+            raise UsageError(f"--resume {args.resume}: no such checkpoint or run directory")
+        resume = given
+        if (given / "checkpoints").is_dir():  # a run directory: its newest complete checkpoint
+            resume = checkpoint.latest(given, warn)
+            if resume is None:
+                raise UsageError(f"--resume {args.resume}: the run directory holds no complete checkpoint")
+    name = args.name or (resume.parent.parent.name if resume and resume.parent.name == "checkpoints"
+                         else f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.run_dir:
+        run_dir = Path(args.run_dir).resolve()
+    elif resume and resume.parent.name == "checkpoints" and not args.name:
+        run_dir = resume.parent.parent  # continue the run the checkpoint belongs to
+    else:
+        run_dir = (Path("runs") / name).resolve()
+    if not args.resume and (run_dir / "config.json").exists():
+        raise UsageError(f"run directory {run_dir} already holds a run; continue it with --resume auto, or choose "
+                         "another --run-dir or --name")
+    if args.resume == "auto":
+        resume = checkpoint.latest(run_dir, warn)
+        if resume is None and (run_dir / "config.json").exists():
+            print(f"launch: no checkpoint in {run_dir}: starting fresh", flush=True)
+    manifest = {}
+    if resume:
+        try:
+            manifest = checkpoint.check(resume)
+        except checkpoint.CheckpointError as e:
+            raise UsageError(f"--resume: {e}") from None
+    return run_dir, name, resume, manifest
+
+
+def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
+    _check_numbers(args)
+    device, nproc = _where(args)
     world, accum, batch = nproc, args.grad_accum, hp.batch_size
     if batch < 1 or batch % (world * accum):
         raise UsageError(f"--batch-size {batch} must be a positive multiple of {world} process(es) × {accum} "
                          f"accumulation step(s) = {world * accum}: it is the global batch of one optimizer step")
     if hp.epochs < 1 and args.max_steps is None:
         raise UsageError(f"--epochs must be at least 1, not {hp.epochs}")
-
-    name = args.name or f"{recipe_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(args.run_dir or Path("runs") / name).resolve()
-    if (run_dir / "config.json").exists():
-        raise UsageError(f"run directory {run_dir} already holds a run; choose another --run-dir or --name")
-    wandb = args.wandb or ("disabled" if args.debug else default_wandb_mode())
-    return Plan(
+    run_dir, name, resume, manifest = _run_dir(args, recipe_path.stem)
+    previous = run_dir / "config.json"
+    wandb_id = json.loads(previous.read_text())["plan"].get("wandb_id") if previous.exists() else None
+    plan = Plan(
         recipe=str(recipe_path), hparams=dataclasses.asdict(hp), run_dir=str(run_dir), name=name,
         device=device, nproc=nproc, precision=args.precision, grad_accum=accum, clip_grad=args.clip_grad,
         seed=args.seed, max_steps=args.max_steps or (DEBUG_STEPS if args.debug else None),
         eval_every=0 if args.debug else args.eval_every, eval_epochs=0 if args.debug else args.eval_epochs,
         eval_limit=10 if args.debug else None, log_every=1 if args.debug else args.log_every,
         workers=args.workers if args.workers is not None else (4 if device == "cuda" and not args.debug else 0),
-        debug=args.debug, wandb=wandb, wandb_project=args.wandb_project or recipe_path.stem,
-        wandb_entity=args.wandb_entity,
+        save_every=args.save_every, keep=args.keep, resume=str(resume) if resume else None,
+        max_restarts=args.max_restarts, skip_nonfinite=args.skip_nonfinite, early_stop=args.early_stop,
+        timeout=args.timeout, debug=args.debug, wandb=args.wandb or ("disabled" if args.debug else default_wandb_mode()),
+        wandb_project=args.wandb_project or recipe_path.stem, wandb_entity=args.wandb_entity,
+        wandb_id=wandb_id or secrets.token_hex(4),
     )
+    if manifest:
+        _compare(plan, manifest)
+    return plan
 
 
 def default_wandb_mode() -> str:
@@ -221,8 +295,9 @@ def _versions() -> dict:
 def describe(plan: Plan) -> str:
     where = (f"{plan.nproc} GPU process{'es' if plan.nproc > 1 else ''} (nccl)" if plan.device == "cuda"
              else f"{plan.nproc} CPU process{'es' if plan.nproc > 1 else ''}{' (gloo)' if plan.nproc > 1 else ''}")
+    resume = f" · resuming from {plan.resume}" if plan.resume else ""
     return (f"launch: {Path(plan.recipe).name}{' (debug)' if plan.debug else ''} · {where} · {plan.precision}"
-            f" · W&B {plan.wandb} · run dir {plan.run_dir}")
+            f" · W&B {plan.wandb} · run dir {plan.run_dir}{resume}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,3 +322,13 @@ def main(argv: list[str] | None = None) -> None:
         print("launch: interrupted", file=sys.stderr)
         code = 130
     sys.exit(code)
+
+
+def _compare(plan: Plan, manifest: dict) -> None:
+    """Warn when the run resumes with other settings than its checkpoint was trained with."""
+    saved = {**manifest.get("hparams", {}), "seed": manifest.get("seed"), "grad_accum": manifest.get("grad_accum")}
+    now = {**plan.hparams, "seed": plan.seed, "grad_accum": plan.grad_accum}
+    changed = [f"{k} {saved[k]!r} → {now[k]!r}" for k in now if k in saved and saved[k] != now[k]
+               and not SECRET.search(k)]
+    if changed:
+        warn(f"resuming with other settings than the checkpoint was saved with: {', '.join(changed)}")

@@ -24,20 +24,32 @@ MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 def accelerator(plan: Plan):
     """The Accelerator the plan asks for; fails loudly rather than run something else."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
 
     guard(int(os.environ.get("WORLD_SIZE", "1")), plan)
-    cpu = plan.device == "cpu"
-    # a backend given to a single process would make Accelerate expect a process group
-    group = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timedelta(minutes=10))]
-    acc = Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[plan.precision],
-                      kwargs_handlers=group if plan.world_size > 1 else [])
+    if plan.world_size > 1:
+        join(plan)
+    acc = Accelerator(cpu=plan.device == "cpu", mixed_precision=MIXED_PRECISION[plan.precision])
     guard(acc.num_processes, plan)
     if acc.device.type != plan.device:
         raise RuntimeError(f"planned device {plan.device} but Accelerate chose {acc.device}")
     if plan.precision != "fp32" and not acc.native_amp:
         raise RuntimeError(f"{plan.precision} mixed precision is not available on {acc.device}")
     return acc
+
+
+def join(plan: Plan) -> None:
+    """Join the process group (Accelerate then finds it ready), with two things env:// does not give:
+    keys of their own in the launcher's store for every restart attempt (else a restarted worker can read
+    the address of a dead one and hang), and the plan's timeout for a collective waiting on a silent rank."""
+    env = os.environ
+    store = torch.distributed.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), plan.world_size, is_master=False,
+                                       timeout=timedelta(seconds=plan.timeout))
+    store = torch.distributed.PrefixStore(f"launcher/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    if plan.device == "cuda":
+        torch.cuda.set_device(int(env["LOCAL_RANK"]))
+    torch.distributed.init_process_group("gloo" if plan.device == "cpu" else "nccl", store=store,
+                                         rank=int(env["RANK"]), world_size=plan.world_size,
+                                         timeout=timedelta(seconds=plan.timeout))
 
 
 def guard(seen: int, plan: Plan) -> None:
@@ -90,6 +102,29 @@ class Engine:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def skip(self) -> None:
+        """Drop this step's gradients without an update; the schedule advances with the data."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def first_nonfinite(self) -> str | None:
+        """The name of the first parameter whose gradient is not finite."""
+        for name, p in self.module.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                return name
+        return None
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

@@ -33,10 +33,18 @@ class Plan:
     eval_limit: int | None = None  # batches per evaluation (debug); None = the whole split
     log_every: int = 10  # optimizer steps between metric records
     workers: int = 0  # DataLoader workers per process, for per-sample datasets
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end, on a signal, and the best
+    keep: int = 3  # step checkpoints kept; 0 = all
+    resume: str | None = None  # a verified checkpoint directory to start from
+    max_restarts: int = 0  # after a worker crash, restart from the newest checkpoint this many times
+    skip_nonfinite: bool = False  # skip optimizer steps with a non-finite loss or gradient instead of stopping
+    early_stop: int = 0  # stop after this many evaluations without improvement; 0 = never
+    timeout: float = 600.0  # seconds a collective may wait for a peer before the job fails
     debug: bool = False
     wandb: str = "offline"  # online | offline | disabled
     wandb_project: str | None = None
     wandb_entity: str | None = None
+    wandb_id: str | None = None  # the W&B run: kept across resumes
 
     @property
     def world_size(self) -> int:

@@ -13,6 +13,7 @@ and optionally
     def prepare(hp)                     # once per node before any process starts (download, cache)
     def metrics(hp) -> dict[str, torchmetrics.Metric]
     def optimizer(model, hp, total_steps) -> (optimizer, scheduler)
+    best = ("val/acc", "max")           # the evaluation that picks the best checkpoint; ("val/loss", "min") else
 
 It never learns how many processes, which device or which precision it runs with.
 This module knows nothing about devices or ranks either.
@@ -104,6 +105,10 @@ def _check(module: ModuleType, path: Path) -> None:
             raise RecipeError(f"recipe {path}: Hparams needs a field `{f}: {typ.__name__}`")
     if not hasattr(module, "optimizer") and hints.get("lr") is not float:
         raise RecipeError(f"recipe {path}: the default optimizer needs a field `lr: float` (or define optimizer())")
+    best = getattr(module, "best", ("val/loss", "min"))
+    if not (isinstance(best, tuple) and len(best) == 2 and isinstance(best[0], str) and best[1] in ("min", "max")):
+        raise RecipeError(f"recipe {path}: best must be (metric, 'min' or 'max'), e.g. ('val/acc', 'max'); "
+                          f"not {best!r}")
 
 
 def describe_error(e: BaseException, path: Path) -> str:

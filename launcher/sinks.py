@@ -17,11 +17,15 @@ from tqdm import tqdm
 from .plan import Plan
 
 
-def write_json(path: Path, obj: dict) -> None:
+def write_text(path: Path, text: str) -> None:
     """Atomically: a reader sees the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def warn(text: str) -> None:
@@ -42,6 +46,8 @@ def start_wandb(plan: Plan, config: dict):
             dir=plan.run_dir,
             config=config,
             mode=plan.wandb,
+            id=plan.wandb_id,
+            resume="allow",  # a resumed run continues the same W&B run
             settings=wandb.Settings(init_timeout=30, silent=True, console="off"),
         )
     except Exception as e:
@@ -63,7 +69,12 @@ class Sinks:
         path = Path(plan.run_dir) / "config.json"
         config = {**json.loads(path.read_text()), "data": data}
         write_json(path, config)
-        self.file = open(Path(plan.run_dir) / "metrics.jsonl", "a", buffering=1)
+        metrics = Path(plan.run_dir) / "metrics.jsonl"
+        if start_step and metrics.exists():
+            # resumed: records the crashed or stopped run wrote after its checkpoint will be written again
+            lines = metrics.read_text().splitlines(keepends=True)
+            write_text(metrics, "".join(line for line in lines if json.loads(line)["step"] <= start_step))
+        self.file = open(metrics, "a", buffering=1)
         self.wandb = start_wandb(plan, config)
         # disable=None: drawn only when stderr is a terminal, never into log files
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=None,
@@ -87,6 +98,13 @@ class Sinks:
             self.bar.set_postfix_str(f"loss {values['train/loss']:.4f}", refresh=False)
         if line:
             self.print(line)
+
+    def event(self, step: int, name: str, values: dict, line: str) -> None:
+        """Something that happened once (early stopping): a record, a console line, the W&B summary."""
+        self.file.write(json.dumps({"step": step, "time": time.time(), "event": name, **values}) + "\n")
+        if self.wandb:
+            self.wandb.summary.update({f"{name}/{k}": v for k, v in values.items()})
+        self.print(line)
 
     def close(self, ok: bool) -> None:
         self.bar.close()

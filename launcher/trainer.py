@@ -1,4 +1,4 @@
-"""The training loop. Follow one batch from the top of `Trainer.fit` to the bottom.
+"""The training loop. Follow one batch from `Trainer.fit` through `train_step` and `after_step`.
 
 Conventions that decide correctness:
 - `batch_size` is the global batch of one optimizer step. Each process runs
@@ -7,29 +7,52 @@ Conventions that decide correctness:
   `accum` once (engine.backward); clipping happens on that sync step, after the
   fp16 loss scale has been removed.
 - The schedule steps once per optimizer step.
-- The loss and gradient norm stay on the device and are read only on log steps,
-  where one small all-reduce makes the logged loss the mean over all ranks.
+- The loss stays on the device and is read only on log steps, where one small
+  all-reduce makes the logged loss the mean over all ranks. The gradient norm is
+  read every step: a non-finite one stops the run (or skips the step) before it
+  can reach the weights.
+- A checkpoint at step s holds everything up to and including step s's
+  evaluations, so a resumed run continues exactly where the saved one was.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import sys
 import time
+from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from . import checkpoint
 from . import engine as engines
 from .data import Loader, place
 from .optim import default_optimizer
 from .plan import Plan
 from .sinks import Sinks
+from .stop import Stop
+
+
+class TrainingError(Exception):
+    """A failure the user reads as one plain line (no traceback): what happened and what to do."""
+
+
+class Stopped(Exception):
+    """Every rank stopped on a signal, after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by signal {signum} at step {step}")
+        self.signum, self.step = signum, step
 
 
 class Trainer:
     def __init__(self, plan: Plan, acc, recipe: ModuleType, hp):
         self.plan, self.acc = plan, acc
         self.rank, self.world, device = acc.process_index, acc.num_processes, acc.device
+        self.main = acc.is_main_process
 
         torch.manual_seed(plan.seed)
         splits = recipe.data(hp)
@@ -39,8 +62,8 @@ class Trainer:
                       for name, ds in (("val", splits.val), ("test", splits.test)) if ds is not None}
         self.steps_per_epoch = len(self.train_data) // plan.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"batch_size {plan.batch_size} is larger than the training set "
-                             f"({len(self.train_data)} samples)")
+            raise TrainingError(f"batch_size {plan.batch_size} is larger than the training set "
+                                f"({len(self.train_data)} samples)")
         self.total = plan.max_steps or hp.epochs * self.steps_per_epoch
 
         torch.manual_seed(plan.seed)  # the same initial weights on every rank, whatever data() drew
@@ -49,105 +72,197 @@ class Trainer:
         self.engine = engines.build(acc, module, optimizer, scheduler, plan.grad_accum)
         self.loss_fn = recipe.loss(hp)
         self.metrics = {k: m.to(device) for k, m in recipe.metrics(hp).items()} if hasattr(recipe, "metrics") else {}
+        self.monitor, self.mode = getattr(recipe, "best", ("val/loss", "min"))
         torch.manual_seed(plan.seed + 1 + self.rank)  # augmentation and dropout differ between ranks
 
-        self.step = 0
+        # progress: everything a checkpoint restores besides the engine and the random generators
+        self.step, self.best, self.bad_evals, self.skipped = 0, None, 0, 0
+        self.saved_at = self.validated_at = -1
+        self.last_val = {}
+        start = self.resume_point()
+        if start:
+            self.load(start)
+
         self.loss_sum = torch.zeros((), device=device)
+        self.window = [time.perf_counter(), 0, 0]  # start, steps, steps whose loss counts
+        self.norm = self.lr = 0.0
         self.print_every = 1 if plan.debug else plan.log_every * math.ceil(self.total / 20 / plan.log_every)
         self.printed_eval = -self.print_every
         self.sinks = None
-        if acc.is_main_process:  # rank zero alone logs
+        if self.main:  # rank zero alone logs
             sizes = {"train": len(self.train_data), **{k: len(v) for k, v in self.evals.items()}}
             self.sinks = Sinks(plan, {**sizes, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total},
-                               self.total)
+                               self.total, self.step)
             self.sinks.print(
                 f"data: {', '.join(f'{k} {v:,}' for k, v in sizes.items())} samples · {self.steps_per_epoch} "
                 f"steps/epoch · {self.total} optimizer steps · batch {plan.batch_size} = {self.world} process"
                 f"{'es' if self.world > 1 else ''} × {plan.grad_accum} accumulation × {plan.micro_batch} per device")
+            if start:
+                self.sinks.print(f"resumed from {start} at step {self.step}")
+
+    # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
-        """Train, evaluate, and return the final metrics (the same on every rank)."""
+        """Train, evaluate, save, and return the final metrics (the same on every rank)."""
         try:
             final = self._fit()
+        except Stopped as stopped:
+            if self.sinks:
+                self.sinks.print(f"stopped by {_signal_name(stopped.signum)} after step {self.step}; "
+                                 f"checkpoint {self.step_dir()}")
+                self.sinks.close(ok=False)
+            raise
         except BaseException:
             if self.sinks:
                 self.sinks.close(ok=False)
             raise
         if self.sinks:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in final.items())
-            self.sinks.print(f"done: {self.step} steps  {shown}  → {self.plan.run_dir}")
+            skipped = f"  ({self.skipped} step{'s' if self.skipped > 1 else ''} skipped: non-finite)" if self.skipped else ""
+            self.sinks.print(f"done: {self.step} steps  {shown}{skipped}  → {self.plan.run_dir}")
             self.sinks.close(ok=True)
         return final
 
     def _fit(self) -> dict:
-        plan, engine, K = self.plan, self.engine, self.plan.grad_accum
-        model, loss_fn, augment = engine.model, self.loss_fn, self.augment
-        final, evaluated_at = {}, -1
-        self.window = (time.perf_counter(), 0)  # (start, steps) of the throughput window
-        for epoch in range(math.ceil(self.total / self.steps_per_epoch)):
-            steps = min(self.steps_per_epoch, self.total - self.step)
-            batches = self.train_data.train_epoch(plan.seed, epoch, 0, steps, plan.batch_size, K, self.world,
-                                                  self.rank)
-            for _ in range(steps):
-                for k in range(K):
-                    x, y = next(batches)
-                    if augment:
-                        x, y = augment(x, y)
-                    engine.sync(k == K - 1)
-                    loss = loss_fn(model(x), y)
-                    engine.backward(loss)
-                    self.loss_sum += loss.detach()
-                self.step += 1
-                log_now = self.step % plan.log_every == 0 or self.step == self.total
-                norm = engine.grad_norm(plan.clip_grad) if plan.clip_grad > 0 or log_now else None
-                lr = engine.lr() if log_now else None
-                engine.step()
-                self.window = (self.window[0], self.window[1] + 1)
-                if self.sinks:
-                    self.sinks.advance()
-                if log_now:
-                    self.log(epoch, norm, lr)
-                if plan.eval_every and self.step % plan.eval_every == 0 and "val" in self.evals:
-                    final.update(self.evaluate("val"))
-                    evaluated_at = self.step
-            if (steps == self.steps_per_epoch and plan.eval_epochs and (epoch + 1) % plan.eval_epochs == 0
-                    and "val" in self.evals and evaluated_at != self.step):
-                final.update(self.evaluate("val"))
-                evaluated_at = self.step
+        if self.step >= self.total:
+            if self.sinks:
+                self.sinks.print(f"nothing to do: the run already finished its {self.total} steps")
+            return {}
+        spe, plan = self.steps_per_epoch, self.plan
+        self.window[0] = time.perf_counter()
+        with Stop(self.world) as stop:
+            for epoch in range(self.step // spe, math.ceil(self.total / spe)):
+                first, last = self.step - epoch * spe, min(spe, self.total - epoch * spe)
+                batches = self.train_data.train_epoch(plan.seed, epoch, first, last, plan.batch_size,
+                                                      plan.grad_accum, self.world, self.rank)
+                for _ in range(first, last):
+                    self.train_step(batches)
+                    if self.after_step():
+                        return self.finish()
+                    signum = stop.agreed()
+                    if signum:
+                        if self.saved_at != self.step:
+                            self.save(self.step_dir())
+                        raise Stopped(signum, self.step)
+        return self.finish()
 
-        if "val" in self.evals and evaluated_at != self.step:
-            final.update(self.evaluate("val"))
-        if "test" in self.evals and not plan.debug:
+    def train_step(self, batches) -> None:
+        plan, engine, model, K = self.plan, self.engine, self.engine.model, self.plan.grad_accum
+        step_loss = None
+        for k in range(K):
+            x, y = next(batches)
+            if self.augment:
+                x, y = self.augment(x, y)
+            engine.sync(k == K - 1)
+            loss = self.loss_fn(model(x), y)
+            engine.backward(loss)
+            step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+        self.step += 1
+        self.window[1] += 1
+        if self.sinks:
+            self.sinks.advance()
+        norm = engine.grad_norm(plan.clip_grad).item()  # the one read per step
+        if not math.isfinite(norm) and engine.scaler is None:  # fp16's loss scaler skips such steps itself
+            self.nonfinite(step_loss)
+            return
+        self.norm, self.lr = norm, engine.lr()
+        engine.step()
+        self.loss_sum += step_loss
+        self.window[2] += 1
+
+    def nonfinite(self, step_loss: torch.Tensor) -> None:
+        name = self.engine.first_nonfinite()
+        loss = step_loss.item() / self.plan.grad_accum
+        if not self.plan.skip_nonfinite:
+            raise TrainingError(
+                f"non-finite gradient at step {self.step}, first in {name} (loss {loss:.4g}); lower the learning "
+                "rate, clip gradients (--clip-grad), check the inputs, or pass --skip-nonfinite to skip such steps")
+        self.engine.skip()
+        self.skipped += 1
+        if self.sinks:
+            self.sinks.print(f"step {self.step}: non-finite gradient in {name} (loss {loss:.4g}); step skipped "
+                             f"({self.skipped} so far)")
+
+    def after_step(self) -> bool:
+        """Logs, evaluations and saves due after this step; True when early stopping ends training."""
+        plan, step, spe = self.plan, self.step, self.steps_per_epoch
+        if step % plan.log_every == 0 or step == self.total:
+            self.log()
+        epoch_end = step % spe == 0 and plan.eval_epochs and (step // spe) % plan.eval_epochs == 0
+        if "val" in self.evals and ((plan.eval_every and step % plan.eval_every == 0) or epoch_end):
+            if self.validate():
+                return True
+        if plan.save_every and step % plan.save_every == 0:
+            self.save(self.step_dir())
+        return False
+
+    def finish(self) -> dict:
+        final = {}
+        if "val" in self.evals:
+            if self.validated_at != self.step:
+                self.validate()
+            final.update(self.last_val)
+        if "test" in self.evals and not self.plan.debug:
             final.update(self.evaluate("test"))
         self.engine.sync_buffers()  # every rank ends with the same model, buffers included
+        if self.saved_at != self.step:
+            self.save(self.step_dir())
         return final
 
-    def log(self, epoch: int, norm: torch.Tensor, lr: float) -> None:
-        """A log step: the only place the loop reads device values (and so waits for the device)."""
-        start, steps = self.window
+    # ------------------------------------------------------------------ logging and evaluation
+
+    def log(self) -> None:
+        """A log step: one all-reduce of the loss, and a record on rank zero."""
+        start, steps, counted = self.window
         if self.world > 1:
             torch.distributed.all_reduce(self.loss_sum)
-        loss = self.loss_sum.item() / (steps * self.plan.grad_accum * self.world)
+        loss = self.loss_sum.item() / (counted * self.plan.grad_accum * self.world) if counted else math.nan
         self.loss_sum.zero_()
         dt = time.perf_counter() - start
         if self.sinks:
-            record = {"epoch": round(self.step / self.steps_per_epoch, 3), "train/loss": loss, "lr": lr,
-                      "grad_norm": norm.item(), "samples_per_s": steps * self.plan.batch_size / dt,
+            record = {"epoch": round(self.step / self.steps_per_epoch, 3), "train/loss": loss, "lr": self.lr,
+                      "grad_norm": self.norm, "samples_per_s": steps * self.plan.batch_size / dt,
                       "step_time": dt / steps}
+            if self.plan.skip_nonfinite:
+                record["skipped_steps"] = self.skipped
             line = None
             if self.step % self.print_every == 0 or self.step == self.total:
-                line = (f"step {self.step:>{len(str(self.total))}}/{self.total}  epoch {epoch + 1}  loss {loss:.4f}  "
-                        f"lr {lr:.2e}  grad {record['grad_norm']:.3f}  {record['samples_per_s']:,.0f} samples/s  "
+                line = (f"step {self.step:>{len(str(self.total))}}/{self.total}  "
+                        f"epoch {math.ceil(self.step / self.steps_per_epoch)}  loss {loss:.4f}  lr {self.lr:.2e}  "
+                        f"grad {self.norm:.3f}  {record['samples_per_s']:,.0f} samples/s  "
                         f"{1000 * record['step_time']:.1f} ms/step")
             self.sinks.log(self.step, record, line)
-        self.window = (time.perf_counter(), 0)
+        self.window = [time.perf_counter(), 0, 0]
+
+    def validate(self) -> bool:
+        """Evaluate on the validation split; keep the best checkpoint; True when patience has run out."""
+        self.last_val = results = self.evaluate("val")
+        self.validated_at = self.step
+        if self.monitor not in results:
+            raise TrainingError(f"the recipe's best metric {self.monitor!r} is not among the evaluation results "
+                                f"({', '.join(results)})")
+        value = results[self.monitor]
+        if self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0]):
+            self.best, self.bad_evals = (value, self.step), 0
+            self.save(checkpoint.folder(self.plan.run_dir) / "best")
+            return False
+        self.bad_evals += 1
+        if self.plan.early_stop and self.bad_evals >= self.plan.early_stop:
+            if self.sinks:
+                self.sinks.event(self.step, "early_stop", {
+                    "metric": self.monitor, "best": self.best[0], "best_step": self.best[1],
+                    "patience": self.plan.early_stop},
+                    f"early stop at step {self.step}: {self.monitor} has not improved for {self.bad_evals} "
+                    f"evaluations (best {self.best[0]:.4f} at step {self.best[1]})")
+            return True
+        return False
 
     def evaluate(self, split: str) -> dict:
         t = time.perf_counter()
         results = evaluate(self.engine, self.evals[split], self.loss_fn, self.metrics, split,
                            2 * self.plan.micro_batch, self.plan.eval_limit, self.world, self.rank)
         elapsed = time.perf_counter() - t
-        self.window = (self.window[0] + elapsed, self.window[1])  # throughput counts training time only
+        self.window[0] += elapsed  # throughput counts training time only
         if self.sinks:
             line = None
             if self.step - self.printed_eval >= self.print_every or self.step == self.total:
@@ -156,6 +271,54 @@ class Trainer:
                 line = f"eval  step {self.step}  {shown}  ({elapsed:.1f} s)"
             self.sinks.log(self.step, results, line)
         return results
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def step_dir(self) -> Path:
+        return checkpoint.folder(self.plan.run_dir) / f"step-{self.step:08d}"
+
+    def save(self, target: Path) -> None:
+        t = time.perf_counter()
+        plan = self.plan
+        state = {**self.engine.state_dict(), "progress": {
+            "step": self.step, "best": self.best, "bad_evals": self.bad_evals, "skipped": self.skipped}}
+        meta = {"step": self.step, "world_size": self.world, "seed": plan.seed, "grad_accum": plan.grad_accum,
+                "hparams": plan.hparams}
+        barrier = torch.distributed.barrier if self.world > 1 else lambda: None
+        checkpoint.save(target, state, meta, self.rank, barrier)
+        if target.name != "best":
+            self.saved_at = self.step
+            if self.main:
+                checkpoint.prune(plan.run_dir, plan.keep)
+        self.window[0] += time.perf_counter() - t
+
+    def resume_point(self) -> Path | None:
+        """The checkpoint to start from: after a crash and restart the newest one, else the plan's."""
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            say = (lambda text: print(f"launch: warning: {text}", file=sys.stderr, flush=True)) if self.main \
+                else (lambda text: None)
+            found = checkpoint.latest(self.plan.run_dir, say)
+            if found:
+                return found
+        return Path(self.plan.resume) if self.plan.resume else None
+
+    def load(self, path: Path) -> None:
+        state = checkpoint.load_state(path)
+        self.engine.load_state_dict(state)
+        progress = state["progress"]
+        self.step, self.bad_evals, self.skipped = progress["step"], progress["bad_evals"], progress["skipped"]
+        self.best = tuple(progress["best"]) if progress["best"] else None
+        self.saved_at = self.validated_at = self.step
+        rng = checkpoint.load_rng(path, self.rank)
+        if rng:
+            checkpoint.set_rng_state(rng)
+        elif self.main:
+            print(f"launch: warning: {path} has no random-generator state for rank {self.rank} (it was saved by "
+                  "fewer processes): the data order continues exactly, augmentation draws do not", file=sys.stderr)
+
+
+def _signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
 
 
 @torch.no_grad()

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
+import time
+import traceback
 
 import torch
 
 from . import engine, recipe, trainer
+from .checkpoint import CheckpointError
 from .plan import Plan
+
+# failures that explain themselves in one line; anything else is shown with its traceback
+PLAIN = (trainer.TrainingError, CheckpointError, recipe.RecipeError)
 
 
 def run(plan: Plan) -> dict:
@@ -28,17 +36,42 @@ def run(plan: Plan) -> dict:
             torch.distributed.destroy_process_group()
 
 
-def main() -> None:
-    """Started by the elastic agent. A failure is written to the agent's error file, from which the
-    launcher shows the root cause once, instead of every rank printing its own traceback."""
-    try:
-        run(Plan.from_env())
-    except Exception as e:
-        if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
-            raise
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+def record(e: BaseException, path: str) -> None:
+    """The failure in torch's error-file format, which the elastic agent hands to the launcher, plus the
+    exact time (the launcher shows the earliest failure: the others usually follow from it)."""
+    now = time.time()
+    data = {
+        "message": {"message": f"{type(e).__name__}: {e}",
+                    "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(now))}},
+        "launcher": {"time": now, "plain": isinstance(e, PLAIN), "text": str(e)},
+    }
+    with open(path, "w") as f:
+        json.dump(data, f)
 
-        ErrorHandler().record_exception(e)
+
+def explain(e: Exception, plan: Plan) -> Exception:
+    """A collective that timed out means another rank went silent: say so plainly."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if re.search(r"timed out waiting|collective operation timeout", text, re.I):
+        return trainer.TrainingError(
+            f"a collective waited {plan.timeout:g} s (--timeout) for a rank that stopped responding ({text}); "
+            f"the silent rank's output is under {plan.run_dir}/logs")
+    return e
+
+
+def main() -> None:
+    """Started by the elastic agent: the root cause goes to the error file, from which the launcher shows it
+    once, instead of every rank printing its own traceback."""
+    plan = Plan.from_env()
+    try:
+        run(plan)
+    except trainer.Stopped as stopped:
+        sys.exit(128 + stopped.signum)
+    except Exception as e:
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if not error_file:
+            raise
+        record(explain(e, plan), error_file)
         # skip interpreter shutdown: the traceback still holds the process group's objects, whose
         # destructors would abort the process and hide the exit code
         sys.stdout.flush()

@@ -58,6 +58,9 @@ class Hparams:
             raise ValueError(f"--val-size must be at least 0, not {self.val_size}")
 
 
+best = ("val/acc", "max")  # the evaluation that picks checkpoints/best
+
+
 # ---------------------------------------------------------------- data
 
 

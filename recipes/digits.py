@@ -36,6 +36,9 @@ class Hparams:
     dropout: float = 0.2
 
 
+best = ("val/acc", "max")  # the evaluation that picks checkpoints/best
+
+
 def data(hp: Hparams) -> Splits:
     with gzip.open(DATA, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.float32)

@@ -1,11 +1,17 @@
-"""A small deterministic recipe for the tests: no dropout, no batch norm, no augmentation.
+"""A small deterministic recipe for the tests: no dropout, no batch norm, no augmentation unless asked.
 
 With --dump-dir, every process writes its parameters at creation (rank<R>-init.pt)
 and at exit (rank<R>-final.pt), so tests can compare ranks and runs.
+
+Planted faults, counted in training forward passes (= optimizer steps without accumulation):
+--crash-at N makes rank --crash-rank fail at its N-th (once per --dump-dir: a restarted run goes on) in the
+way --fault says: raise an exception, hang, or die without a word; --nan-at N turns every rank's output into
+NaN at the N-th; --slow S sleeps S seconds in each forward.
 """
 
 import atexit
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,7 +37,13 @@ class Hparams:
     n_val: int = 37
     n_test: int = 23
     per_sample: bool = False  # a map-style Dataset through a DataLoader instead of a TensorDataset
+    noise: float = 0.0  # augmentation: Gaussian noise on the inputs, drawn from the global generator
     dump_dir: str = ""
+    crash_at: int = 0
+    crash_rank: int = 1
+    fault: Literal["raise", "hang", "die"] = "raise"
+    nan_at: int = 0
+    slow: float = 0.0
 
 
 class PerSample(Dataset):
@@ -67,11 +79,35 @@ def data(hp: Hparams) -> Splits:
     kind = PerSample if hp.per_sample else TensorDataset
     a, b = hp.n_train, hp.n_train + hp.n_val
     return Splits(train=kind(x[:a], y[:a]), val=kind(x[a:b], y[a:b]) if hp.n_val else None,
-                  test=kind(x[b:], y[b:]) if hp.n_test else None)
+                  test=kind(x[b:], y[b:]) if hp.n_test else None,
+                  augment=(lambda x, y: (x + hp.noise * torch.randn_like(x), y)) if hp.noise else None)
+
+
+class Faulty(nn.Sequential):
+    def __init__(self, hp: Hparams, *layers):
+        super().__init__(*layers)
+        self.hp, self.forwards = hp, 0
+
+    def forward(self, x):
+        if self.training:
+            self.forwards += 1
+            hp, rank = self.hp, int(os.environ.get("RANK", "0"))
+            time.sleep(hp.slow)
+            marker = Path(hp.dump_dir or ".") / "crashed"
+            if self.forwards == hp.crash_at and rank == hp.crash_rank and not marker.exists():
+                marker.touch()
+                if hp.fault == "hang":
+                    time.sleep(3600)
+                if hp.fault == "die":
+                    os._exit(3)
+                raise RuntimeError(f"planted crash at forward {self.forwards}")
+            if self.forwards == hp.nan_at:
+                return super().forward(x) * float("nan")
+        return super().forward(x)
 
 
 def model(hp: Hparams) -> nn.Module:
-    m = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    m = Faulty(hp, nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
     if hp.dump_dir:
         rank = os.environ.get("RANK", "0")
 

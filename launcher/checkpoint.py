@@ -1,0 +1,180 @@
+"""Checkpoints: whole directories, written atomically, verified before use, loaded without running code.
+
+    RUN_DIR/checkpoints/step-00000120/  state.pt       model, optimizer, scheduler, loss scaler, progress (rank 0)
+                                        rng-0.pt …     each rank's random generators
+                                        manifest.json  written last: step, plan, and size + sha256 of every file
+    RUN_DIR/checkpoints/best/           the same, for the best evaluation so far
+
+A checkpoint is assembled under a hidden temporary name and renamed into place when complete, so a
+`step-*` directory is never half written; its manifest tells a truncated or damaged file from a good
+one. Files are read with `torch.load(weights_only=True)`: tensors and plain containers only, never
+arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STEP_DIR = re.compile(r"step-(\d+)")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the file and what is wrong with it."""
+
+
+def folder(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def _write(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(target: Path, state: dict, meta: dict, rank: int, barrier: Callable[[], None]) -> None:
+    """Every rank calls this at the same step. Rank 0 writes `state`, each rank its random generators;
+    rank 0 then writes the manifest and renames the whole directory into place."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+        tmp.mkdir(parents=True)
+        _write(state, tmp / "state.pt")
+    barrier()
+    _write(rng_state(), tmp / f"rng-{rank}.pt")
+    barrier()
+    if rank == 0:
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        (tmp / "manifest.json").write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
+        _fsync_dir(tmp)
+        if target.exists():  # a step saved again after a resume, or the previous best
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    barrier()
+
+
+def verify(path: Path) -> dict:
+    """The manifest of a complete, undamaged checkpoint, or CheckpointError naming the bad file."""
+    manifest_path = path / "manifest.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint directory")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{manifest_path} is missing or unreadable ({e}): the checkpoint is incomplete") from None
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{file} is truncated or damaged: {size} bytes, the manifest says {expected['bytes']}")
+        if _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file} is damaged: its sha256 differs from the manifest's")
+    if "state.pt" not in files:
+        raise CheckpointError(f"{path} has no state.pt")
+    return manifest
+
+
+def check(path: Path) -> dict:
+    """verify(), and read every file as the workers will, without running code: the manifest."""
+    manifest = verify(path)
+    for name in manifest["files"]:
+        if name.endswith(".pt"):
+            try:
+                torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise CheckpointError(f"{path / name} cannot be loaded safely ({type(e).__name__}: "
+                                      f"{str(e).strip().splitlines()[0]})") from None
+    return manifest
+
+
+def step_dirs(run_dir: str | Path) -> list[Path]:
+    """The run's step checkpoints, newest first."""
+    found = [(int(m.group(1)), p) for p in folder(run_dir).glob("step-*") if (m := STEP_DIR.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest(run_dir: str | Path, warn: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint that verifies; each one passed over is reported through `warn`."""
+    for path in step_dirs(run_dir):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            warn(f"{e}; falling back to an earlier checkpoint")
+    return None
+
+
+def load_state(path: Path) -> dict:
+    """On the CPU: load_state_dict() copies to wherever the model and optimizer live."""
+    try:
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path / 'state.pt'} cannot be loaded safely: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0]}") from None
+
+
+def load_rng(path: Path, rank: int) -> dict | None:
+    file = path / f"rng-{rank}.pt"
+    return torch.load(file, weights_only=True) if file.exists() else None
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the `keep` newest step checkpoints (the best one lives apart and stays)."""
+    if keep > 0:
+        for path in step_dirs(run_dir)[keep:]:
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,121 @@
+"""Checkpoints through the real CLI: exact resume, keep/best, and checkpoints that must not be trusted."""
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, eval_record, launch, ok, records
+from test_train import params
+
+
+def tiny(tmp_path: Path, name: str, *flags, procs: int = 1, check: bool = True, dump: bool = True):
+    """Run the tiny recipe in tmp_path/name (its run directory is name/run); return (folder, result)."""
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    where = ["--cpu", "--procs", procs] if procs > 1 else ["--cpu"]
+    dumping = ["--dump-dir", folder] if dump else []
+    result = launch(TINY, *where, "--wandb", "disabled", "--run-dir", folder / "run", *dumping, *flags)
+    return folder, ok(result) if check else result
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+@pytest.mark.parametrize("k", [3, 8], ids=["stop-in-first-epoch", "stop-in-second-epoch"])
+def test_stop_at_k_and_resume_equals_an_uninterrupted_run_at_2k(tmp_path, procs, k):
+    """6 steps per epoch; Gaussian input noise draws from every rank's generator, so the random state must
+    come back too, not only weights, optimizer, schedule and data position."""
+    common = ("--max-steps", str(2 * k), "--noise", "0.1", "--momentum", "0.9")
+    straight, _ = tiny(tmp_path, "straight", *common, procs=procs)
+    crash_rank = str(procs - 1)
+    stopped, result = tiny(tmp_path, "stopped", *common, "--save-every", str(k), "--crash-at", str(k + 1),
+                           "--crash-rank", crash_rank, procs=procs, check=False)
+    assert result.returncode == 1 and "planted crash" in result.stderr
+    assert (stopped / "run" / "checkpoints" / f"step-{k:08d}").is_dir()
+    _, resumed = tiny(tmp_path, "stopped", *common, "--save-every", str(k), "--crash-at", str(k + 1),
+                      "--crash-rank", crash_rank, "--resume", "auto", procs=procs)
+    assert f"resumed from {stopped / 'run' / 'checkpoints' / f'step-{k:08d}'} at step {k}" in resumed.stdout
+    for rank in range(procs):
+        assert_same(params(stopped, rank), params(straight, 0))
+    steps = [r["step"] for r in records(stopped / "run") if "train/loss" in r]
+    assert steps == sorted(set(steps))  # the resumed run's log has no repeated or missing records
+
+
+def test_save_every_keeps_the_newest_and_the_best_apart(tmp_path):
+    folder, _ = tiny(tmp_path, "keep", "--max-steps", "12", "--save-every", "2", "--keep", "2", "--eval-every", "2")
+    checkpoints = folder / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "step-00000010", "step-00000012"]
+    evals = [r for r in records(folder / "run") if "val/loss" in r]
+    best = min(evals, key=lambda r: r["val/loss"])
+    assert json.loads((checkpoints / "best" / "manifest.json").read_text())["step"] == best["step"]
+    state = torch.load(checkpoints / "best" / "state.pt", weights_only=True)
+    assert state["progress"]["best"][0] == pytest.approx(best["val/loss"])
+
+
+def rehash(checkpoint: Path) -> None:
+    """Make the manifest agree with whatever the files now hold, as an attacker would."""
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    for name in manifest["files"]:
+        data = (checkpoint / name).read_bytes()
+        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+class Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path):
+    folder, _ = tiny(tmp_path, "victim", "--max-steps", "2", dump=False)
+    checkpoint = folder / "run" / "checkpoints" / "step-00000002"
+    marker = tmp_path / "pwned"
+    with open(checkpoint / "state.pt", "wb") as f:
+        torch.save({"model": Exploit(marker)}, f, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    rehash(checkpoint)
+    result = launch(TINY, "--cpu", "--wandb", "disabled", "--run-dir", tmp_path / "next", "--resume", checkpoint)
+    assert result.returncode == 2
+    assert f"{checkpoint / 'state.pt'} cannot be loaded safely" in result.stderr
+    assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_is_named_and_auto_resume_falls_back(tmp_path):
+    common = ("--max-steps", "8", "--save-every", "2", "--keep", "0")
+    folder, _ = tiny(tmp_path, "run", *common, "--max-steps", "6", dump=False)
+    newest = folder / "run" / "checkpoints" / "step-00000006"
+    data = (newest / "state.pt").read_bytes()
+    (newest / "state.pt").write_bytes(data[: len(data) // 2])
+
+    result = launch(TINY, "--cpu", "--wandb", "disabled", "--run-dir", tmp_path / "other", "--resume", newest)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"launch: error: --resume: {newest / 'state.pt'} is truncated or damaged: "
+                                     f"{len(data) // 2} bytes, the manifest says {len(data)}")
+
+    _, resumed = tiny(tmp_path, "run", *common, "--resume", "auto", dump=False)
+    assert f"{newest / 'state.pt'} is truncated or damaged" in resumed.stderr
+    assert "falling back to an earlier checkpoint" in resumed.stderr
+    assert "resumed from" in resumed.stdout and "step-00000004 at step 4" in resumed.stdout
+    assert eval_record(folder / "run", "test")["count"] == 23
+
+
+def test_resume_auto_starts_fresh_without_a_checkpoint_and_stops_when_done(tmp_path):
+    folder, first = tiny(tmp_path, "fresh", "--max-steps", "4", "--resume", "auto", dump=False)
+    assert "resuming from" not in first.stdout and "starting fresh" not in first.stdout
+    _, again = tiny(tmp_path, "fresh", "--max-steps", "4", "--resume", "auto", dump=False)
+    assert "nothing to do: the run already finished its 4 steps" in again.stdout
+    shutil.rmtree(folder / "run" / "checkpoints")
+    _, fresh = tiny(tmp_path, "fresh", "--max-steps", "4", "--resume", "auto", dump=False)
+    assert f"no checkpoint in {folder / 'run'}: starting fresh" in fresh.stdout

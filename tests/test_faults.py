@@ -1,0 +1,183 @@
+"""Faults with real processes: a rank that raises, hangs or dies; signals; restarts; non-finite values;
+early stopping; and what the job listens on. Every process the launcher starts carries a tag in its
+environment, so the tests can tell whether any of them outlived the job."""
+
+import ipaddress
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import LAUNCH, TINY, clean_env, records
+from test_checkpoint import assert_same, tiny
+from test_train import params
+
+TAG = "LAUNCHER_TEST_TAG"
+
+
+def start(tmp_path: Path, name: str, *flags, procs: int = 2) -> tuple[subprocess.Popen, str, Path]:
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    tag = uuid.uuid4().hex
+    where = ["--cpu", "--procs", str(procs)] if procs > 1 else ["--cpu"]
+    process = subprocess.Popen(
+        [str(LAUNCH), str(TINY), *where, "--wandb", "disabled", "--run-dir", str(folder / "run"), "--dump-dir",
+         str(folder), *map(str, flags)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(**{TAG: tag}))
+    return process, tag, folder
+
+
+def tagged(tag: str) -> list[int]:
+    """Live processes (zombies have no environment left) that carry the tag."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"{TAG}={tag}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_for_step(folder: Path, step: int, timeout: float = 60) -> None:
+    metrics = folder / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and any(r["step"] >= step for r in records(folder / "run")):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no record of step {step} in {metrics} after {timeout} s")
+
+
+def test_a_raising_rank_ends_the_job_fast_with_its_traceback_once_and_nothing_left(tmp_path):
+    process, tag, folder = start(tmp_path, "raise", "--max-steps", "40", "--slow", "0.05", "--crash-at", "5")
+    out, err = process.communicate(timeout=120)
+    ended = time.time()
+    assert process.returncode == 1
+    assert err.count("RuntimeError: planted crash at forward 5") == 1, err
+    assert "launch: rank 1 failed: Traceback" in err and "tiny.py" in err
+    assert ended - (folder / "crashed").stat().st_mtime < 30  # from the crash to the end of the job
+    assert tagged(tag) == []
+
+
+def test_a_rank_that_dies_without_a_word_is_reported_with_where_to_look(tmp_path):
+    process, tag, folder = start(tmp_path, "die", "--max-steps", "40", "--crash-at", "3", "--fault", "die")
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert f"launch: rank 1 failed: " in err and f"its output is under {folder / 'run' / 'logs'}" in err
+    assert "exit code 3" in err
+    assert tagged(tag) == []
+
+
+def test_a_silent_rank_fails_the_job_after_the_collective_timeout(tmp_path):
+    start_time = time.monotonic()
+    process, tag, folder = start(tmp_path, "hang", "--max-steps", "40", "--crash-at", "3", "--fault", "hang",
+                                 "--timeout", "10")
+    out, err = process.communicate(timeout=180)
+    assert process.returncode == 1
+    assert "launch: error: rank 0: a collective waited 10 s (--timeout) for a rank that stopped responding" in err
+    # the timeout, then up to 30 s for torch's agent to give up on the silent rank and kill it
+    assert time.monotonic() - start_time < 75
+    assert tagged(tag) == []
+
+
+@pytest.mark.parametrize("signum,procs", [(signal.SIGTERM, 2), (signal.SIGINT, 2), (signal.SIGINT, 1)],
+                         ids=["sigterm-2-procs", "sigint-2-procs", "sigint-1-proc"])
+def test_a_signal_saves_a_checkpoint_that_resume_continues_exactly(tmp_path, signum, procs):
+    common = ("--max-steps", "16", "--noise", "0.1")
+    straight, _ = tiny(tmp_path, "straight", *common, procs=procs)
+    process, tag, folder = start(tmp_path, "signalled", *common, "--slow", "0.2", "--log-every", "1", procs=procs)
+    wait_for_step(folder, 3)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, err
+    assert f"launch: stopped by {signal.Signals(signum).name}: checkpoint {folder / 'run' / 'checkpoints'}" in err
+    assert tagged(tag) == []
+    saved = [p.name for p in (folder / "run" / "checkpoints").glob("step-*")]
+    assert len(saved) == 1 and 3 <= int(saved[0][5:]) < 16
+    tiny(tmp_path, "signalled", *common, "--resume", "auto", procs=procs)
+    for rank in range(procs):
+        assert_same(params(folder, rank), params(straight, 0))
+
+
+def test_max_restarts_recovers_from_a_crash_with_the_uninterrupted_parameters(tmp_path):
+    common = ("--max-steps", "16", "--noise", "0.1", "--save-every", "4")
+    straight, _ = tiny(tmp_path, "straight", *common, procs=2)
+    folder, result = tiny(tmp_path, "restarted", *common, "--crash-at", "10", "--max-restarts", "1", procs=2)
+    assert (folder / "crashed").exists() and "resumed from" in result.stdout
+    assert "step-00000008 at step 8" in result.stdout
+    for rank in (0, 1):
+        assert_same(params(folder, rank), params(straight, 0))
+
+
+def test_a_non_finite_gradient_stops_the_run_naming_step_and_parameter(tmp_path):
+    _, result = tiny(tmp_path, "nan", "--max-steps", "16", "--nan-at", "5", procs=2, check=False, dump=False)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(  # every rank sees the same all-reduced gradient, so any of them may be the first to say so
+        r"launch: error: rank [01]: non-finite gradient at step 5, first in 0\.weight \(loss nan\); lower the "
+        r"learning rate, clip gradients \(--clip-grad\), check the inputs, or pass --skip-nonfinite to skip such "
+        r"steps", last), last
+
+
+def test_skip_nonfinite_skips_counts_and_reports(tmp_path):
+    folder, result = tiny(tmp_path, "skip", "--max-steps", "8", "--nan-at", "5", "--skip-nonfinite",
+                          "--log-every", "4")
+    assert "step 5: non-finite gradient in 0.weight (loss nan); step skipped (1 so far)" in result.stdout
+    assert "(1 step skipped: non-finite)" in result.stdout
+    logged = {r["step"]: r for r in records(folder / "run") if "train/loss" in r}
+    assert logged[4]["skipped_steps"] == 0 and logged[8]["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in params(folder, 0).values())
+
+
+def test_early_stopping_ends_the_run_and_is_recorded(tmp_path):
+    """With lr 0 the validation loss never improves on the first evaluation."""
+    folder, result = tiny(tmp_path, "early", "--lr", "0", "--max-steps", "20", "--eval-every", "1",
+                          "--early-stop", "2", dump=False)
+    assert "early stop at step 3: val/loss has not improved for 2 evaluations (best" in result.stdout
+    events = [r for r in records(folder / "run") if r.get("event") == "early_stop"]
+    assert len(events) == 1 and events[0]["step"] == 3 and events[0]["best_step"] == 1
+    assert max(r["step"] for r in records(folder / "run")) == 3
+    assert any("test/loss" in r for r in records(folder / "run"))  # the test split is still evaluated
+
+
+def listening_addresses(pids: list[int]) -> list[ipaddress._BaseAddress]:
+    """Local addresses of the TCP sockets these processes listen on, from /proc."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = []
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                raw = bytes.fromhex(fields[1].split(":")[0])
+                # the kernel prints each 32-bit word in host (little-endian) order
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
+                found.append(ipaddress.ip_address(words))
+    return found
+
+
+def test_a_single_node_job_listens_on_loopback_only(tmp_path):
+    process, tag, folder = start(tmp_path, "listen", "--max-steps", "40", "--slow", "0.1", "--log-every", "1")
+    try:
+        wait_for_step(folder, 2)
+        addresses = listening_addresses(tagged(tag))
+        assert len(addresses) >= 3  # the launcher's rendezvous store and each worker's gloo endpoint
+        assert all(a.is_loopback for a in addresses), addresses
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=120)
