@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import errno
 import importlib.metadata
 import json
 import math
@@ -49,6 +50,12 @@ def base_parser(add_help: bool) -> Parser:
     g.add_argument("--gpus", type=int, metavar="N", help="N processes on this node, one GPU each")
     g.add_argument("--cpu", action="store_true", help="run on the CPU (gloo); with --procs N, N processes")
     g.add_argument("--procs", type=int, metavar="N", help="with --cpu: number of processes")
+    g.add_argument("--nodes", type=int, default=1, metavar="N",
+                   help="machines in the job; run launch on each with its --node-rank (default 1)")
+    g.add_argument("--node-rank", type=int, default=0, metavar="I", help="this machine's place, 0 … N-1")
+    g.add_argument("--master-addr", metavar="HOST", help="with --nodes: node 0's address, reachable from every node")
+    g.add_argument("--master-port", type=int, metavar="PORT",
+                   help="the rendezvous port on node 0 (default: 29500 with --nodes, else any free port)")
     g.add_argument("--workers", type=int, metavar="N",
                    help="DataLoader workers per process for per-sample datasets (default: 0 on CPU, 4 on GPU)")
     g = p.add_argument_group("training")
@@ -136,7 +143,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
               (args.eval_every, 0, "--eval-every"), (args.eval_epochs, 0, "--eval-epochs"),
               (args.workers, 0, "--workers"), (args.seed, 0, "--seed"), (args.clip_grad, 0, "--clip-grad"),
               (args.save_every, 0, "--save-every"), (args.keep, 0, "--keep"), (args.early_stop, 0, "--early-stop"),
-              (args.max_restarts, 0, "--max-restarts"))
+              (args.max_restarts, 0, "--max-restarts"), (args.nodes, 1, "--nodes"), (args.node_rank, 0, "--node-rank"),
+              (args.master_port, 1, "--master-port"))
     for value, low, flag in bounds:
         if value is not None and not value >= low:
             raise UsageError(f"{flag} must be at least {low}, not {value}")
@@ -147,6 +155,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--timeout {args.timeout:g}: a collective timeout under 10 s would fail healthy runs")
     if args.max_restarts > 100:
         raise UsageError(f"--max-restarts {args.max_restarts}: a job that crashed 100 times will not heal; at most 100")
+    if args.master_port is not None and args.master_port > 65535:
+        raise UsageError(f"--master-port {args.master_port} is not a port (1-65535)")
     cores = len(os.sched_getaffinity(0))
     if args.procs and args.procs > cores:
         raise UsageError(f"--procs {args.procs}: this machine gives this command {cores} CPU core"
@@ -159,8 +169,15 @@ def _where(args: argparse.Namespace) -> tuple[str, int]:
         raise UsageError("--cpu and --gpus exclude each other (CPU processes: --cpu --procs N)")
     if args.procs is not None and not args.cpu:
         raise UsageError("--procs N needs --cpu (for GPU processes use --gpus N)")
-    if args.debug and max(args.gpus or 1, args.procs or 1) > 1:
-        raise UsageError("--debug runs one process; drop --gpus/--procs or --debug")
+    if args.debug and max(args.gpus or 1, args.procs or 1, args.nodes) > 1:
+        raise UsageError("--debug runs one process; drop --gpus/--procs/--nodes or --debug")
+    if args.node_rank >= args.nodes:
+        raise UsageError(f"--node-rank {args.node_rank} must be below --nodes {args.nodes}")
+    if args.nodes > 1 and not args.master_addr:
+        raise UsageError(f"--nodes {args.nodes} needs --master-addr: node 0's address, which every node can reach")
+    if args.nodes > 1 and args.max_restarts:
+        raise UsageError("--max-restarts works on one node; a multi-node job recovers with --resume auto "
+                         "(Slurm requeues do that)")
 
     import torch  # already imported by the recipe; needed here only to count GPUs
 
@@ -196,15 +213,24 @@ def _run_dir(args: argparse.Namespace, stem: str) -> tuple[Path, str, Path | Non
             resume = checkpoint.latest(given, warn)
             if resume is None:
                 raise UsageError(f"--resume {args.resume}: the run directory holds no complete checkpoint")
-    name = args.name or (resume.parent.parent.name if resume and resume.parent.name == "checkpoints"
-                         else f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.nodes > 1 and not (args.name or args.run_dir):
+        raise UsageError(f"--nodes {args.nodes} needs --run-dir or --name: every node must use the same run "
+                         "directory, on a filesystem they share")
+    if args.name:
+        name = args.name
+    elif args.run_dir:
+        name = Path(args.run_dir).resolve().name
+    elif resume and resume.parent.name == "checkpoints":
+        name = resume.parent.parent.name
+    else:
+        name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.run_dir:
         run_dir = Path(args.run_dir).resolve()
     elif resume and resume.parent.name == "checkpoints" and not args.name:
         run_dir = resume.parent.parent  # continue the run the checkpoint belongs to
     else:
         run_dir = (Path("runs") / name).resolve()
-    if not args.resume and (run_dir / "config.json").exists():
+    if not args.resume and args.node_rank == 0 and (run_dir / "config.json").exists():
         raise UsageError(f"run directory {run_dir} already holds a run; continue it with --resume auto, or choose "
                          "another --run-dir or --name")
     if args.resume == "auto":
@@ -223,7 +249,7 @@ def _run_dir(args: argparse.Namespace, stem: str) -> tuple[Path, str, Path | Non
 def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
     _check_numbers(args)
     device, nproc = _where(args)
-    world, accum, batch = nproc, args.grad_accum, hp.batch_size
+    world, accum, batch = nproc * args.nodes, args.grad_accum, hp.batch_size
     if batch < 1 or batch % (world * accum):
         raise UsageError(f"--batch-size {batch} must be a positive multiple of {world} process(es) × {accum} "
                          f"accumulation step(s) = {world * accum}: it is the global batch of one optimizer step")
@@ -234,7 +260,9 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
     wandb_id = json.loads(previous.read_text())["plan"].get("wandb_id") if previous.exists() else None
     plan = Plan(
         recipe=str(recipe_path), hparams=dataclasses.asdict(hp), run_dir=str(run_dir), name=name,
-        device=device, nproc=nproc, precision=args.precision, grad_accum=accum, clip_grad=args.clip_grad,
+        device=device, nproc=nproc, nnodes=args.nodes, node_rank=args.node_rank,
+        master_addr=args.master_addr or "127.0.0.1",
+        master_port=args.master_port or (29500 if args.nodes > 1 else 0), precision=args.precision, grad_accum=accum, clip_grad=args.clip_grad,
         seed=args.seed, max_steps=args.max_steps or (DEBUG_STEPS if args.debug else None),
         eval_every=0 if args.debug else args.eval_every, eval_epochs=0 if args.debug else args.eval_epochs,
         eval_limit=10 if args.debug else None, log_every=1 if args.debug else args.log_every,
@@ -295,6 +323,8 @@ def _versions() -> dict:
 def describe(plan: Plan) -> str:
     where = (f"{plan.nproc} GPU process{'es' if plan.nproc > 1 else ''} (nccl)" if plan.device == "cuda"
              else f"{plan.nproc} CPU process{'es' if plan.nproc > 1 else ''}{' (gloo)' if plan.nproc > 1 else ''}")
+    if plan.nnodes > 1:
+        where += f" on node {plan.node_rank} of {plan.nnodes}"
     resume = f" · resuming from {plan.resume}" if plan.resume else ""
     return (f"launch: {Path(plan.recipe).name}{' (debug)' if plan.debug else ''} · {where} · {plan.precision}"
             f" · W&B {plan.wandb} · run dir {plan.run_dir}{resume}")
@@ -310,18 +340,32 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as e:
                 raise UsageError(f"{Path(plan.recipe).name}: preparing the data failed: "
                                  f"{recipes.describe_error(e, Path(plan.recipe))}") from None
+        try:
+            sock = spawn.rendezvous_socket(plan)
+        except OSError as e:
+            raise UsageError(f"cannot host the rendezvous on {plan.master_addr}:{plan.master_port} "
+                             f"({e.strerror or e}): {_port_advice(e)}") from None
     except UsageError as e:
         print(f"launch: error: {e}", file=sys.stderr)
         sys.exit(2)
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
-    write_json(Path(plan.run_dir) / "config.json", record(plan))
+    if plan.node_rank == 0:  # node 0 owns the run directory's record
+        write_json(Path(plan.run_dir) / "config.json", record(plan))
     print(describe(plan), flush=True)
     try:
-        code = spawn.launch(plan)
+        code = spawn.launch(plan, sock)
     except KeyboardInterrupt:
         print("launch: interrupted", file=sys.stderr)
         code = 130
     sys.exit(code)
+
+
+def _port_advice(e: OSError) -> str:
+    if e.errno == errno.EADDRINUSE:
+        return "the port is in use (another job?); choose another --master-port"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return "that is not an address of this machine; run node 0 on --master-addr"
+    return "check --master-addr and --master-port"
 
 
 def _compare(plan: Plan, manifest: dict) -> None:

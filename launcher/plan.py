@@ -23,6 +23,9 @@ class Plan:
     device: str = "cpu"  # "cuda" or "cpu"
     nproc: int = 1  # processes on this node
     nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"  # where node 0's launcher hosts the rendezvous
+    master_port: int = 0  # 0: any free port (one node only)
     precision: str = "fp32"  # fp32 | bf16 | fp16
     grad_accum: int = 1
     clip_grad: float = 0.0  # 0 = no clipping; the norm is logged either way

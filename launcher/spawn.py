@@ -13,16 +13,27 @@ from . import checkpoint
 from .plan import PLAN_ENV, Plan
 
 RENDEZVOUS = "launcher-static"
-RENDEZVOUS_TIMEOUT = 60  # seconds for every node's agent to join
+RENDEZVOUS_TIMEOUT = 60  # seconds node 0 waits for every other node to join
+CONNECT_TIMEOUT = 30  # per attempt of another node to reach node 0 (torch tries twice, with a pause)
 SHUTDOWN_TIMEOUT = 120  # seconds the workers get to save a checkpoint after SIGTERM / SIGINT
 
 
-def launch(plan: Plan) -> int:
-    """Run the plan; return the exit code. One process runs right here (a debugger works) unless it may
-    need restarting, which takes the elastic agent."""
-    if plan.world_size == 1 and plan.max_restarts == 0:
-        return _in_process(plan)
-    return _local_group(plan)
+def in_process(plan: Plan) -> bool:
+    """One process runs right here (a debugger works) unless it may need restarting: that takes the agent."""
+    return plan.world_size == 1 and plan.max_restarts == 0
+
+
+def rendezvous_socket(plan: Plan) -> socket.socket | None:
+    """Node 0 binds the rendezvous socket before anything starts, so a taken port or a foreign address is
+    a usage error; one node listens on loopback and any free port."""
+    if in_process(plan) or plan.node_rank != 0:
+        return None
+    return listen(plan.master_addr, plan.master_port)
+
+
+def launch(plan: Plan, sock: socket.socket | None) -> int:
+    """Run the plan; return the exit code."""
+    return _in_process(plan) if in_process(plan) else _local_group(plan, sock)
 
 
 def _in_process(plan: Plan) -> int:
@@ -46,14 +57,20 @@ def _stopped(plan: Plan, signum: int) -> None:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """The rendezvous socket, bound here: on `host` alone, and the port is ours from this moment on."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.bind((host, port))
-    sock.listen()
+    """The rendezvous socket, bound here: on `host`'s address alone, and the port is ours from now on."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind(address)
+        sock.listen()
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
-def _local_group(plan: Plan) -> int:
+def _local_group(plan: Plan, sock: socket.socket | None) -> int:
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -65,32 +82,36 @@ def _local_group(plan: Plan) -> int:
     os.environ[PLAN_ENV] = plan.to_json()
     # N processes share the cores; torchrun would give each one thread
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.nproc)))
-    # one node: the ranks talk over loopback, and nothing of the job listens on another interface
-    loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
-    if loopback:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
-    sock = listen("127.0.0.1", 0)  # one node: loopback only, never another interface
-    port = sock.getsockname()[1]
+    single = plan.nnodes == 1
+    if single:  # the ranks talk over loopback, and nothing of the job listens on another interface
+        loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+        if loopback:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
+    port = sock.getsockname()[1] if sock else plan.master_port
+    rendezvous = {"rank": plan.node_rank, "timeout": RENDEZVOUS_TIMEOUT if sock else CONNECT_TIMEOUT}
+    if sock:
+        rendezvous["listen_fd"] = sock.detach()  # the store owns it from here
+    logs = Path(plan.run_dir) / "logs" if single else Path(plan.run_dir) / "logs" / f"node-{plan.node_rank}"
     config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
+        min_nodes=plan.nnodes,
+        max_nodes=plan.nnodes,
         nproc_per_node=plan.nproc,
         run_id=plan.name,
         rdzv_backend=RENDEZVOUS,
-        rdzv_endpoint=f"127.0.0.1:{port}",
-        rdzv_configs={"rank": 0, "timeout": RENDEZVOUS_TIMEOUT, "listen_fd": sock.detach()},
-        local_addr="127.0.0.1",
+        rdzv_endpoint=f"{plan.master_addr}:{port}",
+        rdzv_configs=rendezvous,
+        local_addr="127.0.0.1" if single else None,
         max_restarts=plan.max_restarts,
         monitor_interval=0.1,
         shutdown_timeout=SHUTDOWN_TIMEOUT,
         # local rank 0 talks to this console; the others write to files under logs/
-        logs_specs=DefaultLogsSpecs(
-            log_dir=str(Path(plan.run_dir) / "logs"), redirects={r: Std.ALL for r in range(1, plan.nproc)}
-        ),
+        logs_specs=DefaultLogsSpecs(log_dir=str(logs), redirects={r: Std.ALL for r in range(1, plan.nproc)}),
     )
-    print(f"launch: {plan.nproc} process{'es' if plan.nproc > 1 else ''}, rendezvous on 127.0.0.1:{port}"
-          f"{f', up to {plan.max_restarts} restarts' if plan.max_restarts else ''}", flush=True)
+    print(f"launch: {plan.nproc} process{'es' if plan.nproc > 1 else ''}"
+          f"{f' on node {plan.node_rank} of {plan.nnodes}' if not single else ''}, rendezvous on "
+          f"{plan.master_addr}:{port}{f', up to {plan.max_restarts} restarts' if plan.max_restarts else ''}",
+          flush=True)
     try:
         elastic_launch(config, sys.executable)("-u", "-m", "launcher.worker")
     except ChildFailedError as e:
@@ -100,6 +121,12 @@ def _local_group(plan: Plan) -> int:
     except SignalException as e:
         _stopped(plan, e.sigval)
         return 128 + e.sigval
+    except DistError as e:  # the agents' rendezvous: a node that never came, or node 0 out of reach
+        reason = str(e).strip().splitlines()[0]
+        print(f"launch: error: the {plan.nnodes} nodes did not meet at "
+              f"{plan.master_addr}:{port} ({reason}); start every node with the same --nodes, --master-addr and "
+              "--master-port", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

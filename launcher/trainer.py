@@ -75,6 +75,8 @@ class Trainer:
         self.monitor, self.mode = getattr(recipe, "best", ("val/loss", "min"))
         torch.manual_seed(plan.seed + 1 + self.rank)  # augmentation and dropout differ between ranks
 
+        if plan.nnodes > 1:
+            self.check_shared()
         # progress: everything a checkpoint restores besides the engine and the random generators
         self.step, self.best, self.bad_evals, self.skipped = 0, None, 0, 0
         self.saved_at = self.validated_at = -1
@@ -291,6 +293,20 @@ class Trainer:
             if self.main:
                 checkpoint.prune(plan.run_dir, plan.keep)
         self.window[0] += time.perf_counter() - t
+
+    def check_shared(self) -> None:
+        """Checkpoints are written by every rank into one directory: every node must see the same one."""
+        probe = Path(self.plan.run_dir) / f".shared-{self.plan.name}"
+        if self.main:
+            probe.write_text("")
+        torch.distributed.barrier()
+        seen = probe.exists()
+        torch.distributed.barrier()
+        if self.main:
+            probe.unlink()
+        if not seen:
+            raise TrainingError(f"{self.plan.run_dir} on node {self.plan.node_rank} is not the directory node 0 "
+                                "writes to: with --nodes, the run directory must be on a filesystem every node shares")
 
     def resume_point(self) -> Path | None:
         """The checkpoint to start from: after a crash and restart the newest one, else the plan's."""

@@ -49,6 +49,10 @@ BAD = [
     pytest.param([DIGITS, "--cpu", "--max-restarts", "1000"], "at most 100", id="absurd-restarts"),
     pytest.param([DIGITS, "--cpu", "--save-every", "-5"], "--save-every must be at least 0", id="negative-save"),
     pytest.param([DIGITS, "--cpu", "--timeout", "nan"], "--timeout must be a finite number", id="nan-timeout"),
+    pytest.param([DIGITS, "--cpu", "--nodes", "2", "--run-dir", "x"], "--nodes 2 needs --master-addr", id="no-master"),
+    pytest.param([DIGITS, "--cpu", "--nodes", "2", "--node-rank", "2", "--master-addr", "h"],
+                 "--node-rank 2 must be below --nodes 2", id="node-rank"),
+    pytest.param([DIGITS, "--cpu", "--master-port", "70000"], "is not a port", id="bad-port"),
     pytest.param([CIFAR, "--cpu", "--val-size", "-1"], "invalid hyperparameters: --val-size must be at least 0",
                  id="hparam-check"),
     pytest.param([CIFAR, "--cpu", "--data-dir", "/nonexistent/cifar", "--no-download"], "no CIFAR-10 in /nonexistent",
@@ -65,6 +69,13 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("launch: error: "), result.stderr
     assert message in lines[0]
     assert not run_dir.exists() and "processes" not in result.stdout  # nothing was set up or spawned
+
+
+def test_nodes_need_a_run_directory_they_share(tmp_path):
+    result = launch(DIGITS, "--cpu", "--nodes", "2", "--master-addr", "127.0.0.1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--nodes 2 needs --run-dir or --name: every node must use the same run directory" in result.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_recipe_that_fails_to_import(tmp_path):

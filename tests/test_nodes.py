@@ -1,0 +1,71 @@
+"""Two "nodes" on this machine: two launcher processes meeting over loopback, as two machines would."""
+
+import socket
+import subprocess
+import time
+
+import torch
+
+from conftest import LAUNCH, TINY, clean_env, launch, ok, records
+from test_train import params
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node(rank: int, port: int, run_dir, *flags) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(LAUNCH), str(TINY), "--cpu", "--procs", "2", "--nodes", "2", "--node-rank", str(rank), "--master-addr",
+         "127.0.0.1", "--master-port", str(port), "--run-dir", str(run_dir), *map(str, flags)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+
+
+def test_two_nodes_train_one_model_with_one_wandb_run(tmp_path):
+    port, run_dir = free_port(), tmp_path / "run"
+    flags = ("--wandb", "offline", "--dump-dir", tmp_path, "--max-steps", "12", "--noise", "0.1")
+    nodes = [node(rank, port, run_dir, *flags) for rank in (1, 0)]  # the order they start in does not matter
+    for process in nodes:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, out + err
+    final = [params(tmp_path, rank) for rank in range(4)]
+    for rank in range(1, 4):
+        for k in final[0]:
+            assert torch.equal(final[rank][k], final[0][k]), (rank, k)
+    assert not torch.equal(final[0]["0.weight"], params(tmp_path, 0, "init")["0.weight"])
+    assert len(list(tmp_path.rglob("offline-run-*"))) == 1
+    assert max(r["step"] for r in records(run_dir)) == 12
+    assert (run_dir / "logs" / "node-1").is_dir()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best", "step-00000012"]
+
+
+def test_a_node_that_never_joins_fails_the_job_in_about_a_minute(tmp_path):
+    start = time.monotonic()
+    alone = node(0, free_port(), tmp_path / "run", "--wandb", "disabled")
+    out, err = alone.communicate(timeout=180)
+    assert alone.returncode == 1
+    assert "launch: error: the 2 nodes did not meet at 127.0.0.1:" in err
+    assert "1/2 clients joined" in err
+    assert 55 < time.monotonic() - start < 90
+
+
+def test_a_taken_port_is_refused_before_anything_starts(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = launch(TINY, "--cpu", "--nodes", "2", "--master-addr", "127.0.0.1", "--master-port", port,
+                        "--run-dir", tmp_path / "run")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"launch: error: cannot host the rendezvous on 127.0.0.1:{port} (Address already "
+                                     "in use): the port is in use (another job?); choose another --master-port")
+    assert not (tmp_path / "run").exists()
+
+
+def test_node_0_must_run_where_master_addr_points(tmp_path):
+    result = launch(TINY, "--cpu", "--nodes", "2", "--master-addr", "192.0.2.1", "--run-dir", tmp_path / "run")
+    assert result.returncode == 2
+    assert "that is not an address of this machine; run node 0 on --master-addr" in result.stderr
+    ok(launch(TINY, "--help"))  # and the flags are documented
