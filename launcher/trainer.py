@@ -118,6 +118,10 @@ class Trainer:
             if self.sinks:
                 self.sinks.close(ok=False)
             raise
+        if final is None:  # nothing was left to do
+            if self.sinks:
+                self.sinks.close(ok=True)
+            return {}
         if self.sinks:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in final.items())
             skipped = f"  ({self.skipped} step{'s' if self.skipped > 1 else ''} skipped: non-finite)" if self.skipped else ""
@@ -125,11 +129,11 @@ class Trainer:
             self.sinks.close(ok=True)
         return final
 
-    def _fit(self) -> dict:
+    def _fit(self) -> dict | None:
         if self.step >= self.total:
             if self.sinks:
                 self.sinks.print(f"nothing to do: the run already finished its {self.total} steps")
-            return {}
+            return None
         spe, plan = self.steps_per_epoch, self.plan
         self.window[0] = time.perf_counter()
         with Stop(self.world) as stop:
