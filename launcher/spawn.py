@@ -150,7 +150,9 @@ def _describe(rank: int, failure, run_dir: str) -> str:
     message = failure.message
     if isinstance(message, dict):
         return f"rank {rank} failed: " + (message.get("extraInfo", {}).get("py_callstack") or message["message"])
-    return f"rank {rank} failed: {message} (exit code {failure.exitcode}); its output is under {Path(run_dir) / 'logs'}"
+    how = (f"was killed by {failure.signal_name()} (out of memory, or killed from outside?)" if failure.exitcode < 0
+           else f"exited with code {failure.exitcode} without a traceback")
+    return f"rank {rank} {how}; its output is under {Path(run_dir) / 'logs'}"
 
 
 def _bound_static_rendezvous(params):
