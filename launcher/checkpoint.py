@@ -121,7 +121,8 @@ def verify(path: Path) -> dict:
             raise CheckpointError(f"{file} is missing")
         size = file.stat().st_size
         if size != expected["bytes"]:
-            raise CheckpointError(f"{file} is truncated or damaged: {size} bytes, the manifest says {expected['bytes']}")
+            raise CheckpointError(f"{file} is truncated or damaged: {size} bytes, "
+                                  f"the manifest says {expected['bytes']}")
         if _sha256(file) != expected["sha256"]:
             raise CheckpointError(f"{file} is damaged: its sha256 differs from the manifest's")
     if "state.pt" not in files:

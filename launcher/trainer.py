@@ -65,6 +65,8 @@ class Trainer:
             raise TrainingError(f"batch_size {plan.batch_size} is larger than the training set "
                                 f"({len(self.train_data)} samples)")
         self.total = plan.max_steps or hp.epochs * self.steps_per_epoch
+        if plan.early_stop and "val" not in self.evals:
+            raise TrainingError("--early-stop watches the validation split, and the recipe's data() returns none")
 
         torch.manual_seed(plan.seed)  # the same initial weights on every rank, whatever data() drew
         module = recipe.model(hp).to(device)
@@ -124,7 +126,8 @@ class Trainer:
             return {}
         if self.sinks:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in final.items())
-            skipped = f"  ({self.skipped} step{'s' if self.skipped > 1 else ''} skipped: non-finite)" if self.skipped else ""
+            plural = "s" if self.skipped > 1 else ""
+            skipped = f"  ({self.skipped} step{plural} skipped: non-finite)" if self.skipped else ""
             self.sinks.print(f"done: {self.step} steps  {shown}{skipped}  → {self.plan.run_dir}")
             self.sinks.close(ok=True)
         return final
@@ -195,9 +198,9 @@ class Trainer:
         if step % plan.log_every == 0 or step == self.total:
             self.log()
         epoch_end = step % spe == 0 and plan.eval_epochs and (step // spe) % plan.eval_epochs == 0
-        if "val" in self.evals and ((plan.eval_every and step % plan.eval_every == 0) or epoch_end):
-            if self.validate():
-                return True
+        validate = (plan.eval_every and step % plan.eval_every == 0) or epoch_end
+        if "val" in self.evals and validate and self.validate():
+            return True
         if plan.save_every and step % plan.save_every == 0:
             self.save(self.step_dir())
         return False

@@ -3,7 +3,6 @@ early stopping; and what the job listens on. Every process the launcher starts c
 environment, so the tests can tell whether any of them outlived the job."""
 
 import ipaddress
-import json
 import os
 import re
 import signal
