@@ -213,6 +213,9 @@ def _run_dir(args: argparse.Namespace, stem: str) -> tuple[Path, str, Path | Non
             resume = checkpoint.latest(given, warn)
             if resume is None:
                 raise UsageError(f"--resume {args.resume}: the run directory holds no complete checkpoint")
+    if args.resume == "auto" and not (args.name or args.run_dir):
+        raise UsageError("--resume auto needs --run-dir or --name: the run to continue (each run without them gets "
+                         "a new directory)")
     if args.nodes > 1 and not (args.name or args.run_dir):
         raise UsageError(f"--nodes {args.nodes} needs --run-dir or --name: every node must use the same run "
                          "directory, on a filesystem they share")
@@ -230,7 +233,8 @@ def _run_dir(args: argparse.Namespace, stem: str) -> tuple[Path, str, Path | Non
         run_dir = resume.parent.parent  # continue the run the checkpoint belongs to
     else:
         run_dir = (Path("runs") / name).resolve()
-    if not args.resume and args.node_rank == 0 and (run_dir / "config.json").exists():
+    continuing = args.resume == "auto" or (resume is not None and run_dir in resume.parents)
+    if not continuing and args.node_rank == 0 and (run_dir / "config.json").exists():
         raise UsageError(f"run directory {run_dir} already holds a run; continue it with --resume auto, or choose "
                          "another --run-dir or --name")
     if args.resume == "auto":

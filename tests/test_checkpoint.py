@@ -92,6 +92,14 @@ def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_resuming_from_another_run_never_writes_over_a_third(tmp_path):
+    folder, _ = tiny(tmp_path, "source", "--max-steps", "2", dump=False)
+    tiny(tmp_path, "other", "--max-steps", "2", dump=False)
+    result = launch(TINY, "--cpu", "--wandb", "disabled", "--run-dir", tmp_path / "other" / "run", "--resume",
+                    folder / "run" / "checkpoints" / "step-00000002")
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+
+
 def test_a_truncated_checkpoint_is_named_and_auto_resume_falls_back(tmp_path):
     common = ("--max-steps", "8", "--save-every", "2", "--keep", "0")
     folder, _ = tiny(tmp_path, "run", *common, "--max-steps", "6", dump=False)

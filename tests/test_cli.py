@@ -106,7 +106,13 @@ def test_a_run_directory_is_never_reused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     result = launch(DIGITS, "--cpu", "--run-dir", tmp_path)
     assert result.returncode == 2
-    assert "already holds a run" in result.stderr
+    assert "already holds a run; continue it with --resume auto" in result.stderr
+
+
+def test_resume_auto_needs_a_run_to_continue(tmp_path):
+    result = launch(DIGITS, "--cpu", "--resume", "auto", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--resume auto needs --run-dir or --name" in result.stderr
 
 
 def test_bad_input_fails_fast():
