@@ -1,4 +1,4 @@
-"""Where the processes run: in this process, or a local process group under torch.distributed's elastic agent."""
+"""Where the processes run: in this process, or this node's processes under torch.distributed's elastic agent."""
 
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def _in_process(plan: Plan) -> int:
 
 def _stopped(plan: Plan, signum: int) -> None:
     found = checkpoint.step_dirs(plan.run_dir)
-    where = f"checkpoint {found[0]}; continue with --resume auto" if found else "no checkpoint was saved"
+    where = (f"checkpoint {found[0]}; continue with --resume auto --run-dir {plan.run_dir}" if found
+             else "no checkpoint was saved")
     print(f"launch: stopped by {signal.Signals(signum).name}: {where}", file=sys.stderr, flush=True)
 
 

@@ -112,7 +112,7 @@ class Trainer:
             final = self._fit()
         except Stopped as stopped:
             if self.sinks:
-                self.sinks.print(f"stopped by {_signal_name(stopped.signum)} after step {self.step}; "
+                self.sinks.print(f"stopped by {signal.Signals(stopped.signum).name} after step {self.step}; "
                                  f"checkpoint {self.step_dir()}")
                 self.sinks.close(ok=False)
             raise
@@ -120,17 +120,14 @@ class Trainer:
             if self.sinks:
                 self.sinks.close(ok=False)
             raise
-        if final is None:  # nothing was left to do
-            if self.sinks:
-                self.sinks.close(ok=True)
-            return {}
         if self.sinks:
-            shown = "  ".join(f"{k} {v:.4f}" for k, v in final.items())
-            plural = "s" if self.skipped > 1 else ""
-            skipped = f"  ({self.skipped} step{plural} skipped: non-finite)" if self.skipped else ""
-            self.sinks.print(f"done: {self.step} steps  {shown}{skipped}  → {self.plan.run_dir}")
+            if final is not None:  # None: the run had already finished
+                shown = "  ".join(f"{k} {v:.4f}" for k, v in final.items())
+                plural = "s" if self.skipped > 1 else ""
+                skipped = f"  ({self.skipped} step{plural} skipped: non-finite)" if self.skipped else ""
+                self.sinks.print(f"done: {self.step} steps  {shown}{skipped}  → {self.plan.run_dir}")
             self.sinks.close(ok=True)
-        return final
+        return final or {}
 
     def _fit(self) -> dict | None:
         if self.step >= self.total:
@@ -338,10 +335,6 @@ class Trainer:
         elif self.main:
             print(f"launch: warning: {path} has no random-generator state for rank {self.rank} (it was saved by "
                   "fewer processes): the data order continues exactly, augmentation draws do not", file=sys.stderr)
-
-
-def _signal_name(signum: int) -> str:
-    return signal.Signals(signum).name
 
 
 @torch.no_grad()
