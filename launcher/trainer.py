@@ -86,6 +86,7 @@ class Trainer:
         start = self.resume_point()
         if start:
             self.load(start)
+            self.settle_buckets()
 
         self.loss_sum = torch.zeros((), device=device)
         self.window = [time.perf_counter(), 0, 0]  # start, steps, steps whose loss counts
@@ -297,6 +298,26 @@ class Trainer:
             if self.main:
                 checkpoint.prune(plan.run_dir, plan.keep)
         self.window[0] += time.perf_counter() - t
+
+    def settle_buckets(self) -> None:
+        """DDP reduces its first backward in one bucket in parameter order, and later ones in buckets
+        rebuilt in the order gradients became ready; with 3+ ranks the two layouts round differently. A
+        resumed run would take its first step in the first layout where the run it continues used the
+        second, and drift from it in the last bits. One backward without an update (random generators and
+        buffers such as batch-norm statistics put back) gives it the layout of the run it continues."""
+        if not self.engine.ddp or self.step >= self.total:
+            return
+        epoch, offset = divmod(self.step, self.steps_per_epoch)
+        x, y = next(self.train_data.train_epoch(self.plan.seed, epoch, offset, offset + 1, self.plan.batch_size,
+                                                self.plan.grad_accum, self.world, self.rank))
+        rng = checkpoint.rng_state()
+        buffers = [b.clone() for b in self.engine.module.buffers()]
+        self.loss_fn(self.engine.model(x), y).backward()
+        self.engine.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, saved in zip(self.engine.module.buffers(), buffers, strict=True):
+                b.copy_(saved)
+        checkpoint.set_rng_state(rng)
 
     def check_shared(self) -> None:
         """Checkpoints are written by every rank into one directory: every node must see the same one."""
