@@ -61,6 +61,9 @@ def listen(host: str, port: int) -> socket.socket:
     """The rendezvous socket, bound here: on `host`'s address alone, and the port is ours from now on."""
     family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
+    # a requeued job binds its port again while the last run's connections linger in TIME_WAIT; a port
+    # somebody listens on is still refused
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
         sock.listen()
