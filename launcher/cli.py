@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import checkpoint
 from . import recipe as recipes
-from . import spawn
+from . import slurm, spawn
 from .plan import Plan
 from .sinks import warn, write_json
 
@@ -87,6 +87,20 @@ def base_parser(add_help: bool) -> Parser:
                    help="after a worker crash, restart every process from the newest checkpoint, up to N times")
     g.add_argument("--timeout", type=float, default=600, metavar="SECONDS",
                    help="how long a collective waits for a silent rank before the job fails (default 600)")
+    g = p.add_argument_group("Slurm", "submit the run as a batch job instead: one task per node runs launch")
+    g.add_argument("--slurm", action="store_true",
+                   help="render slurm/launch.sbatch into the run directory and sbatch it")
+    g.add_argument("--dry-run", action="store_true", help="with --slurm: print the batch script, submit nothing")
+    for flag, meta in (("--partition", "P"), ("--time", "T"), ("--account", "A"), ("--qos", "Q"),
+                       ("--constraint", "C"), ("--mem", "M")):
+        g.add_argument(flag, metavar=meta, help=f"sbatch {flag}")
+    g.add_argument("--cpus-per-task", type=int, metavar="C",
+                   help="sbatch --cpus-per-task (default with --cpu: --procs)")
+    g.add_argument("--job-name", metavar="J", help="sbatch --job-name (default: the run name)")
+    g.add_argument("--slurm-template", metavar="FILE",
+                   help="your site's copy of slurm/launch.sbatch (modules, containers): see slurm/README.md")
+    g.add_argument("--slurm-signal", default="USR2@120", metavar="SIG@SECONDS",
+                   help="the signal Slurm sends before the time limit, to checkpoint and requeue (default USR2@120)")
     g = p.add_argument_group("logging")
     g.add_argument("--run-dir", metavar="DIR", help="where config.json, metrics.jsonl, checkpoints, logs and W&B "
                                                     "files go (default: runs/NAME)")
@@ -101,8 +115,8 @@ def base_parser(add_help: bool) -> Parser:
     return p
 
 
-def parse(argv: list[str]) -> tuple[Plan, object, object]:
-    """(plan, recipe module, Hparams) from argv, or UsageError."""
+def parse(argv: list[str]) -> tuple[Plan, object, object, argparse.Namespace]:
+    """(plan, recipe module, Hparams, flags) from argv, or UsageError."""
     known, _ = base_parser(add_help=False).parse_known_args(argv)
     if known.recipe is None:
         if "-h" in argv or "--help" in argv:
@@ -123,7 +137,7 @@ def parse(argv: list[str]) -> tuple[Plan, object, object]:
         hp = recipes.hparams(module.Hparams, values)
     except recipes.RecipeError as e:
         raise UsageError(str(e)) from None
-    return make_plan(args, hp, Path(known.recipe).resolve()), module, hp
+    return make_plan(args, hp, Path(known.recipe).resolve()), module, hp, args
 
 
 def _unknown(unknown: list[str], parser: argparse.ArgumentParser) -> str:
@@ -158,9 +172,35 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if args.master_port is not None and args.master_port > 65535:
         raise UsageError(f"--master-port {args.master_port} is not a port (1-65535)")
     cores = len(os.sched_getaffinity(0))
-    if args.procs and args.procs > cores:
+    if args.procs and args.procs > cores and not args.slurm:  # the job's nodes are another matter
         raise UsageError(f"--procs {args.procs}: this machine gives this command {cores} CPU core"
                          f"{'s' if cores != 1 else ''}, and each process needs one")
+
+
+def _check_slurm(args: argparse.Namespace) -> None:
+    if args.slurm:
+        for flag in ("node_rank", "master_addr", "master_port"):
+            if getattr(args, flag) not in (None, 0):
+                raise UsageError(f"--{flag.replace('_', '-')} is for jobs without a scheduler; with --slurm the job "
+                                 "sets it")
+        if args.debug or args.max_restarts:
+            raise UsageError("--slurm runs a batch job: --debug runs in this process, and a job recovers by "
+                             "requeueing instead of --max-restarts")
+        if args.gpus is None and not args.cpu:
+            raise UsageError("--slurm needs what each node runs: --gpus N, or --cpu [--procs N]")
+        if args.cpus_per_task is not None and args.cpus_per_task < 1:
+            raise UsageError(f"--cpus-per-task must be at least 1, not {args.cpus_per_task}")
+        try:
+            slurm.parse_signal(args.slurm_signal)
+        except slurm.SlurmError as e:
+            raise UsageError(str(e)) from None
+    elif args.dry_run:
+        raise UsageError("--dry-run goes with --slurm")
+    else:
+        try:
+            slurm.check_step(os.environ, args.nodes, args.node_rank)  # inside a Slurm job: what would hang
+        except slurm.SlurmError as e:
+            raise UsageError(str(e)) from None
 
 
 def _where(args: argparse.Namespace) -> tuple[str, int]:
@@ -173,7 +213,7 @@ def _where(args: argparse.Namespace) -> tuple[str, int]:
         raise UsageError("--debug runs one process; drop --gpus/--procs/--nodes or --debug")
     if args.node_rank >= args.nodes:
         raise UsageError(f"--node-rank {args.node_rank} must be below --nodes {args.nodes}")
-    if args.nodes > 1 and not args.master_addr:
+    if args.nodes > 1 and not args.master_addr and not args.slurm:
         raise UsageError(f"--nodes {args.nodes} needs --master-addr: node 0's address, which every node can reach")
     if args.nodes > 1 and args.max_restarts:
         raise UsageError("--max-restarts works on one node; a multi-node job recovers with --resume auto "
@@ -181,7 +221,9 @@ def _where(args: argparse.Namespace) -> tuple[str, int]:
 
     import torch  # already imported by the recipe; needed here only to count GPUs
 
-    if args.gpus is not None:
+    if args.slurm:  # the GPUs are the job's nodes', counted there
+        device, nproc = ("cuda", args.gpus) if args.gpus is not None else ("cpu", args.procs or 1)
+    elif args.gpus is not None:
         visible = torch.cuda.device_count()
         if args.gpus > visible:
             mask = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -216,7 +258,7 @@ def _run_dir(args: argparse.Namespace, stem: str) -> tuple[Path, str, Path | Non
     if args.resume == "auto" and not (args.name or args.run_dir):
         raise UsageError("--resume auto needs --run-dir or --name: the run to continue (each run without them gets "
                          "a new directory)")
-    if args.nodes > 1 and not (args.name or args.run_dir):
+    if args.nodes > 1 and not (args.name or args.run_dir) and not args.slurm:
         raise UsageError(f"--nodes {args.nodes} needs --run-dir or --name: every node must use the same run "
                          "directory, on a filesystem they share")
     if args.name:
@@ -239,7 +281,7 @@ def _run_dir(args: argparse.Namespace, stem: str) -> tuple[Path, str, Path | Non
                          "another --run-dir or --name")
     if args.resume == "auto":
         resume = checkpoint.latest(run_dir, warn)
-        if resume is None and (run_dir / "config.json").exists():
+        if resume is None and args.node_rank == 0 and (run_dir / "config.json").exists():
             print(f"launch: no checkpoint in {run_dir}: starting fresh", flush=True)
     manifest = {}
     if resume:
@@ -252,6 +294,7 @@ def _run_dir(args: argparse.Namespace, stem: str) -> tuple[Path, str, Path | Non
 
 def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
     _check_numbers(args)
+    _check_slurm(args)
     device, nproc = _where(args)
     world, accum, batch = nproc * args.nodes, args.grad_accum, hp.batch_size
     if batch < 1 or batch % (world * accum):
@@ -339,7 +382,9 @@ def describe(plan: Plan) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        plan, module, hp = parse(argv)
+        plan, module, hp, args = parse(argv)
+        if args.slurm:
+            sys.exit(submit(plan, args, argv))
         if hasattr(module, "prepare"):
             try:
                 module.prepare(hp)  # once per node, before any process starts: downloads, caches
@@ -364,6 +409,32 @@ def main(argv: list[str] | None = None) -> None:
         print("launch: interrupted", file=sys.stderr)
         code = 130
     sys.exit(code)
+
+
+def submit(plan: Plan, args: argparse.Namespace, argv: list[str]) -> int:
+    """--slurm: the batch script for this run; printed with --dry-run, else written and submitted."""
+    options = {o: a.nargs != 0 for a in base_parser(add_help=False)._actions for o in a.option_strings}
+    try:
+        script = slurm.render(plan, args, slurm.node_command(argv, args.recipe, options), sys.executable, Path.cwd())
+        if args.dry_run:
+            print(script, end="")
+            return 0
+        run_dir = Path(plan.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", record(plan))
+        (run_dir / "slurm.sbatch").write_text(script)
+        job = slurm.submit(run_dir / "slurm.sbatch")
+    except slurm.SlurmError as e:
+        raise UsageError(str(e)) from None
+    where = f"{plan.nproc} GPU{'s' if plan.nproc > 1 else ''}" if plan.device == "cuda" else \
+        f"{plan.nproc} CPU process{'es' if plan.nproc > 1 else ''}"
+    print(f"launch: submitted job {job}: {plan.nnodes} node{'s' if plan.nnodes > 1 else ''} × {where}, "
+          f"run dir {run_dir}\n"
+          f"  script:  {run_dir / 'slurm.sbatch'}\n"
+          f"  follow:  tail -f {run_dir / f'slurm-{job}.out'}\n"
+          f"  status:  squeue -j {job}\n"
+          f"  cancel:  scancel {job}", flush=True)
+    return 0
 
 
 def _port_advice(e: OSError) -> str:

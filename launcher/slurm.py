@@ -1,0 +1,126 @@
+"""Slurm: render a batch script from slurm/launch.sbatch, submit it, and check a job step from inside.
+
+Every value that reaches the script is quoted with shlex (sbatch reads #SBATCH lines with the same
+rules), and none may hold a line break, which would end the comment an #SBATCH line is. The
+environment is never written into the script: secrets stay in the environment sbatch passes on.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+from .plan import Plan
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "launch.sbatch"
+# sbatch options: flag → #SBATCH option
+OPTIONS = {"partition": "partition", "time": "time", "account": "account", "qos": "qos", "constraint": "constraint",
+           "mem": "mem", "cpus_per_task": "cpus-per-task"}
+# launcher flags the job sets itself, or that only the submission needs
+SUBMISSION_ONLY = ("--slurm", "--dry-run", "--slurm-signal", "--slurm-template", "--job-name", "--nodes",
+                   "--node-rank", "--master-addr", "--master-port", "--run-dir", "--name", "--resume",
+                   *(f"--{o.replace('_', '-')}" for o in OPTIONS))
+
+
+class SlurmError(Exception):
+    """Bad Slurm input or a refused submission: one line, exit 2."""
+
+
+def parse_signal(text: str) -> tuple[str, int]:
+    """`USR2@120` → ("USR2", 120): the signal Slurm sends, and how many seconds before the time limit."""
+    match = re.fullmatch(r"(?:SIG)?([A-Z0-9]+)@(\d+)", text.upper())
+    names = {s.name[3:] for s in signal.Signals if s.name.startswith("SIG") and not s.name.startswith("SIG_")}
+    if not match or match.group(1) not in names or match.group(1) in ("KILL", "STOP"):
+        raise SlurmError(f"--slurm-signal {text}: expected SIGNAL@SECONDS, e.g. USR2@120")
+    return match.group(1), int(match.group(2))
+
+
+def node_command(argv: list[str], recipe: str, options: dict) -> list[str]:
+    """The user's launch command as each node runs it: the recipe by its absolute path, without the flags
+    that only the submission needs. `options` maps every launcher flag to whether it takes a value."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        flag = token.split("=", 1)[0]
+        if flag in SUBMISSION_ONLY:
+            skip = "=" not in token and options.get(flag, False)
+            continue
+        kept.append(str(Path(token).resolve()) if token == recipe else token)
+    return kept
+
+
+def _quote(value: object, what: str) -> str:
+    text = str(value)
+    if any(c in text for c in "\n\r\0"):
+        raise SlurmError(f"{what} contains a line break, which cannot go into a batch script")
+    return shlex.quote(text)
+
+
+def render(plan: Plan, args, command: list[str], python: str, cwd: Path) -> str:
+    """The batch script: `args.slurm_template` (default slurm/launch.sbatch) with its {{placeholders}} filled."""
+    template = Path(args.slurm_template or TEMPLATE)
+    try:
+        text = template.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SlurmError(f"--slurm-template {template}: {getattr(e, 'strerror', None) or e}") from None
+    signal_name, seconds = parse_signal(args.slurm_signal)
+    run_dir = Path(plan.run_dir)
+    lines = [f"#SBATCH --{option}={_quote(getattr(args, flag), '--' + option)}"
+             for flag, option in OPTIONS.items() if getattr(args, flag) is not None]
+    if plan.device == "cuda":
+        lines.append(f"#SBATCH --gpus-per-node={plan.nproc}")
+    elif args.cpus_per_task is None:
+        lines.append(f"#SBATCH --cpus-per-task={plan.nproc}")  # a core for each process
+    values = {
+        "script": _quote(run_dir / "slurm.sbatch", "--run-dir"),
+        "job_name": _quote(args.job_name or plan.name, "--job-name"),
+        "nodes": str(plan.nnodes),
+        "chdir": _quote(cwd, "the working directory"),
+        "log": _quote(run_dir / "slurm-%j.out", "--run-dir"),
+        "signal": signal_name,
+        "signal_seconds": str(seconds),
+        "options": "\n".join(lines),
+        "resume": _quote(plan.resume or "auto", "--resume"),
+        "python": _quote(python, "the Python path"),
+        "args": " ".join(_quote(part, "an argument") for part in [*command, "--run-dir", run_dir, "--name", plan.name]),
+    }
+    unknown = sorted(set(re.findall(r"\{\{(\w+)\}\}", text)) - set(values))
+    if unknown:
+        raise SlurmError(f"--slurm-template {template}: unknown placeholder {{{{{unknown[0]}}}}} (known: "
+                         f"{', '.join(values)})")
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], text)
+
+
+def submit(script: Path) -> str:
+    """The job id sbatch gives the script."""
+    if not shutil.which("sbatch"):
+        raise SlurmError("sbatch is not on PATH: submit from a Slurm login node, or use --dry-run for the script")
+    result = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+        raise SlurmError(f"sbatch refused {script}: {reason}")
+    return result.stdout.strip().split(";")[0]
+
+
+def check_step(env: dict, nodes: int, node_rank: int) -> None:
+    """Inside a Slurm job step: what would hang is an error instead. One launcher per node starts that
+    node's processes; several per node would each start a full set."""
+    if "SLURM_STEP_ID" not in env:
+        return
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE", "1")
+    first = int(re.match(r"\d+", per_node).group())
+    if first != 1:
+        raise SlurmError(f"this Slurm step runs {first} tasks per node ({per_node}); run one launcher per node "
+                         "(srun --ntasks-per-node=1): it starts the node's processes itself")
+    step_nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    if step_nodes != nodes:
+        raise SlurmError(f"--nodes {nodes}, but this Slurm step spans {step_nodes} node(s)")
+    slurm_rank = int(env.get("SLURM_NODEID", "0"))
+    if slurm_rank != node_rank:
+        raise SlurmError(f"--node-rank {node_rank}, but Slurm runs this task on node {slurm_rank}")

@@ -1,0 +1,181 @@
+"""`launch --slurm` against a real Slurm: a throw-away cluster of three virtual nodes on this machine
+(tests/slurm_lab.py). Rendering is checked without it; everything that submits needs it. CI installs
+the daemons and runs as root, so there these tests must run, not skip."""
+
+import os
+import re
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import slurm_lab
+from launcher import slurm
+from conftest import TINY, clean_env, launch, ok, records
+from test_checkpoint import assert_same
+from test_train import params
+
+WHY_NOT = slurm_lab.unavailable()
+
+
+@pytest.fixture(scope="module")
+def lab():
+    if WHY_NOT:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the Slurm tests: {WHY_NOT}")
+        pytest.skip(WHY_NOT)
+    cluster = slurm_lab.Lab().start()
+    yield cluster
+    cluster.stop()
+
+
+def submit(lab, tmp_path: Path, name: str, *flags) -> tuple[str, Path, Path]:
+    """(job id, run dir, dump folder) of a 2-node × 2-process tiny-recipe job."""
+    dump = tmp_path / name
+    dump.mkdir()
+    run_dir = dump / "run"
+    out = ok(launch(TINY, "--slurm", "--nodes", "2", "--cpu", "--procs", "2", "--run-dir", run_dir, "--dump-dir", dump,
+                    *flags, env=clean_env(SLURM_CONF=lab.env["SLURM_CONF"]))).stdout
+    job = re.search(r"submitted job (\d+)", out).group(1)
+    assert f"follow:  tail -f {run_dir / f'slurm-{job}.out'}" in out and f"cancel:  scancel {job}" in out
+    return job, run_dir, dump
+
+
+def log(run_dir: Path, job: str) -> str:
+    return (run_dir / f"slurm-{job}.out").read_text()
+
+
+COMMON = ("--max-steps", "24", "--noise", "0.1", "--log-every", "1")
+
+
+@pytest.fixture(scope="module")
+def reference(lab, tmp_path_factory):
+    """An unsignalled 2-node job: its final parameters are what a requeued one must reach."""
+    tmp = tmp_path_factory.mktemp("reference")
+    job, run_dir, dump = submit(lab, tmp, "reference", *COMMON, "--wandb", "offline", "--job-name",
+                                f"it's \"quoted\" $(touch {tmp}/pwned)")
+    lab.wait(job)
+    return job, run_dir, dump, tmp
+
+
+def test_a_two_node_job_trains_one_model_with_one_wandb_run(reference):
+    job, run_dir, dump, tmp = reference
+    text = log(run_dir, job)
+    assert "done: 24 steps" in text, text
+    final = [params(dump, rank) for rank in range(4)]
+    for rank in range(1, 4):
+        assert_same(final[rank], final[0])
+    assert len(list(run_dir.rglob("offline-run-*"))) == 1
+    assert (run_dir / "slurm.sbatch").exists() and (run_dir / "logs" / "node-1").is_dir()
+    # the job name went through quoting intact and ran nothing
+    assert f"launch: job {job} (it's \"quoted\" $(touch {tmp}/pwned)) on node[" in text
+    assert not (tmp / "pwned").exists()
+
+
+def test_a_signalled_job_checkpoints_requeues_and_ends_like_an_unsignalled_one(lab, reference, tmp_path):
+    job, run_dir, dump = submit(lab, tmp_path, "signalled", *COMMON, "--wandb", "disabled", "--slow", "0.3")
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and max((r["step"] for r in records(run_dir)), default=0) >= 5):
+        assert time.monotonic() < deadline, log(run_dir, job) if (run_dir / f"slurm-{job}.out").exists() else "no log"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job], env=lab.env, check=True)  # as Slurm would
+    lab.wait(job, timeout=300)
+    text = log(run_dir, job)
+    assert "stopped by SIGTERM after step" in text and f"launch: requeueing job {job}" in text, text
+    assert re.search(rf"launch: job {job} .* start 2,", text) and "resumed from" in text
+    assert "done: 24 steps" in text
+    reference_dump = reference[2]
+    for rank in range(4):
+        assert_same(params(dump, rank), params(reference_dump, 0))
+
+
+def test_gpus_requested_but_not_visible_fail_the_job_with_a_message(lab, tmp_path):
+    """The lab's nodes have two fake GPUs each: Slurm sets CUDA_VISIBLE_DEVICES, but CUDA sees none."""
+    run_dir = tmp_path / "run"
+    out = ok(launch(TINY, "--slurm", "--nodes", "1", "--gpus", "2", "--run-dir", run_dir,
+                    env=clean_env(SLURM_CONF=lab.env["SLURM_CONF"]))).stdout
+    job = re.search(r"submitted job (\d+)", out).group(1)
+    lab.wait(job)
+    assert ("launch: error: --gpus 2: no GPUs visible (CUDA_VISIBLE_DEVICES=0,1); use --cpu to run on the CPU"
+            in log(run_dir, job))
+
+
+@pytest.mark.parametrize("allocation,srun,message", [
+    (["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"], "srun --ntasks-per-node=2",
+     "this Slurm step runs 2 tasks per node (2); run one launcher per node (srun --ntasks-per-node=1)"),
+    (["--nodes=2", "--ntasks-per-node=1"], "srun --ntasks-per-node=1",
+     "--nodes 3, but this Slurm step spans 2 node(s)"),
+], ids=["two-tasks-per-node", "world-size-mismatch"])
+def test_a_hand_written_job_that_would_hang_is_an_error(lab, tmp_path, allocation, srun, message):
+    script = tmp_path / "job.sbatch"
+    command = shlex.join([str(Path(os.sys.executable)), "-m", "launcher", str(TINY), "--cpu", "--nodes", "3",
+                          "--master-addr", "127.0.0.1", "--run-dir", str(tmp_path / "run")])
+    script.write_text(f"#!/bin/bash\n#SBATCH --output={tmp_path}/out.txt\n"
+                      f"{srun} bash -c 'exec \"$@\" --node-rank \"$SLURM_NODEID\"' launch {command}\n")
+    job = subprocess.run(["sbatch", "--parsable", *allocation, str(script)], env=lab.env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    lab.wait(job)
+    text = (tmp_path / "out.txt").read_text()
+    assert f"launch: error: {message}" in text, text
+    assert not (tmp_path / "run").exists()
+
+
+def test_sbatch_refusing_the_job_is_one_line_and_exit_2(lab, tmp_path):
+    result = launch(TINY, "--slurm", "--cpu", "--partition", "nowhere", "--run-dir", tmp_path / "run",
+                    env=clean_env(SLURM_CONF=lab.env["SLURM_CONF"]))
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert line.startswith(f"launch: error: sbatch refused {tmp_path / 'run' / 'slurm.sbatch'}: ") and \
+        "invalid partition" in line.lower() and "\n" not in line
+
+
+def test_dry_run_renders_a_readable_script_with_every_value_quoted(tmp_path):
+    """No cluster needed: the script is printed, nothing is written or submitted."""
+    name = "a b'c\"d $(touch MARKER) `id`"
+    dump = tmp_path / "dump dir; rm -rf ~"
+    result = ok(launch(TINY, "--slurm", "--nodes", "2", "--cpu", "--procs", "2", "--partition", "gpu queue",
+                       "--time", "1:00:00", "--job-name", name, "--run-dir", tmp_path / "run", "--dump-dir", dump,
+                       "--dry-run", env=clean_env(WANDB_API_KEY="SENTINEL" + "0" * 32), cwd=tmp_path))
+    script = result.stdout
+    assert not (tmp_path / "run").exists() and "SENTINEL" not in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # valid bash
+    directives = {key: value for key, _, value in (line[len("#SBATCH --"):].partition("=")
+                                                   for line in script.splitlines() if line.startswith("#SBATCH --"))}
+    assert shlex.split(directives["job-name"]) == [name]  # sbatch reads #SBATCH values with shell quoting
+    assert shlex.split(directives["partition"]) == ["gpu queue"]
+    assert directives["nodes"] == "2" and directives["ntasks-per-node"] == "1"
+    assert directives["cpus-per-task"] == "2" and directives["signal"] == "B:USR2@120" and "requeue" in directives
+    command = script.split("launch \\\n", 1)[1].split("&\n", 1)[0]
+    words = shlex.split(command.replace("\\\n", " "))
+    assert Path(words[0]).parent == Path(os.sys.executable).parent  # the environment launch runs from
+    assert words[1:4] == ["-m", "launcher", str(TINY)]
+    assert words[words.index("--dump-dir") + 1] == str(dump)
+    assert "--slurm" not in words and "--partition" not in words and "--job-name" not in words
+
+
+def test_a_line_break_cannot_reach_the_script(tmp_path):
+    result = launch(TINY, "--slurm", "--cpu", "--job-name", "x\nrm -rf ~", "--run-dir", tmp_path / "run",
+                    "--dry-run")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("launch: error: --job-name contains a line break, which cannot go into a "
+                                     "batch script")
+
+
+def test_a_site_template_is_rendered_and_a_wrong_placeholder_named(tmp_path):
+    site = tmp_path / "site.sbatch"
+    site.write_text(slurm.TEMPLATE.read_text().replace("set -uo pipefail", "set -uo pipefail\nmodule load cuda/12")
+                    .replace("{{python}} -m launcher", "launch"))  # as in a container image
+    script = ok(launch(TINY, "--slurm", "--cpu", "--slurm-template", site, "--run-dir", tmp_path / "run",
+                       "--dry-run")).stdout
+    assert "module load cuda/12\n" in script and f"' launch \\\n  launch {TINY} " in script and "{{" not in script
+    assert "--slurm-template" not in script
+    site.write_text(site.read_text() + "echo {{partiton}}\n")
+    result = launch(TINY, "--slurm", "--cpu", "--slurm-template", site, "--run-dir", tmp_path / "run", "--dry-run")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"launch: error: --slurm-template {site}: unknown placeholder {{{{partiton}}}} "
+                                    "(known: script, job_name,")
+    result = launch(TINY, "--slurm", "--cpu", "--slurm-template", tmp_path / "none", "--dry-run")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"launch: error: --slurm-template {tmp_path / 'none'}: No such file or directory"
