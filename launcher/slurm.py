@@ -86,7 +86,8 @@ def render(plan: Plan, args, command: list[str], python: str, cwd: Path) -> str:
         "signal": signal_name,
         "signal_seconds": str(seconds),
         "options": "\n".join(lines),
-        "resume": _quote(plan.resume or "auto", "--resume"),
+        # auto unless a checkpoint was named: the job finds the newest one when it starts, not now
+        "resume": _quote(plan.resume if args.resume not in (None, "auto") else "auto", "--resume"),
         "python": _quote(python, "the Python path"),
         "args": " ".join(_quote(part, "an argument") for part in [*command, "--run-dir", run_dir, "--name", plan.name]),
     }
