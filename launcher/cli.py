@@ -420,10 +420,18 @@ def submit(plan: Plan, args: argparse.Namespace, argv: list[str]) -> int:
             print(script, end="")
             return 0
         run_dir = Path(plan.run_dir)
+        created = [p for p in (*reversed(run_dir.parents), run_dir) if not p.exists()]
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", record(plan))
-        (run_dir / "slurm.sbatch").write_text(script)
-        job = slurm.submit(run_dir / "slurm.sbatch")
+        if not (run_dir / "config.json").exists():  # marks the directory taken until the job writes its own
+            created.append(run_dir / "config.json")
+            write_json(run_dir / "config.json", record(plan))
+        try:
+            job = slurm.submit(script)
+        except slurm.SlurmError:
+            for path in reversed(created):  # a refused job leaves nothing that would block the next try
+                path.rmdir() if path.is_dir() else path.unlink()
+            raise
+        (run_dir / "slurm.sbatch").write_text(script)  # what was submitted, to submit again by hand
     except slurm.SlurmError as e:
         raise UsageError(str(e)) from None
     where = f"{plan.nproc} GPU{'s' if plan.nproc > 1 else ''}" if plan.device == "cuda" else \

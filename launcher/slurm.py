@@ -98,14 +98,14 @@ def render(plan: Plan, args, command: list[str], python: str, cwd: Path) -> str:
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], text)
 
 
-def submit(script: Path) -> str:
-    """The job id sbatch gives the script."""
+def submit(script: str) -> str:
+    """The job id sbatch gives the script (read from stdin: Slurm keeps its own copy)."""
     if not shutil.which("sbatch"):
         raise SlurmError("sbatch is not on PATH: submit from a Slurm login node, or use --dry-run for the script")
-    result = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
-        raise SlurmError(f"sbatch refused {script}: {reason}")
+        raise SlurmError(f"sbatch refused the job: {reason}")
     return result.stdout.strip().split(";")[0]
 
 

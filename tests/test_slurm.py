@@ -127,8 +127,9 @@ def test_sbatch_refusing_the_job_is_one_line_and_exit_2(lab, tmp_path):
                     env=clean_env(SLURM_CONF=lab.env["SLURM_CONF"]))
     assert result.returncode == 2
     line = result.stderr.strip()
-    assert line.startswith(f"launch: error: sbatch refused {tmp_path / 'run' / 'slurm.sbatch'}: ") and \
-        "invalid partition" in line.lower() and "\n" not in line
+    assert line.startswith("launch: error: sbatch refused the job: ") and "invalid partition" in line.lower() \
+        and "\n" not in line
+    assert not tmp_path.joinpath("run").exists()  # nothing left that would block the next try
 
 
 def test_dry_run_renders_a_readable_script_with_every_value_quoted(tmp_path):
@@ -153,6 +154,7 @@ def test_dry_run_renders_a_readable_script_with_every_value_quoted(tmp_path):
     assert words[1:4] == ["-m", "launcher", str(TINY)]
     assert words[words.index("--dump-dir") + 1] == str(dump)
     assert "--slurm" not in words and "--partition" not in words and "--job-name" not in words
+    assert "\nresume=auto\n" in script  # the job looks for the newest checkpoint when it starts
 
 
 def test_a_line_break_cannot_reach_the_script(tmp_path):
