@@ -12,7 +12,6 @@ import math
 import netrc
 import os
 import platform
-import re
 import secrets
 import subprocess
 import sys
@@ -22,12 +21,11 @@ from pathlib import Path
 from . import checkpoint
 from . import recipe as recipes
 from . import slurm, spawn
-from .plan import Plan
+from .plan import SECRET, Plan
 from .sinks import warn, write_json
 
 USAGE = "launch RECIPE [launcher flags] [recipe hyperparameter flags]"
 DEBUG_STEPS = 30
-SECRET = re.compile(r"key|token|secret|passw|credential", re.I)
 
 
 class UsageError(Exception):
@@ -344,8 +342,8 @@ def default_wandb_mode() -> str:
 
 def record(plan: Plan) -> dict:
     """config.json: the plan with secret-looking hyperparameters masked, the code's commit, the versions."""
-    hparams = {k: "<redacted>" if SECRET.search(k) else v for k, v in plan.hparams.items()}
-    return {"plan": {**dataclasses.asdict(plan), "hparams": hparams}, "git": _git(Path(plan.recipe).parent),
+    return {"plan": {**dataclasses.asdict(plan), "hparams": plan.public_hparams()},
+            "git": _git(Path(plan.recipe).parent),
             "versions": _versions()}
 
 
@@ -415,7 +413,10 @@ def submit(plan: Plan, args: argparse.Namespace, argv: list[str]) -> int:
     """--slurm: the batch script for this run; printed with --dry-run, else written and submitted."""
     options = {o: a.nargs != 0 for a in base_parser(add_help=False)._actions for o in a.option_strings}
     try:
-        script = slurm.render(plan, args, slurm.node_command(argv, args.recipe, options), sys.executable, Path.cwd())
+        secret = {"--" + k.replace("_", "-") for k, v in plan.hparams.items() if SECRET.search(k) and
+                  not isinstance(v, bool)}
+        command, secrets = slurm.hide_secrets(slurm.node_command(argv, args.recipe, options), secret)
+        script = slurm.render(plan, args, command, sys.executable, Path.cwd())
         if args.dry_run:
             print(script, end="")
             return 0
@@ -426,7 +427,7 @@ def submit(plan: Plan, args: argparse.Namespace, argv: list[str]) -> int:
             created.append(run_dir / "config.json")
             write_json(run_dir / "config.json", record(plan))
         try:
-            job = slurm.submit(script)
+            job = slurm.submit(script, secrets)
         except slurm.SlurmError:
             for path in reversed(created):  # a refused job leaves nothing that would block the next try
                 path.rmdir() if path.is_dir() else path.unlink()

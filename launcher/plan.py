@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 
 PLAN_ENV = "LAUNCHER_PLAN"
+# hyperparameters named like this are never written into a file or a log
+SECRET = re.compile(r"key|token|secret|passw|credential", re.IGNORECASE)
 
 
 @dataclass
@@ -61,6 +64,10 @@ class Plan:
     def micro_batch(self) -> int:
         """Samples per process per forward pass: the global batch split over processes and accumulation."""
         return self.batch_size // (self.world_size * self.grad_accum)
+
+    def public_hparams(self) -> dict:
+        """The hyperparameters as files and logs may hold them: values of secret-looking names masked."""
+        return {k: "<redacted>" if SECRET.search(k) else v for k, v in self.hparams.items()}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

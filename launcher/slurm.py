@@ -7,6 +7,7 @@ environment is never written into the script: secrets stay in the environment sb
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -55,7 +56,30 @@ def node_command(argv: list[str], recipe: str, options: dict) -> list[str]:
     return kept
 
 
+class FromEnv(str):
+    """An argument the job reads from an environment variable of this name: a secret is never written into
+    the script, and sbatch passes the variable on with the rest of the environment."""
+
+
+def hide_secrets(command: list[str], secret_flags: set[str]) -> tuple[list[str], dict[str, str]]:
+    """`command` with the value of every secret flag (`--hub-token X`, `--hub-token=X`) replaced by a
+    reference to a variable, and those variables. The flags have been parsed: each has its value."""
+    hidden, env = [], {}
+    tokens = iter(command)
+    for token in tokens:
+        flag, eq, value = token.partition("=")
+        if flag not in secret_flags:
+            hidden.append(token)
+            continue
+        name = "LAUNCH_SECRET_" + flag[2:].upper().replace("-", "_")
+        env[name] = value if eq else next(tokens)
+        hidden += [flag, FromEnv(name)]
+    return hidden, env
+
+
 def _quote(value: object, what: str) -> str:
+    if isinstance(value, FromEnv):
+        return f'"${{{value}:?is not set: export it before sbatch, the job reads a secret from it}}"'
     text = str(value)
     if any(c in text for c in "\n\r\0"):
         raise SlurmError(f"{what} contains a line break, which cannot go into a batch script")
@@ -98,11 +122,13 @@ def render(plan: Plan, args, command: list[str], python: str, cwd: Path) -> str:
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], text)
 
 
-def submit(script: str) -> str:
-    """The job id sbatch gives the script (read from stdin: Slurm keeps its own copy)."""
+def submit(script: str, secrets: dict[str, str]) -> str:
+    """The job id sbatch gives the script (read from stdin: Slurm keeps its own copy), submitted with
+    `secrets` added to the environment it passes on."""
     if not shutil.which("sbatch"):
         raise SlurmError("sbatch is not on PATH: submit from a Slurm login node, or use --dry-run for the script")
-    result = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **secrets})
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
         raise SlurmError(f"sbatch refused the job: {reason}")

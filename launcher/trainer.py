@@ -290,7 +290,7 @@ class Trainer:
         state = {**self.engine.state_dict(), "progress": {
             "step": self.step, "best": self.best, "bad_evals": self.bad_evals, "skipped": self.skipped}}
         meta = {"step": self.step, "world_size": self.world, "seed": plan.seed, "grad_accum": plan.grad_accum,
-                "hparams": plan.hparams}
+                "hparams": plan.public_hparams()}
         barrier = torch.distributed.barrier if self.world > 1 else lambda: None
         checkpoint.save(target, state, meta, self.rank, barrier)
         if target.name != "best":

@@ -124,7 +124,7 @@ def test_bad_input_fails_fast():
 def test_every_field_type_becomes_a_typed_flag(tmp_path):
     recipe = tmp_path / "types.py"
     recipe.write_text(TYPES_RECIPE)
-    plan, _, hp = cli.parse([str(recipe), "--cpu", "--run-dir", str(tmp_path / "r"), "--batch-size", "8",
+    plan, _, hp, _ = cli.parse([str(recipe), "--cpu", "--run-dir", str(tmp_path / "r"), "--batch-size", "8",
                              "--rate", "1e-3", "--name-tag", "x y", "--no-flag", "--mode", "b", "--cap", "none",
                              "--depth", "3"])
     assert (hp.batch_size, hp.rate, hp.name_tag, hp.flag, hp.mode, hp.cap, hp.depth) == (8, 1e-3, "x y", False, "b",
@@ -161,7 +161,7 @@ def loss(hp): ...
 def test_secrets_stay_out_of_the_run_record(tmp_path):
     recipe = tmp_path / "secret.py"
     recipe.write_text(TYPES_RECIPE + "\n@dataclass\nclass Hparams(Hparams):\n    hub_token: str = ''\n")
-    plan, _, _ = cli.parse([str(recipe), "--cpu", "--depth", "1", "--hub-token", "SENTINEL-7f3a"])
+    plan, _, _, _ = cli.parse([str(recipe), "--cpu", "--depth", "1", "--hub-token", "SENTINEL-7f3a"])
     assert plan.hparams["hub_token"] == "SENTINEL-7f3a"  # the workers get it
     record = cli.record(plan)
     assert record["plan"]["hparams"]["hub_token"] == "<redacted>"

@@ -48,6 +48,7 @@ def log(run_dir: Path, job: str) -> str:
 
 
 COMMON = ("--max-steps", "24", "--noise", "0.1", "--log-every", "1")
+SECRET = "SENTINEL-$(id)-7f3a"  # a recipe hyperparameter named like a secret
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def reference(lab, tmp_path_factory):
     """An unsignalled 2-node job: its final parameters are what a requeued one must reach."""
     tmp = tmp_path_factory.mktemp("reference")
     job, run_dir, dump = submit(lab, tmp, "reference", *COMMON, "--wandb", "offline", "--job-name",
-                                f"it's \"quoted\" $(touch {tmp}/pwned)")
+                                f"it's \"quoted\" $(touch {tmp}/pwned)", "--api-token", SECRET)
     lab.wait(job)
     return job, run_dir, dump, tmp
 
@@ -72,6 +73,8 @@ def test_a_two_node_job_trains_one_model_with_one_wandb_run(reference):
     # the job name went through quoting intact and ran nothing
     assert f"launch: job {job} (it's \"quoted\" $(touch {tmp}/pwned)) on node[" in text
     assert not (tmp / "pwned").exists()
+    # the secret reached the job through the environment (the script stops when it is unset) and no file
+    assert not [p for p in run_dir.rglob("*") if p.is_file() and b"SENTINEL" in p.read_bytes()]
 
 
 def test_a_signalled_job_checkpoints_requeues_and_ends_like_an_unsignalled_one(lab, reference, tmp_path):
@@ -155,6 +158,8 @@ def test_dry_run_renders_a_readable_script_with_every_value_quoted(tmp_path):
     assert words[words.index("--dump-dir") + 1] == str(dump)
     assert "--slurm" not in words and "--partition" not in words and "--job-name" not in words
     assert "\nresume=auto\n" in script  # the job looks for the newest checkpoint when it starts
+    secret = ok(launch(TINY, "--slurm", "--cpu", "--api-token=SENTINEL", "--dry-run")).stdout
+    assert "SENTINEL" not in secret and ' --api-token "${LAUNCH_SECRET_API_TOKEN:?is not set: ' in secret
 
 
 def test_a_line_break_cannot_reach_the_script(tmp_path):

@@ -98,11 +98,11 @@ def test_default_mode_finds_a_netrc_login(monkeypatch, tmp_path):
     assert cli.default_wandb_mode() == "online"
 
 
-def test_the_api_key_is_written_nowhere(tmp_path):
+def test_the_api_key_and_secret_hyperparameters_are_written_nowhere(tmp_path):
     sentinel = "SENTINEL" + "5e" * 16  # 40 characters, like a real key
     run_dir = tmp_path / "run"
     result = ok(launch(TINY, "--cpu", "--procs", "2", "--wandb", "offline", "--run-dir", run_dir, "--max-steps", "3",
-                       env=clean_env(WANDB_API_KEY=sentinel), cwd=tmp_path))
+                       "--api-token", sentinel, env=clean_env(WANDB_API_KEY=sentinel), cwd=tmp_path))
     assert sentinel not in result.stdout + result.stderr
     files = [f for f in tmp_path.rglob("*") if f.is_file()]
     assert any(f.suffix == ".wandb" for f in files) and any(f.name == "config.json" for f in files)

@@ -44,6 +44,7 @@ class Hparams:
     fault: Literal["raise", "hang", "die"] = "raise"
     nan_at: int = 0
     slow: float = 0.0
+    api_token: str = ""  # named like a secret: never written anywhere
 
 
 class PerSample(Dataset):
