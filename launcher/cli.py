@@ -56,6 +56,15 @@ def base_parser(add_help: bool) -> Parser:
                    help="the rendezvous port on node 0 (default: 29500 with --nodes, else any free port)")
     g.add_argument("--workers", type=int, metavar="N",
                    help="DataLoader workers per process for per-sample datasets (default: 0 on CPU, 4 on GPU)")
+    g = p.add_argument_group("engine", "how the model is distributed; the same recipe and result under each")
+    g.add_argument("--engine", choices=["ddp", "fsdp"], default="ddp",
+                   help="ddp: a whole copy per process (default); fsdp: parameters, gradients and optimizer state "
+                        "sharded over the processes (torch FSDP2)")
+    g.add_argument("--sharding", choices=["full", "grad-op"],
+                   help="fsdp: full frees gathered parameters after each forward (least memory, default); grad-op "
+                        "keeps them for the backward (less communication)")
+    g.add_argument("--offload", choices=["none", "both"],
+                   help="fsdp: both keeps parameters, gradients and the optimizer step on the CPU (default none)")
     g = p.add_argument_group("training")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="default: fp32")
     g.add_argument("--grad-accum", type=int, default=1, metavar="K",
@@ -201,6 +210,16 @@ def _check_slurm(args: argparse.Namespace) -> None:
             raise UsageError(str(e)) from None
 
 
+def _check_engine(args: argparse.Namespace) -> None:
+    if args.engine != "fsdp":
+        for flag in ("sharding", "offload"):
+            if getattr(args, flag) not in (None, "none"):
+                raise UsageError(f"--{flag} {getattr(args, flag)} is for --engine fsdp, not {args.engine}")
+    elif args.precision == "fp16":
+        raise UsageError("--engine fsdp with --precision fp16 is not supported (its loss scaler is untested on "
+                         "sharded gradients); use bf16")
+
+
 def _where(args: argparse.Namespace) -> tuple[str, int]:
     """(device, processes on this node)."""
     if args.cpu and args.gpus is not None:
@@ -293,6 +312,7 @@ def _run_dir(args: argparse.Namespace, stem: str) -> tuple[Path, str, Path | Non
 def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
     _check_numbers(args)
     _check_slurm(args)
+    _check_engine(args)
     device, nproc = _where(args)
     world, accum, batch = nproc * args.nodes, args.grad_accum, hp.batch_size
     if batch < 1 or batch % (world * accum):
@@ -307,7 +327,8 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
         recipe=str(recipe_path), hparams=dataclasses.asdict(hp), run_dir=str(run_dir), name=name,
         device=device, nproc=nproc, nnodes=args.nodes, node_rank=args.node_rank,
         master_addr=args.master_addr or "127.0.0.1",
-        master_port=args.master_port or (29500 if args.nodes > 1 else 0), precision=args.precision,
+        master_port=args.master_port or (29500 if args.nodes > 1 else 0), engine=args.engine,
+        sharding=args.sharding or "full", offload=args.offload or "none", precision=args.precision,
         grad_accum=accum, clip_grad=args.clip_grad,
         seed=args.seed, max_steps=args.max_steps or (DEBUG_STEPS if args.debug else None),
         eval_every=0 if args.debug else args.eval_every, eval_epochs=0 if args.debug else args.eval_epochs,
@@ -373,6 +394,8 @@ def describe(plan: Plan) -> str:
     if plan.nnodes > 1:
         where += f" on node {plan.node_rank} of {plan.nnodes}"
     resume = f" · resuming from {plan.resume}" if plan.resume else ""
+    if plan.engine == "fsdp":
+        where += f" · FSDP2 {plan.sharding}{' with CPU offload' if plan.offload != 'none' else ''}"
     return (f"launch: {Path(plan.recipe).name}{' (debug)' if plan.debug else ''} · {where} · {plan.precision}"
             f" · W&B {plan.wandb} · run dir {plan.run_dir}{resume}")
 

@@ -1,16 +1,20 @@
-"""Build the run with Accelerate, and the few operations the loop calls each step.
+"""Build the run with Accelerate (DDP) or torch's FSDP2, and the few operations the loop calls each step.
 
-Accelerate builds: process group, device, DDP wrapper, autocast, loss scaler.
-The per-step path then does only what a careful hand-written loop does (no
-prepared dataloader or optimizer wrappers, which cost about half the speed on
-short steps; see benchmarks/overhead.py).
+Accelerate builds: process group, device, DDP wrapper, autocast, loss scaler. FSDP2 is torch's
+`fully_shard`, applied here: Accelerate 1.15 silently trains DDP instead when asked for FSDP on the CPU.
+The per-step path then does only what a careful hand-written loop does (no prepared dataloader or
+optimizer wrappers, which cost about half the speed on short steps; see benchmarks/overhead.py).
+Mixed precision means the same in every engine: autocast over fp32 weights, as Accelerate applies it.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from types import MethodType
 
 import torch
 from torch import nn
@@ -26,7 +30,7 @@ def accelerator(plan: Plan):
     from accelerate import Accelerator
 
     guard(int(os.environ.get("WORLD_SIZE", "1")), plan)
-    if plan.world_size > 1:
+    if plan.world_size > 1 or plan.engine != "ddp":  # sharding needs a process group, even of one
         join(plan)
     acc = Accelerator(cpu=plan.device == "cpu", mixed_precision=MIXED_PRECISION[plan.precision])
     guard(acc.num_processes, plan)
@@ -42,13 +46,16 @@ def join(plan: Plan) -> None:
     keys of their own in the launcher's store for every restart attempt (else a restarted worker can read
     the address of a dead one and hang), and the plan's timeout for a collective waiting on a silent rank."""
     env = os.environ
-    store = torch.distributed.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), plan.world_size, is_master=False,
-                                       timeout=timedelta(seconds=plan.timeout))
-    store = torch.distributed.PrefixStore(f"launcher/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    if "MASTER_ADDR" in env:
+        store = torch.distributed.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), plan.world_size,
+                                           is_master=False, timeout=timedelta(seconds=plan.timeout))
+        store = torch.distributed.PrefixStore(f"launcher/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    else:  # one process, inside launch itself
+        store = torch.distributed.HashStore()
     if plan.device == "cuda":
-        torch.cuda.set_device(int(env["LOCAL_RANK"]))
+        torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
     torch.distributed.init_process_group("gloo" if plan.device == "cpu" else "nccl", store=store,
-                                         rank=int(env["RANK"]), world_size=plan.world_size,
+                                         rank=int(env.get("RANK", "0")), world_size=plan.world_size,
                                          timeout=timedelta(seconds=plan.timeout))
 
 
@@ -63,23 +70,29 @@ def guard(seen: int, plan: Plan) -> None:
 
 @dataclass
 class Engine:
-    """The wrapped model plus the per-step operations, for DDP (or one process)."""
+    """The wrapped model plus the per-step operations, for DDP (or one process) and FSDP2."""
 
     model: nn.Module  # what training calls: DDP-wrapped when distributed, autocast applied
-    module: nn.Module  # the recipe's own module: the same parameters, no communication hooks
+    module: nn.Module  # the recipe's own module (FSDP2: sharded in place): no DDP communication hooks
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     accum: int
     scaler: torch.amp.GradScaler | None
 
     def __post_init__(self):
+        from torch.distributed.fsdp import FSDPModule
+
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.ddp = isinstance(self.model, DistributedDataParallel)
+        self.fsdp = isinstance(self.module, FSDPModule)
 
     def sync(self, enabled: bool) -> None:
-        """All-reduce gradients in the next backward only when enabled (the last micro-step)."""
+        """All-reduce (FSDP: reduce-scatter) gradients in the next backward only when enabled: the last
+        micro-step."""
         if self.ddp:
             self.model.require_backward_grad_sync = enabled
+        elif self.fsdp:
+            self.module.set_requires_gradient_sync(enabled)
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.accum > 1:
@@ -91,8 +104,10 @@ class Engine:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if clip > 0:
-            return torch.nn.utils.clip_grad_norm_(self.params, clip)
-        return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        return norm.full_tensor() if self.fsdp else norm  # FSDP: a replicated DTensor of the global norm
 
     def step(self) -> None:
         if self.scaler:
@@ -109,12 +124,28 @@ class Engine:
         self.scheduler.step()
 
     def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
+        """Whole (unsharded) tensors on the CPU; with FSDP every rank must call it, rank 0 gets them."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+            whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model = get_model_state_dict(self.module, options=whole)
+            optimizer = get_optimizer_state_dict(self.module, self.optimizer, options=whole)
+        else:
+            model, optimizer = self.module.state_dict(), self.optimizer.state_dict()
+        return {"model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None}
 
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+            whole = StateDictOptions(full_state_dict=True)  # every rank holds the whole state: keep its shard
+            set_model_state_dict(self.module, state["model"], options=whole)
+            set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"], options=whole)
+        else:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -122,19 +153,83 @@ class Engine:
     def first_nonfinite(self) -> str | None:
         """The name of the first parameter whose gradient is not finite."""
         for name, p in self.module.named_parameters():
-            if p.grad is not None and not torch.isfinite(p.grad).all():
+            grad = p.grad.to_local() if self.fsdp and p.grad is not None else p.grad  # this rank's shard
+            if grad is not None and not torch.isfinite(grad).all():
                 return name
         return None
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def reshard(self) -> None:
+        """FSDP with --sharding grad-op keeps parameters gathered after a forward without a backward (an
+        evaluation): free them."""
+        if self.fsdp:
+            from torch.distributed.fsdp import FSDPModule
+
+            for m in self.module.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+
     def sync_buffers(self) -> None:
         """Give every rank rank zero's buffers (batch-norm statistics drift apart between forwards)."""
-        if self.ddp:
+        if self.ddp or self.fsdp:
             for b in self.module.buffers():
                 torch.distributed.broadcast(b, 0)
 
 
-def build(acc, module: nn.Module, optimizer, scheduler, accum: int) -> Engine:
-    return Engine(acc.prepare_model(module), module, optimizer, scheduler, accum, acc.scaler)
+def build(acc, plan: Plan, module: nn.Module, make_optimizer: Callable) -> Engine:
+    """The engine the plan names, around the recipe's module; `make_optimizer(module)` gives (optimizer,
+    scheduler), created after sharding so that it holds the sharded parameters. Fails rather than run
+    another engine than asked for."""
+    if plan.engine == "fsdp":
+        from torch.distributed.tensor import DTensor
+
+        shard(module, plan)
+        if not all(isinstance(p, DTensor) for p in module.parameters()):
+            raise RuntimeError("--engine fsdp: some parameters were not sharded")
+        optimizer, scheduler = make_optimizer(module)
+        return Engine(autocast(acc, module), module, optimizer, scheduler, plan.grad_accum, acc.scaler)
+    optimizer, scheduler = make_optimizer(module)
+    return Engine(acc.prepare_model(module), module, optimizer, scheduler, plan.grad_accum, acc.scaler)
+
+
+def autocast(acc, module: nn.Module) -> nn.Module:
+    """Mixed precision as Accelerate's prepare_model applies it: the forward under autocast, outputs in fp32."""
+    if acc.native_amp:
+        from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+
+        context = get_mixed_precision_context_manager(acc.native_amp, acc.autocast_handler)
+        module.forward = MethodType(convert_outputs_to_fp32(context(module.forward.__func__)), module)
+    return module
+
+
+def shard(module: nn.Module, plan: Plan) -> None:
+    """FSDP2 in place: each block (a child with a forward of its own and parameters nobody else shares) is
+    one communication group, and the root holds the rest. `--sharding full` frees gathered parameters after
+    the forward (ZeRO-3-like), `grad-op` keeps them until the backward (ZeRO-2-like, more memory, less
+    communication); `--offload both` keeps parameters, gradients and the optimizer step on the CPU."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    options = {"reshard_after_forward": plan.sharding == "full"}
+    if plan.offload == "both":
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=plan.device == "cuda")
+    for block in blocks(module):
+        fully_shard(block, **options)
+    fully_shard(module, **options)
+
+
+def blocks(module: nn.Module) -> list[nn.Module]:
+    """The children worth a group of their own, looking into containers without a forward (ModuleList,
+    ModuleDict); a child whose parameters are also used outside it (tied weights) stays with the root."""
+    uses = Counter(id(p) for _, p in module.named_parameters(remove_duplicate=False))
+
+    def alone(child: nn.Module) -> bool:
+        inside = Counter(id(p) for _, p in child.named_parameters(remove_duplicate=False))
+        return bool(inside) and all(uses[i] == n for i, n in inside.items())
+
+    found = []
+    for child in module.children():
+        is_container = isinstance(child, (nn.ModuleList, nn.ModuleDict))
+        found += [c for c in child.children() if alone(c)] if is_container else [child] if alone(child) else []
+    return found

@@ -29,6 +29,9 @@ class Plan:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"  # where node 0's launcher hosts the rendezvous
     master_port: int = 0  # 0: any free port (one node only)
+    engine: str = "ddp"  # ddp | fsdp
+    sharding: str = "full"  # fsdp: full (free gathered parameters after the forward) | grad-op (keep them)
+    offload: str = "none"  # none | both (fsdp: parameters, gradients and the optimizer step on the CPU)
     precision: str = "fp32"  # fp32 | bf16 | fp16
     grad_accum: int = 1
     clip_grad: float = 0.0  # 0 = no clipping; the norm is logged either way

@@ -70,8 +70,8 @@ class Trainer:
 
         torch.manual_seed(plan.seed)  # the same initial weights on every rank, whatever data() drew
         module = recipe.model(hp).to(device)
-        optimizer, scheduler = getattr(recipe, "optimizer", default_optimizer)(module, hp, self.total)
-        self.engine = engines.build(acc, module, optimizer, scheduler, plan.grad_accum)
+        make_optimizer = getattr(recipe, "optimizer", default_optimizer)
+        self.engine = engines.build(acc, plan, module, lambda m: make_optimizer(m, hp, self.total))
         self.loss_fn = recipe.loss(hp)
         self.metrics = {k: m.to(device) for k, m in recipe.metrics(hp).items()} if hasattr(recipe, "metrics") else {}
         self.monitor, self.mode = getattr(recipe, "best", ("val/loss", "min"))
@@ -384,5 +384,6 @@ def evaluate(engine, loader: Loader, loss_fn, metrics: dict, split: str, batch: 
             results[f"{split}/{name}"] = value.item()
         else:
             results.update({f"{split}/{name}/{i}": v for i, v in enumerate(value.flatten().tolist())})
+    engine.reshard()
     model.train()
     return results

@@ -1,7 +1,7 @@
 """A small deterministic recipe for the tests: no dropout, no batch norm, no augmentation unless asked.
 
 With --dump-dir, every process writes its parameters at creation (rank<R>-init.pt)
-and at exit (rank<R>-final.pt), so tests can compare ranks and runs.
+and at exit (rank<R>-final.pt), so tests can compare ranks and runs; under FSDP, its shard.
 
 Planted faults, counted in training forward passes (= optimizer steps without accumulation):
 --crash-at N makes rank --crash-rank fail at its N-th (once per --dump-dir: a restarted run goes on) in the
@@ -113,7 +113,9 @@ def model(hp: Hparams) -> nn.Module:
         rank = os.environ.get("RANK", "0")
 
         def dump(tag):
-            state = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+            # sharded engines: this rank's rows (FSDP2 shards along the first dimension)
+            state = {k: (v.to_local() if hasattr(v, "to_local") else v).detach().cpu().clone()
+                     for k, v in m.state_dict().items()}
             torch.save(state, Path(hp.dump_dir) / f"rank{rank}-{tag}.pt")
 
         dump("init")
