@@ -78,19 +78,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(target: Path, state: dict, meta: dict, rank: int, barrier: Callable[[], None]) -> None:
-    """Every rank calls this at the same step. Rank 0 writes `state`, each rank its random generators;
-    rank 0 then writes the manifest and renames the whole directory into place."""
+def save(target: Path, state: dict, meta: dict, rank: int, barrier: Callable[[], None],
+         engine_files: Callable[[Path], None]) -> None:
+    """Every rank calls this at the same step. Rank 0 writes `state`, every rank its random generators and
+    what `engine_files` writes (DeepSpeed: its partitions); rank 0 then writes the manifest and renames the
+    whole directory into place."""
     tmp = target.with_name(f".{target.name}.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
         tmp.mkdir(parents=True)
         _write(state, tmp / "state.pt")
     barrier()
+    engine_files(tmp)
     _write(rng_state(), tmp / f"rng-{rank}.pt")
     barrier()
     if rank == 0:
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / "manifest.json").write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
         _fsync_dir(tmp)
         if target.exists():  # a step saved again after a resume, or the previous best
@@ -136,11 +140,21 @@ def check(path: Path) -> dict:
     for name in manifest["files"]:
         if name.endswith(".pt"):
             try:
-                torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
+                with torch.serialization.safe_globals(_deepspeed_globals() if name.startswith("deepspeed/") else []):
+                    torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
                 raise CheckpointError(f"{path / name} cannot be loaded safely ({type(e).__name__}: "
                                       f"{str(e).strip().splitlines()[0]})") from None
     return manifest
+
+
+def _deepspeed_globals() -> list:
+    """The plain-data classes DeepSpeed pickles into its optimizer files, and nothing that runs code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 def step_dirs(run_dir: str | Path) -> list[Path]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import checkpoint
 from . import recipe as recipes
-from . import slurm, spawn
+from . import slurm, spawn, zero
 from .plan import SECRET, Plan
 from .sinks import warn, write_json
 
@@ -57,14 +57,20 @@ def base_parser(add_help: bool) -> Parser:
     g.add_argument("--workers", type=int, metavar="N",
                    help="DataLoader workers per process for per-sample datasets (default: 0 on CPU, 4 on GPU)")
     g = p.add_argument_group("engine", "how the model is distributed; the same recipe and result under each")
-    g.add_argument("--engine", choices=["ddp", "fsdp"], default="ddp",
+    g.add_argument("--engine", choices=["ddp", "fsdp", "deepspeed"], default="ddp",
                    help="ddp: a whole copy per process (default); fsdp: parameters, gradients and optimizer state "
-                        "sharded over the processes (torch FSDP2)")
+                        "sharded over the processes (torch FSDP2); deepspeed: ZeRO")
+    g.add_argument("--zero", type=int, choices=[1, 2, 3],
+                   help="deepspeed: shard optimizer state (1), and gradients (2, default), and parameters (3)")
+    g.add_argument("--deepspeed-config", metavar="FILE",
+                   help="deepspeed: a JSON file of further settings, merged under the flags; a value that "
+                        "contradicts a flag is an error")
     g.add_argument("--sharding", choices=["full", "grad-op"],
                    help="fsdp: full frees gathered parameters after each forward (least memory, default); grad-op "
                         "keeps them for the backward (less communication)")
-    g.add_argument("--offload", choices=["none", "both"],
-                   help="fsdp: both keeps parameters, gradients and the optimizer step on the CPU (default none)")
+    g.add_argument("--offload", choices=["none", "optimizer", "params", "both"],
+                   help="what lives on the CPU: deepspeed the optimizer state and step, the parameters (--zero 3) or "
+                        "both; fsdp both (parameters, gradients, optimizer step); default none")
     g = p.add_argument_group("training")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="default: fp32")
     g.add_argument("--grad-accum", type=int, default=1, metavar="K",
@@ -210,14 +216,34 @@ def _check_slurm(args: argparse.Namespace) -> None:
             raise UsageError(str(e)) from None
 
 
-def _check_engine(args: argparse.Namespace) -> None:
-    if args.engine != "fsdp":
-        for flag in ("sharding", "offload"):
-            if getattr(args, flag) not in (None, "none"):
-                raise UsageError(f"--{flag} {getattr(args, flag)} is for --engine fsdp, not {args.engine}")
-    elif args.precision == "fp16":
-        raise UsageError("--engine fsdp with --precision fp16 is not supported (its loss scaler is untested on "
-                         "sharded gradients); use bf16")
+def _check_engine(args: argparse.Namespace) -> dict | None:
+    """The engine flags agree with each other; the --deepspeed-config file's contents."""
+    engine, offload = args.engine, args.offload or "none"
+    for flag, allowed in (("sharding", ("fsdp",)), ("zero", ("deepspeed",)), ("deepspeed_config", ("deepspeed",)),
+                          ("offload", ("fsdp", "deepspeed"))):
+        value = getattr(args, flag)
+        if value not in (None, "none") and engine not in allowed:
+            raise UsageError(f"--{flag.replace('_', '-')} {value} is for --engine {' or '.join(allowed)}, "
+                             f"not {engine}")
+    if engine == "fsdp" and offload in ("optimizer", "params"):
+        raise UsageError(f"--offload {offload}: FSDP offloads parameters, gradients and the optimizer step together; "
+                         "use --offload both")
+    if engine == "deepspeed" and offload in ("params", "both") and (args.zero or 2) < 3:
+        raise UsageError(f"--offload {offload} needs --zero 3: only stage 3 shards the parameters")
+    if engine != "ddp" and args.precision == "fp16":
+        raise UsageError(f"--engine {engine} with --precision fp16 is not supported (a loss scaler on sharded "
+                         "gradients is untested here); use bf16")
+    if not args.deepspeed_config:
+        return None
+    try:
+        user = json.loads(Path(args.deepspeed_config).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--deepspeed-config {args.deepspeed_config}: {getattr(e, 'strerror', None) or e}") from None
+    except ValueError as e:
+        raise UsageError(f"--deepspeed-config {args.deepspeed_config} is not JSON: {e}") from None
+    if not isinstance(user, dict):
+        raise UsageError(f"--deepspeed-config {args.deepspeed_config} must hold a JSON object")
+    return user
 
 
 def _where(args: argparse.Namespace) -> tuple[str, int]:
@@ -312,7 +338,7 @@ def _run_dir(args: argparse.Namespace, stem: str) -> tuple[Path, str, Path | Non
 def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
     _check_numbers(args)
     _check_slurm(args)
-    _check_engine(args)
+    deepspeed_config = _check_engine(args)
     device, nproc = _where(args)
     world, accum, batch = nproc * args.nodes, args.grad_accum, hp.batch_size
     if batch < 1 or batch % (world * accum):
@@ -328,7 +354,8 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
         device=device, nproc=nproc, nnodes=args.nodes, node_rank=args.node_rank,
         master_addr=args.master_addr or "127.0.0.1",
         master_port=args.master_port or (29500 if args.nodes > 1 else 0), engine=args.engine,
-        sharding=args.sharding or "full", offload=args.offload or "none", precision=args.precision,
+        sharding=args.sharding or "full", zero=(args.zero or 2) if args.engine == "deepspeed" else 0,
+        offload=args.offload or "none", deepspeed_config=deepspeed_config, precision=args.precision,
         grad_accum=accum, clip_grad=args.clip_grad,
         seed=args.seed, max_steps=args.max_steps or (DEBUG_STEPS if args.debug else None),
         eval_every=0 if args.debug else args.eval_every, eval_epochs=0 if args.debug else args.eval_epochs,
@@ -341,6 +368,11 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
         wandb_project=args.wandb_project or recipe_path.stem, wandb_entity=args.wandb_entity,
         wandb_id=wandb_id or secrets.token_hex(4),
     )
+    if plan.engine == "deepspeed":
+        try:
+            zero.config(plan, plan.deepspeed_config or {})
+        except zero.ConfigError as e:
+            raise UsageError(str(e)) from None
     if manifest:
         _compare(plan, manifest)
     return plan
@@ -396,6 +428,8 @@ def describe(plan: Plan) -> str:
     resume = f" · resuming from {plan.resume}" if plan.resume else ""
     if plan.engine == "fsdp":
         where += f" · FSDP2 {plan.sharding}{' with CPU offload' if plan.offload != 'none' else ''}"
+    if plan.engine == "deepspeed":
+        where += f" · DeepSpeed ZeRO-{plan.zero}{f' offload {plan.offload}' if plan.offload != 'none' else ''}"
     return (f"launch: {Path(plan.recipe).name}{' (debug)' if plan.debug else ''} · {where} · {plan.precision}"
             f" · W&B {plan.wandb} · run dir {plan.run_dir}{resume}")
 

@@ -1,4 +1,5 @@
-"""Build the run with Accelerate (DDP) or torch's FSDP2, and the few operations the loop calls each step.
+"""Build the run with Accelerate (DDP), torch's FSDP2 or DeepSpeed (zero.py), and the few operations the
+loop calls each step.
 
 Accelerate builds: process group, device, DDP wrapper, autocast, loss scaler. FSDP2 is torch's
 `fully_shard`, applied here: Accelerate 1.15 silently trains DDP instead when asked for FSDP on the CPU.
@@ -9,11 +10,13 @@ Mixed precision means the same in every engine: autocast over fp32 weights, as A
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from types import MethodType
 
 import torch
@@ -109,6 +112,14 @@ class Engine:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         return norm.full_tensor() if self.fsdp else norm  # FSDP: a replicated DTensor of the global norm
 
+    def update(self, clip: float) -> float:
+        """Clip and step unless the gradient norm is not finite (a loss scaler skips such steps itself and is
+        stepped anyway); the norm before clipping, read back once."""
+        norm = self.grad_norm(clip).item()
+        if math.isfinite(norm) or self.scaler:
+            self.step()
+        return norm
+
     def step(self) -> None:
         if self.scaler:
             self.scaler.step(self.optimizer)
@@ -161,6 +172,12 @@ class Engine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def save_files(self, folder: Path) -> None:
+        """Whole tensors go into state.pt (state_dict): nothing else to write."""
+
+    def load_files(self, folder: Path) -> None:
+        pass
+
     def reshard(self) -> None:
         """FSDP with --sharding grad-op keeps parameters gathered after a forward without a backward (an
         evaluation): free them."""
@@ -182,6 +199,10 @@ def build(acc, plan: Plan, module: nn.Module, make_optimizer: Callable) -> Engin
     """The engine the plan names, around the recipe's module; `make_optimizer(module)` gives (optimizer,
     scheduler), created after sharding so that it holds the sharded parameters. Fails rather than run
     another engine than asked for."""
+    if plan.engine == "deepspeed":
+        from . import zero
+
+        return zero.build(acc, plan, module, make_optimizer, autocast)
     if plan.engine == "fsdp":
         from torch.distributed.tensor import DTensor
 

@@ -29,9 +29,11 @@ class Plan:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"  # where node 0's launcher hosts the rendezvous
     master_port: int = 0  # 0: any free port (one node only)
-    engine: str = "ddp"  # ddp | fsdp
+    engine: str = "ddp"  # ddp | fsdp | deepspeed
     sharding: str = "full"  # fsdp: full (free gathered parameters after the forward) | grad-op (keep them)
-    offload: str = "none"  # none | both (fsdp: parameters, gradients and the optimizer step on the CPU)
+    zero: int = 0  # deepspeed: the ZeRO stage, 1-3
+    offload: str = "none"  # none | optimizer | params | both: what lives on the CPU (fsdp: none | both)
+    deepspeed_config: dict | None = None  # deepspeed: the user's --deepspeed-config, merged under the flags
     precision: str = "fp32"  # fp32 | bf16 | fp16
     grad_accum: int = 1
     clip_grad: float = 0.0  # 0 = no clipping; the norm is logged either way

@@ -168,27 +168,28 @@ class Trainer:
         self.window[1] += 1
         if self.sinks:
             self.sinks.advance()
-        norm = engine.grad_norm(plan.clip_grad).item()  # the one read per step
+        lr = engine.lr()
+        norm = engine.update(plan.clip_grad)  # the one read per step; no update when it is not finite
         if not math.isfinite(norm) and engine.scaler is None:  # fp16's loss scaler skips such steps itself
             self.nonfinite(step_loss)
             return
-        self.norm, self.lr = norm, engine.lr()
-        engine.step()
+        self.norm, self.lr = norm, lr
         self.loss_sum += step_loss
         self.window[2] += 1
 
     def nonfinite(self, step_loss: torch.Tensor) -> None:
-        name = self.engine.first_nonfinite()
+        name = self.engine.first_nonfinite()  # None where the engine has already dropped the gradients
         loss = step_loss.item() / self.plan.grad_accum
         if not self.plan.skip_nonfinite:
             raise TrainingError(
-                f"non-finite gradient at step {self.step}, first in {name} (loss {loss:.4g}); lower the learning "
-                "rate, clip gradients (--clip-grad), check the inputs, or pass --skip-nonfinite to skip such steps")
+                f"non-finite gradient at step {self.step}{f', first in {name}' if name else ''} (loss {loss:.4g}); "
+                "lower the learning rate, clip gradients (--clip-grad), check the inputs, or pass --skip-nonfinite "
+                "to skip such steps")
         self.engine.skip()
         self.skipped += 1
         if self.sinks:
-            self.sinks.print(f"step {self.step}: non-finite gradient in {name} (loss {loss:.4g}); step skipped "
-                             f"({self.skipped} so far)")
+            self.sinks.print(f"step {self.step}: non-finite gradient{f' in {name}' if name else ''} (loss "
+                             f"{loss:.4g}); step skipped ({self.skipped} so far)")
 
     def after_step(self) -> bool:
         """Logs, evaluations and saves due after this step; True when early stopping ends training."""
@@ -292,7 +293,7 @@ class Trainer:
         meta = {"step": self.step, "world_size": self.world, "seed": plan.seed, "grad_accum": plan.grad_accum,
                 "hparams": plan.public_hparams()}
         barrier = torch.distributed.barrier if self.world > 1 else lambda: None
-        checkpoint.save(target, state, meta, self.rank, barrier)
+        checkpoint.save(target, state, meta, self.rank, barrier, self.engine.save_files)
         if target.name != "best":
             self.saved_at = self.step
             if self.main:
@@ -345,6 +346,7 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         state = checkpoint.load_state(path)
+        self.engine.load_files(path)
         self.engine.load_state_dict(state)
         progress = state["progress"]
         self.step, self.bad_evals, self.skipped = progress["step"], progress["bad_evals"], progress["skipped"]

@@ -1,5 +1,9 @@
-"""The same recipe under every engine, 2 CPU processes over gloo: the same losses, metrics and weights as
-DDP, and checkpoints that resume exactly under the engine that wrote them."""
+"""The same recipe under every engine, 2 CPU processes over gloo: the same losses, gradient norms, metrics
+and weights as DDP, and checkpoints that resume exactly under the engine that wrote them."""
+
+import contextlib
+import io
+import json
 
 import pytest
 import torch
@@ -11,10 +15,17 @@ from test_train import params
 COMMON = ("--max-steps", "12", "--noise", "0.1", "--log-every", "1", "--grad-accum", "2", "--clip-grad", "0.5",
           "--batch-size", "16")
 ENGINES = {
+    "zero1": ("--engine", "deepspeed", "--zero", "1"),
+    "zero2": ("--engine", "deepspeed", "--zero", "2"),
+    "zero3": ("--engine", "deepspeed", "--zero", "3"),
+    "zero3-offload": ("--engine", "deepspeed", "--zero", "3", "--offload", "both"),
     "fsdp": ("--engine", "fsdp"),
     "fsdp-grad-op": ("--engine", "fsdp", "--sharding", "grad-op"),
     "fsdp-offload": ("--engine", "fsdp", "--offload", "both"),
 }
+NAMES = {"zero1": "DeepSpeed ZeRO-1", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3",
+         "zero3-offload": "DeepSpeed ZeRO-3 offload both", "fsdp": "FSDP2 full", "fsdp-grad-op": "FSDP2 grad-op",
+         "fsdp-offload": "FSDP2 full with CPU offload"}
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}  # float32 reductions in another order: last-bit differences
 
 
@@ -25,19 +36,33 @@ def ddp(tmp_path_factory):
 
 
 def checkpoint_weights(folder) -> dict:
-    return torch.load(folder / "run" / "checkpoints" / "step-00000012" / "state.pt", weights_only=True)["model"]
+    """The whole weights in the last checkpoint: state.pt (DDP, FSDP), or DeepSpeed's partitions put together
+    by its own zero_to_fp32."""
+    last = folder / "run" / "checkpoints" / "step-00000012"
+    if (last / "deepspeed").is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(last / "deepspeed"), tag="zero"))
+    return torch.load(last / "state.pt", weights_only=True)["model"]
 
 
-def assembled(folder) -> dict:
-    """The two ranks' shards, put back together along the first dimension."""
-    shards = [params(folder, rank) for rank in range(2)]
-    return {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
+def in_process(folder, engine) -> dict:
+    """The weights as each rank held them at exit, put together: FSDP shards along the first dimension;
+    ZeRO-1/2 keep whole weights on every rank (which must agree); ZeRO-3 keeps them in its partitions."""
+    held = [params(folder, rank) for rank in range(2)]
+    if engine.startswith("fsdp"):
+        return {k: torch.cat([h[k] for h in held]) for k in held[0]}
+    if engine in ("zero1", "zero2"):
+        assert_same(held[1], held[0])
+        return held[0]
+    return checkpoint_weights(folder)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_an_engine_trains_like_ddp(tmp_path, ddp, engine):
     folder, result = tiny(tmp_path, engine, *COMMON, *ENGINES[engine], procs=2)
-    assert "FSDP2" in result.stdout.splitlines()[0]  # the engine asked for, named at the start
+    assert f" · {NAMES[engine]} · " in result.stdout.splitlines()[0]  # the engine asked for, named at the start
     losses, reference = train_records(folder / "run"), train_records(ddp / "run")
     assert losses.keys() == reference.keys() == set(range(1, 13))
     for step in losses:
@@ -50,38 +75,75 @@ def test_an_engine_trains_like_ddp(tmp_path, ddp, engine):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (split, key)
     ddp_weights = params(ddp, 0)
     assert_same(params(ddp, 1), ddp_weights)
-    for weights in (assembled(folder), checkpoint_weights(folder)):  # each rank's shard, and the gathered copy
+    for weights in (in_process(folder, engine), checkpoint_weights(folder)):  # as trained, and as saved
         assert weights.keys() == ddp_weights.keys()
         for k in weights:
             torch.testing.assert_close(weights[k], ddp_weights[k], **TOLERANCE)
-    assert_same(assembled(folder), checkpoint_weights(folder))
+    assert_same(in_process(folder, engine), checkpoint_weights(folder))
 
 
-@pytest.mark.parametrize("engine", ["fsdp"])
+@pytest.mark.parametrize("engine", ["zero2", "zero3-offload", "fsdp"])
 def test_an_engine_resumes_exactly_from_its_own_checkpoint(tmp_path, engine):
     common = ("--max-steps", "12", "--noise", "0.1", "--save-every", "6", *ENGINES[engine])
     straight, _ = tiny(tmp_path, "straight", *common, procs=2)
     stopped, result = tiny(tmp_path, "stopped", *common, "--crash-at", "8", procs=2, check=False)
     assert result.returncode == 1 and "planted crash" in result.stderr
     tiny(tmp_path, "stopped", *common, "--crash-at", "8", "--resume", "auto", procs=2)
-    for rank in range(2):
-        assert_same(params(stopped, rank), params(straight, rank))
+    assert_same(in_process(stopped, engine), in_process(straight, engine))
     assert_same(checkpoint_weights(stopped), checkpoint_weights(straight))
 
 
-def test_one_process_shards_too(tmp_path):
-    """--engine fsdp in a single process (inside launch itself) still runs the sharded code path."""
-    folder, result = tiny(tmp_path, "one", "--max-steps", "4", "--engine", "fsdp")
-    assert "FSDP2 full" in result.stdout and "done: 4 steps" in result.stdout
+@pytest.mark.parametrize("engine", ["zero2", "fsdp"])
+def test_one_process_runs_the_engine_too(tmp_path, engine):
+    """In a single process (inside launch itself) the engine's code path still runs, in a group of one."""
+    folder, result = tiny(tmp_path, "one", "--max-steps", "4", *ENGINES[engine])
+    assert f" · {NAMES[engine]} · " in result.stdout and "done: 4 steps" in result.stdout
 
 
-@pytest.mark.parametrize("flags,message", [
-    (("--sharding", "grad-op"), "--sharding grad-op is for --engine fsdp, not ddp"),
-    (("--offload", "both"), "--offload both is for --engine fsdp, not ddp"),
-    (("--engine", "fsdp", "--precision", "fp16"), "--engine fsdp with --precision fp16 is not supported"),
-    (("--engine", "zero"), "argument --engine: invalid choice: 'zero'"),
+@pytest.mark.parametrize("flags,config,message", [
+    (("--sharding", "grad-op"), None, "--sharding grad-op is for --engine fsdp, not ddp"),
+    (("--offload", "both"), None, "--offload both is for --engine fsdp or deepspeed, not ddp"),
+    (("--zero", "3"), None, "--zero 3 is for --engine deepspeed, not ddp"),
+    (("--engine", "fsdp", "--offload", "optimizer"), None, "FSDP offloads parameters, gradients and the optimizer"),
+    (("--engine", "deepspeed", "--offload", "params"), None, "--offload params needs --zero 3"),
+    (("--engine", "fsdp", "--precision", "fp16"), None, "--engine fsdp with --precision fp16 is not supported"),
+    (("--engine", "zero"), None, "argument --engine: invalid choice: 'zero'"),
+    (("--engine", "deepspeed", "--grad-accum", "2"), {"gradient_accumulation_steps": 4},
+     "--deepspeed-config: gradient_accumulation_steps 4 contradicts --grad-accum 2"),
+    (("--engine", "deepspeed",), {"gradient_clipping": 1.0},
+     "--deepspeed-config: gradient_clipping 1.0 contradicts --clip-grad 0.0"),
+    (("--engine", "deepspeed", "--batch-size", "32"), {"train_batch_size": 64},
+     "--deepspeed-config: train_batch_size 64 contradicts --batch-size 32"),
+    (("--engine", "deepspeed", "--batch-size", "32"), {"train_micro_batch_size_per_gpu": 8},
+     "--deepspeed-config: train_micro_batch_size_per_gpu 8 contradicts --batch-size 32 (32 per process and "
+     "micro-step here)"),
+    (("--engine", "deepspeed", "--precision", "bf16"), {"fp16": {"enabled": True}},
+     "--deepspeed-config: fp16.enabled true contradicts --precision bf16"),
+    (("--engine", "deepspeed", "--zero", "2"), {"zero_optimization": {"stage": 3}},
+     "--deepspeed-config: zero_optimization.stage 3 contradicts --zero 2"),
+    (("--engine", "deepspeed",), {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+     "--deepspeed-config: zero_optimization.offload_optimizer.device cpu contradicts --offload none"),
+    (("--engine", "deepspeed",), {"optimizer": {"type": "Adam"}},
+     "--deepspeed-config: its optimizer block contradicts the recipe's optimizer()"),
+    (("--engine", "deepspeed",), "{not json", "is not JSON"),
 ])
-def test_engine_flags_that_contradict_each_other_exit_2(tmp_path, flags, message):
+def test_engine_settings_that_contradict_each_other_exit_2(tmp_path, flags, config, message):
+    if config is not None:
+        (tmp_path / "ds.json").write_text(config if isinstance(config, str) else json.dumps(config))
+        flags = (*flags, "--deepspeed-config", tmp_path / "ds.json")
     result = launch(TINY, "--cpu", *flags, "--run-dir", tmp_path / "run")
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp"])
+def test_a_nonfinite_step_is_skipped_like_under_ddp(tmp_path, engine):
+    """DeepSpeed drops such a step itself; the launcher still counts it and advances the schedule."""
+    flags = ("--max-steps", "8", "--nan-at", "5", "--skip-nonfinite")
+    ddp, _ = tiny(tmp_path, "ddp", *flags, procs=2)
+    folder, result = tiny(tmp_path, engine, *flags, *ENGINES[engine], procs=2)
+    assert "step 5: non-finite gradient" in result.stdout and "(1 step skipped: non-finite)" in result.stdout
+    for split in ("val", "test"):
+        got, want = eval_record(folder / "run", split), eval_record(ddp / "run", split)
+        for key in got:
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (split, key)

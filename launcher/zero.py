@@ -1,0 +1,168 @@
+"""DeepSpeed ZeRO as an engine: its configuration from the plan, and the per-step operations.
+
+The launcher's flags own what they mean in every engine — the global batch, accumulation, clipping,
+precision, the ZeRO stage and offload — and a --deepspeed-config file may add anything else; a value
+it sets that contradicts a flag is an error naming both. DeepSpeed runs its fp32 engine: mixed
+precision is autocast over fp32 weights, as under DDP and FSDP. It divides the loss by the
+accumulation steps, clips, and steps the optimizer and the schedule at the accumulation boundary
+itself; the launcher never does any of these a second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .plan import Plan
+
+TAG = "zero"  # the one checkpoint tag inside a launcher checkpoint's deepspeed/ folder
+OFFLOAD = {"none": (), "optimizer": ("offload_optimizer",), "params": ("offload_param",),
+           "both": ("offload_optimizer", "offload_param")}
+
+
+class ConfigError(Exception):
+    """A --deepspeed-config that cannot be used: one line, exit 2."""
+
+
+def config(plan: Plan, user: dict) -> dict:
+    """DeepSpeed's configuration: the launcher's values, with the user's file merged under them."""
+    zero = {"stage": plan.zero, **{key: {"device": "cpu"} for key in OFFLOAD[plan.offload]}}
+    ours = {
+        "train_batch_size": plan.batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": plan.clip_grad,  # 0 is off; DeepSpeed's default would be 1.0
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,  # offload with the recipe's torch optimizer: nothing to compile
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # the launcher logs
+    }
+    flags = {"train_batch_size": f"--batch-size {plan.batch_size}",
+             "train_micro_batch_size_per_gpu": f"--batch-size {plan.batch_size} ({plan.micro_batch} per process "
+                                               "and micro-step here)",
+             "gradient_accumulation_steps": f"--grad-accum {plan.grad_accum}",
+             "gradient_clipping": f"--clip-grad {plan.clip_grad}", "zero_optimization.stage": f"--zero {plan.zero}"}
+    for path, flag in flags.items():
+        theirs = _get(user, path)
+        if theirs not in (None, "auto") and theirs != _get(ours, path):
+            raise ConfigError(f"--deepspeed-config: {path} {theirs} contradicts {flag}")
+    for key in ("offload_optimizer", "offload_param"):
+        device = _get(user, f"zero_optimization.{key}.device")
+        if device not in (None, "none") and key not in OFFLOAD[plan.offload]:
+            raise ConfigError(f"--deepspeed-config: zero_optimization.{key}.device {device} contradicts --offload "
+                              f"{plan.offload}")
+    for block in ("fp16", "bf16"):
+        if _get(user, f"{block}.enabled"):
+            raise ConfigError(f"--deepspeed-config: {block}.enabled true contradicts --precision {plan.precision} "
+                              "(the launcher runs DeepSpeed in fp32 under autocast: choose with --precision)")
+    for block in ("optimizer", "scheduler"):
+        if block in user:
+            raise ConfigError(f"--deepspeed-config: its {block} block contradicts the recipe's optimizer(), "
+                              "which builds the optimizer and the schedule")
+    return _merge(user, ours)
+
+
+def _get(tree: dict, path: str):
+    for key in path.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
+            else value
+    return merged
+
+
+def build(acc, plan: Plan, module: nn.Module, make_optimizer, autocast) -> Zero:
+    """deepspeed.initialize around the recipe's module, optimizer and schedule, in the process group the
+    launcher made; fails rather than run another stage than asked for."""
+    if plan.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if plan.device == "cpu":  # a shared-memory all-reduce that JIT-compiles for ~30 s; gloo's gives the same sums
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    os.environ.setdefault("LOCAL_RANK", "0")  # one process inside launch itself
+    # DeepSpeed's ZeRO calls torch collectives under names torch 2.13 deprecates, a warning a step per rank
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                                    "deprecated")
+    autocast(acc, module)
+    optimizer, scheduler = make_optimizer(module)
+    deepspeed.utils.logger.setLevel(logging.ERROR)  # "untested optimizer": the recipe's torch optimizer, by design
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                      config=config(plan, plan.deepspeed_config or {}),
+                                                      dist_init_required=False)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    if engine.zero_optimization_stage() != plan.zero:
+        raise RuntimeError(f"--zero {plan.zero}, but DeepSpeed runs stage {engine.zero_optimization_stage()}")
+    return Zero(engine, engine.module, ds_optimizer, scheduler)
+
+
+@dataclass
+class Zero:
+    """The per-step operations of trainer.py on a DeepSpeed engine."""
+
+    model: nn.Module  # the DeepSpeedEngine: what training calls
+    module: nn.Module  # the recipe's module (ZeRO-3: parameters gathered by hooks in each forward)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler = None
+    ddp = False
+
+    def sync(self, enabled: bool) -> None:
+        """DeepSpeed counts micro-steps itself and reduces at the boundary."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        boundary = self.model.is_gradient_accumulation_boundary()
+        self.model.backward(loss)  # divides by the accumulation steps
+        if not boundary:
+            self.model.step()  # counts the micro-step; no update
+
+    def update(self, clip: float) -> float:
+        """Clip and step (DeepSpeed skips a step whose gradient norm is not finite); the norm before clipping."""
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        return math.nan if norm is None else float(norm)
+
+    def skip(self) -> None:
+        """DeepSpeed has dropped the step; the schedule advances with the data, as in the other engines."""
+        self.scheduler.step()
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def first_nonfinite(self) -> str | None:
+        return None  # the gradients live in DeepSpeed's partitioned buffers, already cleared
+
+    def reshard(self) -> None:
+        """ZeRO-3 frees gathered parameters after each module's forward itself."""
+
+    def sync_buffers(self) -> None:
+        for b in self.module.buffers():
+            torch.distributed.broadcast(b, 0)
+
+    def state_dict(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def save_files(self, folder: Path) -> None:
+        """Every rank writes its partition of the weights and optimizer state (a collective)."""
+        self.model.save_checkpoint(str(folder / "deepspeed"), tag=TAG, save_latest=False)
+
+    def load_files(self, folder: Path) -> None:
+        self.model.load_checkpoint(str(folder / "deepspeed"), tag=TAG, load_lr_scheduler_states=False)
