@@ -150,6 +150,9 @@ def check(path: Path) -> dict:
 
 def _deepspeed_globals() -> list:
     """The plain-data classes DeepSpeed pickles into its optimizer files, and nothing that runs code."""
+    from .zero import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

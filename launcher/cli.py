@@ -436,6 +436,11 @@ def describe(plan: Plan) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        from . import export
+
+        export.main(argv[1:])
+        return
     try:
         plan, module, hp, args = parse(argv)
         if args.slurm:
@@ -512,7 +517,15 @@ def _port_advice(e: OSError) -> str:
 
 
 def _compare(plan: Plan, manifest: dict) -> None:
-    """Warn when the run resumes with other settings than its checkpoint was trained with."""
+    """Refuse a checkpoint another engine wrote (each keeps its state its own way); warn when the run resumes
+    with other settings than its checkpoint was trained with."""
+    engine = manifest.get("engine", "ddp")
+    if engine != plan.engine:
+        raise UsageError(f"{plan.resume} was written by --engine {engine}: resume it with that engine, or take its "
+                         f"weights with `launch export {plan.resume}`")
+    if engine == "deepspeed" and manifest.get("world_size") != plan.world_size:
+        raise UsageError(f"{plan.resume} holds DeepSpeed partitions for {manifest.get('world_size')} processes: "
+                         f"resume it on as many, not {plan.world_size}")
     saved = {**manifest.get("hparams", {}), "seed": manifest.get("seed"), "grad_accum": manifest.get("grad_accum")}
     now = {**plan.hparams, "seed": plan.seed, "grad_accum": plan.grad_accum}
     changed = [f"{k} {saved[k]!r} → {now[k]!r}" for k in now if k in saved and saved[k] != now[k]

@@ -290,7 +290,8 @@ class Trainer:
         plan = self.plan
         state = {**self.engine.state_dict(), "progress": {
             "step": self.step, "best": self.best, "bad_evals": self.bad_evals, "skipped": self.skipped}}
-        meta = {"step": self.step, "world_size": self.world, "seed": plan.seed, "grad_accum": plan.grad_accum,
+        meta = {"step": self.step, "engine": plan.engine, "world_size": self.world, "seed": plan.seed,
+                "grad_accum": plan.grad_accum,
                 "hparams": plan.public_hparams()}
         barrier = torch.distributed.barrier if self.world > 1 else lambda: None
         checkpoint.save(target, state, meta, self.rank, barrier, self.engine.save_files)

@@ -85,12 +85,19 @@ def _merge(base: dict, over: dict) -> dict:
     return merged
 
 
+def import_deepspeed():
+    """deepspeed, told which accelerator it runs on (else it prints a warning on each import without a GPU)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
 def build(acc, plan: Plan, module: nn.Module, make_optimizer, autocast) -> Zero:
     """deepspeed.initialize around the recipe's module, optimizer and schedule, in the process group the
     launcher made; fails rather than run another stage than asked for."""
-    if plan.device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     if plan.device == "cpu":  # a shared-memory all-reduce that JIT-compiles for ~30 s; gloo's gives the same sums
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from conftest import TINY, eval_record, launch, train_records
+from conftest import TINY, eval_record, launch, ok, train_records
 from test_checkpoint import assert_same, tiny
 from test_train import params
 
@@ -80,6 +81,9 @@ def test_an_engine_trains_like_ddp(tmp_path, ddp, engine):
         for k in weights:
             torch.testing.assert_close(weights[k], ddp_weights[k], **TOLERANCE)
     assert_same(in_process(folder, engine), checkpoint_weights(folder))
+    exported = folder / "run" / "exports" / "run-step-00000012.safetensors"
+    assert ok(launch("export", folder / "run")).stdout == f"launch: exported {exported}\n"
+    assert_same(load_file(exported), checkpoint_weights(folder))
 
 
 @pytest.mark.parametrize("engine", ["zero2", "zero3-offload", "fsdp"])
@@ -91,6 +95,9 @@ def test_an_engine_resumes_exactly_from_its_own_checkpoint(tmp_path, engine):
     tiny(tmp_path, "stopped", *common, "--crash-at", "8", "--resume", "auto", procs=2)
     assert_same(in_process(stopped, engine), in_process(straight, engine))
     assert_same(checkpoint_weights(stopped), checkpoint_weights(straight))
+    other = launch(TINY, "--cpu", "--procs", "2", "--run-dir", straight / "run", "--resume", "auto")
+    assert other.returncode == 2 and f"was written by --engine {ENGINES[engine][1]}: resume it with that engine, " \
+        "or take its weights with `launch export" in other.stderr, other.stderr
 
 
 @pytest.mark.parametrize("engine", ["zero2", "fsdp"])
@@ -147,3 +154,15 @@ def test_a_nonfinite_step_is_skipped_like_under_ddp(tmp_path, engine):
         got, want = eval_record(folder / "run", split), eval_record(ddp / "run", split)
         for key in got:
             assert got[key] == pytest.approx(want[key], rel=1e-5), (split, key)
+
+
+def test_export_takes_the_newest_checkpoint_or_a_named_one_and_refuses_anything_else(tmp_path, ddp):
+    out = tmp_path / "weights.safetensors"
+    assert ok(launch("export", ddp / "run", "--out", out)).stdout == f"launch: exported {out}\n"
+    assert_same(load_file(out), params(ddp, 0))
+    best = ddp / "run" / "checkpoints" / "best"
+    ok(launch("export", best, "--out", out))
+    assert_same(load_file(out), torch.load(best / "state.pt", weights_only=True)["model"])
+    result = launch("export", tmp_path)
+    assert result.returncode == 2 and result.stderr == (f"launch: error: {tmp_path} is neither a checkpoint nor a "
+                                                        "run directory with a complete checkpoint\n")
