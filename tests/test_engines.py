@@ -86,7 +86,7 @@ def test_an_engine_trains_like_ddp(tmp_path, ddp, engine):
     assert_same(load_file(exported), checkpoint_weights(folder))
 
 
-@pytest.mark.parametrize("engine", ["zero2", "zero3-offload", "fsdp"])
+@pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3", "zero3-offload", "fsdp", "fsdp-grad-op"])
 def test_an_engine_resumes_exactly_from_its_own_checkpoint(tmp_path, engine):
     common = ("--max-steps", "12", "--noise", "0.1", "--save-every", "6", *ENGINES[engine])
     straight, _ = tiny(tmp_path, "straight", *common, procs=2)
