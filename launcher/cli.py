@@ -21,7 +21,7 @@ from pathlib import Path
 from . import checkpoint
 from . import recipe as recipes
 from . import slurm, spawn, zero
-from .plan import SECRET, Plan
+from .plan import Plan
 from .sinks import warn, write_json
 
 USAGE = "launch RECIPE [launcher flags] [recipe hyperparameter flags]"
@@ -355,7 +355,7 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
         master_addr=args.master_addr or "127.0.0.1",
         master_port=args.master_port or (29500 if args.nodes > 1 else 0), engine=args.engine,
         sharding=args.sharding or "full", zero=(args.zero or 2) if args.engine == "deepspeed" else 0,
-        offload=args.offload or "none", deepspeed_config=deepspeed_config, precision=args.precision,
+        offload=args.offload or "none", precision=args.precision,
         grad_accum=accum, clip_grad=args.clip_grad,
         seed=args.seed, max_steps=args.max_steps or (DEBUG_STEPS if args.debug else None),
         eval_every=0 if args.debug else args.eval_every, eval_epochs=0 if args.debug else args.eval_epochs,
@@ -370,7 +370,7 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
     )
     if plan.engine == "deepspeed":
         try:
-            zero.config(plan, plan.deepspeed_config or {})
+            plan = dataclasses.replace(plan, deepspeed_config=zero.config(plan, deepspeed_config or {}))
         except zero.ConfigError as e:
             raise UsageError(str(e)) from None
     if manifest:
@@ -475,8 +475,7 @@ def submit(plan: Plan, args: argparse.Namespace, argv: list[str]) -> int:
     """--slurm: the batch script for this run; printed with --dry-run, else written and submitted."""
     options = {o: a.nargs != 0 for a in base_parser(add_help=False)._actions for o in a.option_strings}
     try:
-        secret = {"--" + k.replace("_", "-") for k, v in plan.hparams.items() if SECRET.search(k) and
-                  not isinstance(v, bool)}
+        secret = {"--" + k.replace("_", "-") for k in plan.secret_hparams() if not isinstance(plan.hparams[k], bool)}
         command, secrets = slurm.hide_secrets(slurm.node_command(argv, args.recipe, options), secret)
         script = slurm.render(plan, args, command, sys.executable, Path.cwd())
         if args.dry_run:
@@ -528,7 +527,7 @@ def _compare(plan: Plan, manifest: dict) -> None:
                          f"resume it on as many, not {plan.world_size}")
     saved = {**manifest.get("hparams", {}), "seed": manifest.get("seed"), "grad_accum": manifest.get("grad_accum")}
     now = {**plan.hparams, "seed": plan.seed, "grad_accum": plan.grad_accum}
-    changed = [f"{k} {saved[k]!r} → {now[k]!r}" for k in now if k in saved and saved[k] != now[k]
-               and not SECRET.search(k)]
+    secret = plan.secret_hparams()
+    changed = [f"{k} {saved[k]!r} → {now[k]!r}" for k in now if k in saved and saved[k] != now[k] and k not in secret]
     if changed:
         warn(f"resuming with other settings than the checkpoint was saved with: {', '.join(changed)}")

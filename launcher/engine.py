@@ -191,8 +191,12 @@ class Engine:
     def sync_buffers(self) -> None:
         """Give every rank rank zero's buffers (batch-norm statistics drift apart between forwards)."""
         if self.ddp or self.fsdp:
-            for b in self.module.buffers():
-                torch.distributed.broadcast(b, 0)
+            broadcast_buffers(self.module)
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    for b in module.buffers():
+        torch.distributed.broadcast(b, 0)
 
 
 def build(acc, plan: Plan, module: nn.Module, make_optimizer: Callable) -> Engine:

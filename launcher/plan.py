@@ -33,7 +33,7 @@ class Plan:
     sharding: str = "full"  # fsdp: full (free gathered parameters after the forward) | grad-op (keep them)
     zero: int = 0  # deepspeed: the ZeRO stage, 1-3
     offload: str = "none"  # none | optimizer | params | both: what lives on the CPU (fsdp: none | both)
-    deepspeed_config: dict | None = None  # deepspeed: the user's --deepspeed-config, merged under the flags
+    deepspeed_config: dict | None = None  # deepspeed: what it runs with, the flags and --deepspeed-config merged
     precision: str = "fp32"  # fp32 | bf16 | fp16
     grad_accum: int = 1
     clip_grad: float = 0.0  # 0 = no clipping; the norm is logged either way
@@ -70,9 +70,14 @@ class Plan:
         """Samples per process per forward pass: the global batch split over processes and accumulation."""
         return self.batch_size // (self.world_size * self.grad_accum)
 
+    def secret_hparams(self) -> set[str]:
+        """Hyperparameters named like a key, token, secret or password."""
+        return {k for k in self.hparams if SECRET.search(k)}
+
     def public_hparams(self) -> dict:
         """The hyperparameters as files and logs may hold them: values of secret-looking names masked."""
-        return {k: "<redacted>" if SECRET.search(k) else v for k, v in self.hparams.items()}
+        secret = self.secret_hparams()
+        return {k: "<redacted>" if k in secret else v for k, v in self.hparams.items()}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .engine import broadcast_buffers
 from .plan import Plan
 
 TAG = "zero"  # the one checkpoint tag inside a launcher checkpoint's deepspeed/ folder
@@ -110,7 +111,7 @@ def build(acc, plan: Plan, module: nn.Module, make_optimizer, autocast) -> Zero:
     optimizer, scheduler = make_optimizer(module)
     deepspeed.utils.logger.setLevel(logging.ERROR)  # "untested optimizer": the recipe's torch optimizer, by design
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                                      config=config(plan, plan.deepspeed_config or {}),
+                                                      config=plan.deepspeed_config,
                                                       dist_init_required=False)
     deepspeed.utils.logger.setLevel(logging.WARNING)
     if engine.zero_optimization_stage() != plan.zero:
@@ -158,8 +159,7 @@ class Zero:
         """ZeRO-3 frees gathered parameters after each module's forward itself."""
 
     def sync_buffers(self) -> None:
-        for b in self.module.buffers():
-            torch.distributed.broadcast(b, 0)
+        broadcast_buffers(self.module)
 
     def state_dict(self) -> dict:
         return {"scheduler": self.scheduler.state_dict()}

@@ -1,14 +1,13 @@
 """The same recipe under every engine, 2 CPU processes over gloo: the same losses, gradient norms, metrics
 and weights as DDP, and checkpoints that resume exactly under the engine that wrote them."""
 
-import contextlib
-import io
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from launcher import export
 from conftest import TINY, eval_record, launch, ok, train_records
 from test_checkpoint import assert_same, tiny
 from test_train import params
@@ -37,15 +36,8 @@ def ddp(tmp_path_factory):
 
 
 def checkpoint_weights(folder) -> dict:
-    """The whole weights in the last checkpoint: state.pt (DDP, FSDP), or DeepSpeed's partitions put together
-    by its own zero_to_fp32."""
-    last = folder / "run" / "checkpoints" / "step-00000012"
-    if (last / "deepspeed").is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            return dict(get_fp32_state_dict_from_zero_checkpoint(str(last / "deepspeed"), tag="zero"))
-    return torch.load(last / "state.pt", weights_only=True)["model"]
+    """The whole weights in the last checkpoint, whatever the engine (what `launch export` writes)."""
+    return export.weights(folder / "run" / "checkpoints" / "step-00000012")
 
 
 def in_process(folder, engine) -> dict:
