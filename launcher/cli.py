@@ -230,9 +230,9 @@ def _check_engine(args: argparse.Namespace) -> dict | None:
                          "use --offload both")
     if engine == "deepspeed" and offload in ("params", "both") and (args.zero or 2) < 3:
         raise UsageError(f"--offload {offload} needs --zero 3: only stage 3 shards the parameters")
-    if engine != "ddp" and args.precision == "fp16":
-        raise UsageError(f"--engine {engine} with --precision fp16 is not supported (a loss scaler on sharded "
-                         "gradients is untested here); use bf16")
+    if engine == "deepspeed" and args.precision == "fp16":
+        raise UsageError("--engine deepspeed with --precision fp16 is not supported: DeepSpeed's fp16 halves the "
+                         "weights themselves and needs a GPU to verify; use bf16, or fp16 with --engine fsdp or ddp")
     if not args.deepspeed_config:
         return None
     try:
@@ -278,9 +278,6 @@ def _where(args: argparse.Namespace) -> tuple[str, int]:
         device, nproc = "cpu", args.procs or 1
     else:
         device, nproc = ("cuda" if torch.cuda.is_available() else "cpu"), 1
-    if args.precision == "fp16" and device == "cpu":
-        raise UsageError("--precision fp16 needs a GPU (Accelerate would silently train in fp32 on the CPU); "
-                         "use bf16 or fp32")
     if args.precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError(f"--precision bf16: {torch.cuda.get_device_name()} has no bf16; use fp16 or fp32")
     return device, nproc

@@ -1,11 +1,12 @@
 """Build the run with Accelerate (DDP), torch's FSDP2 or DeepSpeed (zero.py), and the few operations the
 loop calls each step.
 
-Accelerate builds: process group, device, DDP wrapper, autocast, loss scaler. FSDP2 is torch's
-`fully_shard`, applied here: Accelerate 1.15 silently trains DDP instead when asked for FSDP on the CPU.
-The per-step path then does only what a careful hand-written loop does (no prepared dataloader or
-optimizer wrappers, which cost about half the speed on short steps; see benchmarks/overhead.py).
-Mixed precision means the same in every engine: autocast over fp32 weights, as Accelerate applies it.
+Accelerate builds the device and the DDP wrapper. FSDP2 is torch's `fully_shard`, applied here:
+Accelerate 1.15 silently trains DDP instead when asked for FSDP on the CPU. The per-step path then does
+only what a careful hand-written loop does (no prepared dataloader or optimizer wrappers, which cost about
+half the speed on short steps; see benchmarks/overhead.py). Mixed precision means the same in every engine
+and on every device: autocast over fp32 weights, applied here (Accelerate would silently train fp16 in
+fp32 on the CPU), with a loss scaler for fp16 that FSDP makes shard-aware.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .plan import Plan
 
-MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def accelerator(plan: Plan):
@@ -35,12 +36,10 @@ def accelerator(plan: Plan):
     guard(int(os.environ.get("WORLD_SIZE", "1")), plan)
     if plan.world_size > 1 or plan.engine != "ddp":  # sharding needs a process group, even of one
         join(plan)
-    acc = Accelerator(cpu=plan.device == "cpu", mixed_precision=MIXED_PRECISION[plan.precision])
+    acc = Accelerator(cpu=plan.device == "cpu")  # precision is the launcher's: see autocast()
     guard(acc.num_processes, plan)
     if acc.device.type != plan.device:
         raise RuntimeError(f"planned device {plan.device} but Accelerate chose {acc.device}")
-    if plan.precision != "fp32" and not acc.native_amp:
-        raise RuntimeError(f"{plan.precision} mixed precision is not available on {acc.device}")
     return acc
 
 
@@ -206,27 +205,31 @@ def build(acc, plan: Plan, module: nn.Module, make_optimizer: Callable) -> Engin
     if plan.engine == "deepspeed":
         from . import zero
 
-        return zero.build(acc, plan, module, make_optimizer, autocast)
+        return zero.build(plan, module, make_optimizer, autocast)
+    autocast(module, plan)
     if plan.engine == "fsdp":
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
         from torch.distributed.tensor import DTensor
 
         shard(module, plan)
         if not all(isinstance(p, DTensor) for p in module.parameters()):
             raise RuntimeError("--engine fsdp: some parameters were not sharded")
         optimizer, scheduler = make_optimizer(module)
-        return Engine(autocast(acc, module), module, optimizer, scheduler, plan.grad_accum, acc.scaler)
+        # each rank sees only its shard's gradients: the scaler agrees on an overflow across ranks
+        scaler = ShardedGradScaler(plan.device) if plan.precision == "fp16" else None
+        return Engine(module, module, optimizer, scheduler, plan.grad_accum, scaler)
     optimizer, scheduler = make_optimizer(module)
-    return Engine(acc.prepare_model(module), module, optimizer, scheduler, plan.grad_accum, acc.scaler)
+    scaler = torch.amp.GradScaler(plan.device) if plan.precision == "fp16" else None
+    return Engine(acc.prepare_model(module), module, optimizer, scheduler, plan.grad_accum, scaler)
 
 
-def autocast(acc, module: nn.Module) -> nn.Module:
+def autocast(module: nn.Module, plan: Plan) -> None:
     """Mixed precision as Accelerate's prepare_model applies it: the forward under autocast, outputs in fp32."""
-    if acc.native_amp:
-        from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+    if plan.precision in AUTOCAST:
+        from accelerate.utils import convert_outputs_to_fp32
 
-        context = get_mixed_precision_context_manager(acc.native_amp, acc.autocast_handler)
+        context = torch.autocast(plan.device, dtype=AUTOCAST[plan.precision])
         module.forward = MethodType(convert_outputs_to_fp32(context(module.forward.__func__)), module)
-    return module
 
 
 def shard(module: nn.Module, plan: Plan) -> None:

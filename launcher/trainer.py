@@ -233,6 +233,8 @@ class Trainer:
                       "step_time": dt / steps}
             if self.plan.skip_nonfinite:
                 record["skipped_steps"] = self.skipped
+            if self.engine.scaler:  # halved on each step it skips for an overflow
+                record["loss_scale"] = self.engine.scaler.get_scale()
             line = None
             if self.step % self.print_every == 0 or self.step == self.total:
                 line = (f"step {self.step:>{len(str(self.total))}}/{self.total}  "

@@ -95,7 +95,7 @@ def import_deepspeed():
     return deepspeed
 
 
-def build(acc, plan: Plan, module: nn.Module, make_optimizer, autocast) -> Zero:
+def build(plan: Plan, module: nn.Module, make_optimizer, autocast) -> Zero:
     """deepspeed.initialize around the recipe's module, optimizer and schedule, in the process group the
     launcher made; fails rather than run another stage than asked for."""
     deepspeed = import_deepspeed()
@@ -107,7 +107,7 @@ def build(acc, plan: Plan, module: nn.Module, make_optimizer, autocast) -> Zero:
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
                                     "deprecated")
-    autocast(acc, module)
+    autocast(module, plan)
     optimizer, scheduler = make_optimizer(module)
     deepspeed.utils.logger.setLevel(logging.ERROR)  # "untested optimizer": the recipe's torch optimizer, by design
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,

@@ -40,7 +40,6 @@ BAD = [
     pytest.param([DIGITS, "--cpu", "--clip-grad", "-0.5"], "--clip-grad must be at least 0", id="negative-clip"),
     pytest.param([DIGITS, "--cpu", "--procs", "2", "--batch-size", "63"], "must be a positive multiple of 2",
                  id="indivisible-batch"),
-    pytest.param([DIGITS, "--cpu", "--precision", "fp16"], "--precision fp16 needs a GPU", id="fp16-on-cpu"),
     pytest.param([DIGITS, "--debug", "--cpu", "--procs", "2"], "--debug runs one process", id="debug-many"),
     pytest.param([DIGITS, "--cpu", "--resume", "/nonexistent/ckpt"], "no such checkpoint or run directory",
                  id="missing-resume"),

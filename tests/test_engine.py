@@ -9,9 +9,8 @@ from launcher.engine import Engine
 
 
 def test_the_loss_scaler_path_gives_the_plain_update():
-    """fp16 runs need a GPU (Accelerate refuses fp16 on the CPU), so the engine's GradScaler branch is driven
-    here with torch's real CPU GradScaler: scaled backward over two micro-steps, unscale before clipping, step.
-    A power-of-two scale is exact, so the update must equal the unscaled one bit for bit."""
+    """The GradScaler branch with fp32 arithmetic: scaled backward over two micro-steps, unscale before
+    clipping, step. A power-of-two scale is exact, so the update must equal the unscaled one bit for bit."""
     torch.manual_seed(0)
     plain_model = nn.Linear(8, 3)
     scaled_model = copy.deepcopy(plain_model)

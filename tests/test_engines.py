@@ -2,6 +2,7 @@
 and weights as DDP, and checkpoints that resume exactly under the engine that wrote them."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -92,6 +93,26 @@ def test_an_engine_resumes_exactly_from_its_own_checkpoint(tmp_path, engine):
         "or take its weights with `launch export" in other.stderr, other.stderr
 
 
+def test_fp16_under_fsdp_trains_like_ddp_fp16(tmp_path, ddp):
+    """fp16 autocast with a loss scaler, on the CPU: FSDP's shard-aware scaler and DDP's skip the same
+    overflowing step (a planted NaN in step 3) and halve the scale alike, so losses, norms and weights agree."""
+    flags = (*COMMON, "--precision", "fp16", "--nan-at", "5")
+    folders = {name: tiny(tmp_path, name, *flags, *extra, procs=2)[0]
+               for name, extra in (("ddp", ()), ("fsdp", ENGINES["fsdp"]))}
+    got, want = train_records(folders["fsdp"] / "run"), train_records(folders["ddp"] / "run")
+    assert want.keys() == got.keys() == set(range(1, 13))
+    for step in want:
+        for key in ("train/loss", "grad_norm", "lr", "loss_scale"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, nan_ok=True), (step, key)
+    assert [want[s]["loss_scale"] for s in (2, 3, 12)] == [2.0**16, 2.0**15, 2.0**15]
+    assert math.isnan(want[3]["grad_norm"])
+    fp32 = train_records(ddp / "run")[1]["train/loss"]
+    assert want[1]["train/loss"] != fp32 and want[1]["train/loss"] == pytest.approx(fp32, rel=1e-2)  # fp16 ran
+    weights = in_process(folders["fsdp"], "fsdp")
+    for k, w in params(folders["ddp"], 0).items():
+        torch.testing.assert_close(weights[k], w, **TOLERANCE)
+
+
 @pytest.mark.parametrize("engine", ["zero2", "fsdp"])
 def test_one_process_runs_the_engine_too(tmp_path, engine):
     """In a single process (inside launch itself) the engine's code path still runs, in a group of one."""
@@ -105,7 +126,8 @@ def test_one_process_runs_the_engine_too(tmp_path, engine):
     (("--zero", "3"), None, "--zero 3 is for --engine deepspeed, not ddp"),
     (("--engine", "fsdp", "--offload", "optimizer"), None, "FSDP offloads parameters, gradients and the optimizer"),
     (("--engine", "deepspeed", "--offload", "params"), None, "--offload params needs --zero 3"),
-    (("--engine", "fsdp", "--precision", "fp16"), None, "--engine fsdp with --precision fp16 is not supported"),
+    (("--engine", "deepspeed", "--precision", "fp16"), None, "--engine deepspeed with --precision fp16 is not "
+     "supported"),
     (("--engine", "zero"), None, "argument --engine: invalid choice: 'zero'"),
     (("--engine", "deepspeed", "--grad-accum", "2"), {"gradient_accumulation_steps": 4},
      "--deepspeed-config: gradient_accumulation_steps 4 contradicts --grad-accum 2"),
