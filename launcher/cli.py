@@ -56,6 +56,10 @@ def base_parser(add_help: bool) -> Parser:
                    help="the rendezvous port on node 0 (default: 29500 with --nodes, else any free port)")
     g.add_argument("--workers", type=int, metavar="N",
                    help="DataLoader workers per process for per-sample datasets (default: 0 on CPU, 4 on GPU)")
+    g.add_argument("--device-data", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep a recipe's tensor data set whole on the device when it fits in a quarter of the free "
+                        "memory and cut batches there by index, without a DataLoader (default); --no-device-data "
+                        "sends every batch through a DataLoader instead")
     g = p.add_argument_group("engine", "how the model is distributed; the same recipe and result under each")
     g.add_argument("--engine", choices=["ddp", "fsdp", "deepspeed"], default="ddp",
                    help="ddp: a whole copy per process (default); fsdp: parameters, gradients and optimizer state "
@@ -77,6 +81,8 @@ def base_parser(add_help: bool) -> Parser:
                    help="split each optimizer step into K micro-steps (the global batch stays the same); default 1")
     g.add_argument("--clip-grad", type=float, default=0.0, metavar="NORM",
                    help="clip the total gradient norm to NORM; 0 = off (the norm is logged either way)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (DDP and one process): a slower start for faster steps")
     g.add_argument("--seed", type=int, default=0, help="default: 0")
     g.add_argument("--max-steps", type=int, metavar="N",
                    help="stop after N optimizer steps; the LR schedule spans these N steps")
@@ -230,6 +236,8 @@ def _check_engine(args: argparse.Namespace) -> dict | None:
                          "use --offload both")
     if engine == "deepspeed" and offload in ("params", "both") and (args.zero or 2) < 3:
         raise UsageError(f"--offload {offload} needs --zero 3: only stage 3 shards the parameters")
+    if engine != "ddp" and args.compile:
+        raise UsageError(f"--compile works with --engine ddp (and one process) for now, not {engine}")
     if engine == "deepspeed" and args.precision == "fp16":
         raise UsageError("--engine deepspeed with --precision fp16 is not supported: DeepSpeed's fp16 halves the "
                          "weights themselves and needs a GPU to verify; use bf16, or fp16 with --engine fsdp or ddp")
@@ -358,6 +366,7 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
         eval_every=0 if args.debug else args.eval_every, eval_epochs=0 if args.debug else args.eval_epochs,
         eval_limit=10 if args.debug else None, log_every=1 if args.debug else args.log_every,
         workers=args.workers if args.workers is not None else (4 if device == "cuda" and not args.debug else 0),
+        device_data=args.device_data, compile=args.compile,
         save_every=args.save_every, keep=args.keep, resume=str(resume) if resume else None,
         max_restarts=args.max_restarts, skip_nonfinite=args.skip_nonfinite, early_stop=args.early_stop,
         timeout=args.timeout, debug=args.debug,

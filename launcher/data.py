@@ -39,9 +39,9 @@ def is_tensor_data(ds: Dataset) -> bool:
     return isinstance(ds, TensorDataset) and len(ds.tensors) == 2
 
 
-def place(ds: Dataset, device: torch.device) -> Dataset:
-    """Move a tensor dataset onto the device when it fits comfortably; leave anything else alone."""
-    if not is_tensor_data(ds) or device.type == "cpu":
+def place(ds: TensorDataset, device: torch.device) -> TensorDataset:
+    """The tensor data set on the device when it fits comfortably, else where it is."""
+    if device.type == "cpu":
         return ds
     size = sum(t.numel() * t.element_size() for t in ds.tensors)
     free, _ = torch.cuda.mem_get_info(device)
@@ -49,16 +49,20 @@ def place(ds: Dataset, device: torch.device) -> Dataset:
 
 
 class Loader:
-    """Micro-batches of one split for one rank, as (x, y) on the device."""
+    """Micro-batches of one split for one rank, as (x, y) on the device. The fast path, for a tensor data set
+    (kept whole on the device when it fits: the speed-record CIFAR-10 scripts' way): the permutation is drawn
+    there and each batch is one indexing operation, with no DataLoader, workers or copies. `fast=False` (or any
+    other data set) takes torch's DataLoader, sample by sample."""
 
-    def __init__(self, ds: Dataset, device: torch.device, workers: int):
-        self.ds, self.device, self.workers = ds, device, workers
+    def __init__(self, ds: Dataset, device: torch.device, workers: int, fast: bool = True):
+        self.fast = fast and is_tensor_data(ds)
+        self.ds, self.device, self.workers = place(ds, device) if self.fast else ds, device, workers
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def batches(self, index_lists) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if is_tensor_data(self.ds):
+        if self.fast:
             x, y = self.ds.tensors
             if x.device == self.device:  # the common case: cut batches where the data already lives
                 for idx in index_lists:
@@ -79,7 +83,7 @@ class Loader:
     def train_epoch(self, seed: int, epoch: int, start_step: int, steps: int, batch: int, accum: int, world: int,
                     rank: int):
         order = permutation(len(self.ds), seed, epoch)
-        if is_tensor_data(self.ds):
+        if self.fast:
             order = order.to(self.ds.tensors[0].device)
         return self.batches(list(micro_batches(order, start_step, steps, batch, accum, world, rank)))
 

@@ -218,6 +218,8 @@ def build(acc, plan: Plan, module: nn.Module, make_optimizer: Callable) -> Engin
         # each rank sees only its shard's gradients: the scaler agrees on an overflow across ranks
         scaler = ShardedGradScaler(plan.device) if plan.precision == "fp16" else None
         return Engine(module, module, optimizer, scheduler, plan.grad_accum, scaler)
+    if plan.compile:
+        module.compile()  # in place: parameter names, and so checkpoints, stay those of the recipe's module
     optimizer, scheduler = make_optimizer(module)
     scaler = torch.amp.GradScaler(plan.device) if plan.precision == "fp16" else None
     return Engine(acc.prepare_model(module), module, optimizer, scheduler, plan.grad_accum, scaler)

@@ -29,7 +29,7 @@ import torch
 
 from . import checkpoint
 from . import engine as engines
-from .data import Loader, place
+from .data import Loader
 from .optim import default_optimizer
 from .plan import Plan
 from .sinks import Sinks
@@ -57,8 +57,8 @@ class Trainer:
         torch.manual_seed(plan.seed)
         splits = recipe.data(hp)
         self.augment = splits.augment
-        self.train_data = Loader(place(splits.train, device), device, plan.workers)
-        self.evals = {name: Loader(place(ds, device), device, plan.workers)
+        self.train_data = Loader(splits.train, device, plan.workers, plan.device_data)
+        self.evals = {name: Loader(ds, device, plan.workers, plan.device_data)
                       for name, ds in (("val", splits.val), ("test", splits.test)) if ds is not None}
         self.steps_per_epoch = len(self.train_data) // plan.batch_size
         if self.steps_per_epoch == 0:
@@ -89,7 +89,7 @@ class Trainer:
             self.settle_buckets()
 
         self.loss_sum = torch.zeros((), device=device)
-        self.window = [time.perf_counter(), 0, 0]  # start, steps, steps whose loss counts
+        self.window = [time.perf_counter(), 0, 0, 0.0]  # start, steps, steps whose loss counts, s waiting for data
         self.norm = self.lr = 0.0
         self.print_every = 1 if plan.debug else plan.log_every * math.ceil(self.total / 20 / plan.log_every)
         self.printed_eval = -self.print_every
@@ -157,7 +157,9 @@ class Trainer:
         plan, engine, model, K = self.plan, self.engine, self.engine.model, self.plan.grad_accum
         step_loss = None
         for k in range(K):
+            t = time.perf_counter()
             x, y = next(batches)
+            self.window[3] += time.perf_counter() - t
             if self.augment:
                 x, y = self.augment(x, y)
             engine.sync(k == K - 1)
@@ -221,7 +223,7 @@ class Trainer:
 
     def log(self) -> None:
         """A log step: one all-reduce of the loss, and a record on rank zero."""
-        start, steps, counted = self.window
+        start, steps, counted, waited = self.window
         if self.world > 1:
             torch.distributed.all_reduce(self.loss_sum)
         loss = self.loss_sum.item() / (counted * self.plan.grad_accum * self.world) if counted else math.nan
@@ -230,7 +232,7 @@ class Trainer:
         if self.sinks:
             record = {"epoch": round(self.step / self.steps_per_epoch, 3), "train/loss": loss, "lr": self.lr,
                       "grad_norm": self.norm, "samples_per_s": steps * self.plan.batch_size / dt,
-                      "step_time": dt / steps}
+                      "step_time": dt / steps, "data_wait": waited / dt}
             if self.plan.skip_nonfinite:
                 record["skipped_steps"] = self.skipped
             if self.engine.scaler:  # halved on each step it skips for an overflow
@@ -240,9 +242,9 @@ class Trainer:
                 line = (f"step {self.step:>{len(str(self.total))}}/{self.total}  "
                         f"epoch {math.ceil(self.step / self.steps_per_epoch)}  loss {loss:.4f}  lr {self.lr:.2e}  "
                         f"grad {self.norm:.3f}  {record['samples_per_s']:,.0f} samples/s  "
-                        f"{1000 * record['step_time']:.1f} ms/step")
+                        f"{1000 * record['step_time']:.1f} ms/step  data {100 * record['data_wait']:.0f}%")
             self.sinks.log(self.step, record, line)
-        self.window = [time.perf_counter(), 0, 0]
+        self.window = [time.perf_counter(), 0, 0, 0.0]
 
     def validate(self) -> bool:
         """Evaluate on the validation split; keep the best checkpoint; True when patience has run out."""

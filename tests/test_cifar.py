@@ -1,5 +1,6 @@
 """The CIFAR-10 recipe's data: every layout it accepts decodes to the same tensors, splits never leak,
-pickles cannot run code, and the augmentation only crops and flips."""
+pickles cannot run code, the augmentation only translates and flips; the network's whitening layer and
+test-time mirror."""
 
 import os
 import pickle
@@ -119,16 +120,38 @@ def test_the_decoded_cache_is_built_once_per_source(tmp_path, images):
     assert cifar.cached(cifar.Hparams(data_dir=str(archive), cache_dir=str(tmp_path / "cache"))) != first
 
 
-def test_augment_only_crops_and_flips():
+def test_augment_only_translates_and_flips():
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     y = torch.arange(64)
     out, labels = cifar.augment(x, y)
     assert out.shape == x.shape and out.dtype == torch.uint8 and torch.equal(labels, y)
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    padded = torch.nn.functional.pad(x.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
     moved = 0
     for i in range(len(x)):
         candidates = [img[:, dy:dy + 32, dx:dx + 32] for img in (padded[i], padded[i].flip(2))
-                      for dy in range(9) for dx in range(9)]
+                      for dy in range(5) for dx in range(5)]
         assert any(torch.equal(out[i], c) for c in candidates), i
         moved += not torch.equal(out[i], x[i])
     assert moved > 50  # it does augment
+
+
+def test_the_whitening_layer_decorrelates_the_training_patches():
+    """Smooth images have strongly correlated neighbouring pixels; after the fitted 2×2 layer, the 12 filters'
+    outputs over the same images have (almost) the identity covariance."""
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.rand(200, 3, 8, 8, generator=g) * 255
+    images = torch.nn.functional.interpolate(coarse, size=32, mode="bilinear").round().to(torch.uint8)
+    filters = cifar.whitening(images, eps=0.0)
+    assert filters.shape == (24, 3, 2, 2) and torch.equal(filters[12:], -filters[:12])
+    out = torch.nn.functional.conv2d(cifar.normalise(images).double(), filters[:12].double())
+    covariance = torch.cov(out.permute(1, 0, 2, 3).reshape(12, -1))
+    torch.testing.assert_close(covariance, torch.eye(12, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_evaluation_sees_each_image_and_its_mirror_image():
+    net = cifar.Net(4, cifar.whitening(torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)))
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        assert not torch.allclose(net(x), net(x.flip(3)))  # training: one view
+        net.eval()
+        torch.testing.assert_close(net(x), net(x.flip(3)))

@@ -128,6 +128,7 @@ def test_one_process_runs_the_engine_too(tmp_path, engine):
     (("--engine", "deepspeed", "--offload", "params"), None, "--offload params needs --zero 3"),
     (("--engine", "deepspeed", "--precision", "fp16"), None, "--engine deepspeed with --precision fp16 is not "
      "supported"),
+    (("--engine", "fsdp", "--compile"), None, "--compile works with --engine ddp (and one process) for now, not fsdp"),
     (("--engine", "zero"), None, "argument --engine: invalid choice: 'zero'"),
     (("--engine", "deepspeed", "--grad-accum", "2"), {"gradient_accumulation_steps": 4},
      "--deepspeed-config: gradient_accumulation_steps 4 contradicts --grad-accum 2"),

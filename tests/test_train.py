@@ -173,3 +173,28 @@ def test_per_sample_datasets_with_dataloader_workers_train_like_tensors(tmp_path
     tensors = train_tiny(tmp_path, "tensors", *common, procs=2)
     loader = train_tiny(tmp_path, "loader", *common, "--per-sample", "--workers", "2", procs=2)
     assert_close(params(loader, 0), params(tensors, 0), rtol=1e-6)
+
+
+def test_the_device_data_path_and_the_dataloader_path_give_the_same_run(tmp_path):
+    """--no-device-data sends the same batches through a DataLoader with a worker: the same weights, bit for
+    bit; each records the share of step time it waited for data."""
+    common = ("--epochs", "2", "--batch-size", "16", "--log-every", "1")
+    fast = train_tiny(tmp_path, "fast", *common, procs=2)
+    loader = train_tiny(tmp_path, "loader", *common, "--no-device-data", "--workers", "1", procs=2)
+    for rank in range(2):
+        for k, v in params(fast, rank).items():
+            assert torch.equal(params(loader, rank)[k], v), k
+    for dump in (fast, loader):
+        shares = [r["data_wait"] for r in train_records(dump / "run").values()]
+        assert len(shares) == 12 and all(0 <= s < 1 for s in shares)
+
+
+def test_compile_trains_like_eager_and_keeps_the_recipes_parameter_names(tmp_path):
+    common = ("--max-steps", "6", "--batch-size", "16", "--log-every", "1")
+    eager = train_tiny(tmp_path, "eager", *common)
+    compiled = train_tiny(tmp_path, "compiled", *common, "--compile")
+    assert_close(params(compiled, 0), params(eager, 0), rtol=1e-4, atol=1e-6)
+    state = torch.load(compiled / "run" / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)
+    assert state["model"].keys() == params(eager, 0).keys()
+    losses = [train_records(d / "run")[1]["train/loss"] for d in (eager, compiled)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
