@@ -1,57 +1,73 @@
-"""The reference: a careful hand-written PyTorch loop over the benchmark recipe's model and data.
+"""The reference: a careful hand-written PyTorch loop over a recipe's model, data, loss and optimizer.
 
-    python benchmarks/handwritten.py STEPS LOG_EVERY                      # one process
-    torchrun --nproc-per-node 2 benchmarks/handwritten.py STEPS LOG_EVERY  # DDP over gloo
+    python benchmarks/handwritten.py RECIPE STEPS LOG_EVERY [--clip-grad C] [name=value ...]
+    torchrun --nproc-per-node 2 benchmarks/handwritten.py benchmarks/mlp.py STEPS LOG_EVERY  # DDP over gloo
 
-AdamW (decay on matrices only) with warm-up + cosine, gradient clipping at 1.0, a fresh permutation each epoch,
-batches cut by indexing, the loss summed on the device and read every LOG_EVERY steps.
-Prints one JSON line (rank 0): the wall-clock time of the first optimizer step and the
-seconds of each LOG_EVERY-step window.
+What the launcher does per step, written out: a fresh permutation each epoch, batches cut by indexing,
+the recipe's augmentation, forward, backward, optional clipping, the recipe's optimizer and schedule (AdamW
+with warm-up + cosine where it has none), the loss summed on the device and read every LOG_EVERY steps.
+name=value pairs override the recipe's hyperparameters. Prints one JSON line (rank 0): the wall-clock
+time of the first optimizer step and the seconds of each LOG_EVERY-step window.
 """
 
+import argparse
+import dataclasses
+import importlib.util
 import json
 import math
 import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mlp  # noqa: E402
+from launcher.optim import default_optimizer
 
-steps, log_every = int(sys.argv[1]), int(sys.argv[2])
+ap = argparse.ArgumentParser()
+ap.add_argument("recipe")
+ap.add_argument("steps", type=int)
+ap.add_argument("log_every", type=int)
+ap.add_argument("--clip-grad", type=float, default=0.0)
+ap.add_argument("overrides", nargs="*", metavar="name=value")
+args = ap.parse_args()
+spec = importlib.util.spec_from_file_location("recipe", args.recipe)
+recipe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(recipe)
+hp = recipe.Hparams()
+for pair in args.overrides:
+    name, value = pair.split("=", 1)
+    hp = dataclasses.replace(hp, **{name: type(getattr(hp, name))(value)})
+
 world = int(os.environ.get("WORLD_SIZE", "1"))
 rank = int(os.environ.get("RANK", "0"))
 if world > 1:
     dist.init_process_group("gloo")
 
-hp = mlp.Hparams()
 torch.manual_seed(0)
-x, y = mlp.data(hp).train.tensors
-model = mlp.model(hp)
-params = list(model.parameters())
+splits = recipe.data(hp)
+x, y = splits.train.tensors
+model = recipe.model(hp)
+params = [p for p in model.parameters() if p.requires_grad]
+opt, sched = getattr(recipe, "optimizer", default_optimizer)(model, hp, args.steps)
 if world > 1:
     model = torch.nn.parallel.DistributedDataParallel(model)
-loss_fn = mlp.loss(hp)
-opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
-                         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=hp.lr)
-warm = round(hp.warmup * steps)
-sched = torch.optim.lr_scheduler.LambdaLR(
-    opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (steps - warm))))
+loss_fn = recipe.loss(hp)
 
-micro = hp.batch_size // world
+steps_per_epoch, micro = len(y) // hp.batch_size, hp.batch_size // world
 step, first, windows = 0, None, []
 loss_sum = torch.zeros(())
 start = time.perf_counter()
-for epoch in range(math.ceil(steps / (len(y) // hp.batch_size))):
+for epoch in range(math.ceil(args.steps / steps_per_epoch)):
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch))
-    for i in range(len(y) // hp.batch_size):
+    for i in range(steps_per_epoch):
         idx = order[i * hp.batch_size + rank * micro: i * hp.batch_size + (rank + 1) * micro]
-        loss = loss_fn(model(x[idx]), y[idx])
+        xb, yb = x[idx], y[idx]
+        if splits.augment:
+            xb, yb = splits.augment(xb, yb)
+        loss = loss_fn(model(xb), yb)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if args.clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -59,15 +75,15 @@ for epoch in range(math.ceil(steps / (len(y) // hp.batch_size))):
         step += 1
         if first is None:
             first = time.time()
-        if step % log_every == 0:
+        if step % args.log_every == 0:
             loss_sum.item()
             loss_sum.zero_()
             now = time.perf_counter()
             windows.append(now - start)
             start = now
-        if step == steps:
+        if step == args.steps:
             break
-    if step == steps:
+    if step == args.steps:
         break
 if rank == 0:
     print(json.dumps({"first_step": first, "windows": windows}))

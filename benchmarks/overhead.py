@@ -1,21 +1,27 @@
-"""What the launcher costs: its loop against a hand-written loop, and its start-up against torchrun.
+"""What the launcher costs, side by side with the references in one run, as ratios.
 
-    python benchmarks/overhead.py [--reps 10] [--steps 2200] [--startup-reps 5]
+    pip install -e '.[bench]'      # the Lightning peer (skipped, and said so, without it)
+    CIFAR10_DIR=../shared/data python benchmarks/overhead.py [--reps 10] [--cifar-reps 4] [--startup-reps 5]
 
-1. Steps/s on a tiny MLP (benchmarks/mlp.py), one process, one thread: `launch
-   benchmarks/mlp.py --cpu` against benchmarks/handwritten.py, each repetition a
-   fresh process, in alternating order. Both read the loss every LOG_EVERY steps and
-   time those windows the same way; the first WARMUP steps are left out. Reported: the
-   median steps/s of each and the median of the per-pair ratios (goal ≥ 0.98).
-2. Start-up: seconds from the command's start to the end of the first optimizer step,
-   `launch benchmarks/mlp.py --cpu --procs 2` against `torchrun --nproc-per-node 2
-   benchmarks/handwritten.py`, alternating.
+1. Steps/s on a tiny MLP (benchmarks/mlp.py), one process, one thread, where overhead dominates:
+   `launch benchmarks/mlp.py --cpu` against the hand-written loop (benchmarks/handwritten.py) and
+   Lightning's Trainer (benchmarks/lightning_peer.py). Goal: launcher ≥ 0.98 of hand-written.
+2. Steps/s on the CIFAR-10 network (recipes/cifar.py at --width 16, batch 256, the recipe's augmentation
+   and optimizer), launcher against hand-written. Goal ≥ 0.99. The launcher's runs also give the share
+   of step time spent waiting for data (goal < 2 %).
+3. CIFAR-10 data paths in one fixed budget (one epoch at --width 16, batch 256): the launcher's device-data
+   path against --no-device-data (a DataLoader with one worker): epoch seconds and test accuracy.
+4. Start-up, command start to the end of the first optimizer step, 2 CPU processes: `launch` against
+   `torchrun` and `accelerate launch` running the hand-written loop.
 
-Nothing is asserted: this machine's noise is ±10 % on a single run, so only the paired,
-repeated figures mean anything. Paste the table into README's performance section.
+Every repetition is a fresh process and the order alternates, so that drift hits all sides alike; the
+first WARMUP steps are left out of every steps/s figure. Nothing is asserted: this machine's noise is
+±10 % on a single run, so only the paired, repeated medians mean anything. The script prints the
+machine, versions, the exact commands and a table to paste into README's performance section.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -27,106 +33,224 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 BIN = Path(sys.executable).parent
-LOG_EVERY, WARMUP = 100, 200
+MLP, CIFAR = HERE / "mlp.py", ROOT / "recipes" / "cifar.py"
+LOG_EVERY, WARMUP = 100, 200  # MLP
+CIFAR_LOG, CIFAR_WARMUP, CIFAR_STEPS = 10, 10, 70
+CIFAR_HP = {"width": "16", "batch_size": "256", "val_size": "0"}
+LOADER = ["--no-device-data", "--workers", "1"]
 
 
-def one_thread_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+def env(threads: int | None = None) -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {**e, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else e
 
 
-def run(cmd: list[str], env: dict) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+def run(cmd: list, environ: dict) -> str:
+    cmd = [str(c) for c in cmd]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=environ, timeout=1200)
     if result.returncode:
         sys.exit(f"failed: {' '.join(cmd)}\n{result.stdout}\n{result.stderr}")
     return result.stdout
 
 
-def launcher_cmd(run_dir: Path, steps: int, *extra: str) -> list[str]:
-    return [str(BIN / "launch"), str(HERE / "mlp.py"), "--cpu", *extra, "--clip-grad", "1.0", "--max-steps",
-            str(steps), "--wandb", "disabled", "--run-dir", str(run_dir)]
+def shown(cmd: list) -> str:
+    return " ".join(str(c).replace(str(ROOT) + "/", "").replace(str(BIN) + "/", "") for c in cmd)
 
 
 def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def launcher_steps_per_s(steps: int, tmp: Path, rep: int) -> float:
-    run_dir = tmp / f"loop-{rep}"
-    run(launcher_cmd(run_dir, steps, "--log-every", str(LOG_EVERY)), one_thread_env())
-    windows = [r["step_time"] * LOG_EVERY for r in records(run_dir) if r["step"] > WARMUP]
-    return len(windows) * LOG_EVERY / sum(windows)
+def rate(windows: list[float], every: int, warmup: int) -> float:
+    windows = windows[warmup // every:]
+    return len(windows) * every / sum(windows)
 
 
-def handwritten_steps_per_s(steps: int) -> float:
-    out = json.loads(run([sys.executable, str(HERE / "handwritten.py"), str(steps), str(LOG_EVERY)],
-                         one_thread_env()).splitlines()[-1])
-    windows = out["windows"][WARMUP // LOG_EVERY:]
-    return len(windows) * LOG_EVERY / sum(windows)
+def flags(hp: dict) -> list[str]:
+    return [x for k, v in hp.items() for x in (f"--{k.replace('_', '-')}", v)]
 
 
-def launcher_startup(tmp: Path, rep: int) -> float:
+# ------------------------------------------------------------------ the commands
+
+
+def launch_cmd(recipe: Path, run_dir: Path, *extra) -> list:
+    return [BIN / "launch", recipe, "--cpu", *extra, "--wandb", "disabled", "--run-dir", run_dir]
+
+
+def mlp_launch(steps: int, run_dir: Path) -> list:
+    return launch_cmd(MLP, run_dir, "--clip-grad", "1.0", "--max-steps", steps, "--log-every", LOG_EVERY)
+
+
+def mlp_hand(steps: int) -> list:
+    return [sys.executable, HERE / "handwritten.py", MLP, steps, LOG_EVERY, "--clip-grad", "1.0"]
+
+
+def mlp_lightning(steps: int) -> list:
+    return [sys.executable, HERE / "lightning_peer.py", MLP, steps, LOG_EVERY, "--clip-grad", "1.0"]
+
+
+def cifar_launch(run_dir: Path, cache: Path, *extra) -> list:
+    return launch_cmd(CIFAR, run_dir, *flags(CIFAR_HP), "--cache-dir", cache, *extra)
+
+
+def cifar_hand(cache: Path) -> list:
+    hp = {**CIFAR_HP, "cache_dir": str(cache)}
+    pairs = [f"{k}={v}" for k, v in hp.items()]
+    return [sys.executable, HERE / "handwritten.py", CIFAR, CIFAR_STEPS, CIFAR_LOG, *pairs]
+
+
+# ------------------------------------------------------------------ the measures
+
+
+def launcher_rate(cmd: list, run_dir: Path, every: int, warmup: int, environ: dict) -> tuple[float, float]:
+    """(steps/s, share of the timed steps spent waiting for data)."""
+    run(cmd, environ)
+    timed = [r for r in records(run_dir) if "step_time" in r and r["step"] > warmup]
+    seconds = sum(r["step_time"] * every for r in timed)
+    return len(timed) * every / seconds, sum(r["data_wait"] * r["step_time"] * every for r in timed) / seconds
+
+
+def script_rate(cmd: list, every: int, warmup: int, environ: dict) -> float:
+    return rate(json.loads(run(cmd, environ).splitlines()[-1])["windows"], every, warmup)
+
+
+def alternate(reps: int, sides: dict) -> dict[str, list]:
+    """Each side's results over `reps` rounds, the order of the sides rotating every round."""
+    out = {name: [] for name in sides}
+    names = list(sides)
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            out[name].append(sides[name](rep))
+        latest = {n: out[n][-1][0] if isinstance(out[n][-1], tuple) else out[n][-1] for n in names}
+        print(f"  round {rep + 1}: " + ", ".join(f"{n} {v:.4g}" for n, v in latest.items()), file=sys.stderr)
+    return out
+
+
+def epoch_run(tmp: Path, cache: Path, name: str, extra: list) -> tuple[float, float]:
+    """(seconds of training in the epoch, test accuracy) for one launcher run of one epoch."""
+    run_dir = tmp / name
+    run(cifar_launch(run_dir, cache, "--epochs", "1", "--log-every", "5", *extra), env())
+    rs = records(run_dir)
+    seconds = sum(r["step_time"] * 5 for r in rs if "step_time" in r)
+    return seconds, next(r["test/acc"] for r in rs if "test/acc" in r)
+
+
+def launch_startup(tmp: Path, rep: int) -> float:
     run_dir = tmp / f"start-{rep}"
     start = time.time()
-    run(launcher_cmd(run_dir, 1, "--procs", "2", "--log-every", "1"), {**os.environ, "WANDB_MODE": "disabled"})
+    run(launch_cmd(MLP, run_dir, "--procs", "2", "--max-steps", "1", "--log-every", "1"), env())
     return records(run_dir)[0]["time"] - start
 
 
-def torchrun_startup() -> float:
+def startup_references() -> dict[str, list]:
+    script = [HERE / "handwritten.py", MLP, 1, 1]
+    return {"torchrun": [BIN / "torchrun", "--standalone", "--nproc-per-node", "2", *script],
+            "accelerate launch": [BIN / "accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                                  "--mixed_precision", "no", "--dynamo_backend", "no", *script]}
+
+
+def script_startup(cmd: list) -> float:
     start = time.time()
-    out = run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2",
-               str(HERE / "handwritten.py"), "1", "1"], dict(os.environ))
-    return json.loads(out.splitlines()[-1])["first_step"] - start
+    return json.loads(run(cmd, env()).splitlines()[-1])["first_step"] - start
+
+
+def median(xs: list) -> float:
+    return statistics.median(xs)
+
+
+def ratio_cell(ours: list, theirs: list) -> str:
+    ratios = [o / t for o, t in zip(ours, theirs, strict=True)]
+    return f"{median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=2200)
+    ap.add_argument("--reps", type=int, default=10, help="MLP rounds")
+    ap.add_argument("--steps", type=int, default=2200, help="MLP steps per run")
+    ap.add_argument("--cifar-reps", type=int, default=4)
+    ap.add_argument("--epoch-reps", type=int, default=1)
     ap.add_argument("--startup-reps", type=int, default=5)
     args = ap.parse_args()
 
     import torch
 
+    lightning = importlib.util.find_spec("lightning") is not None
+    cifar_dir = os.environ.get("CIFAR10_DIR")
+    rows, commands = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        raw, ours = [], []
-        for rep in range(args.reps):
-            for side in ("hand-written", "launcher")[:: 1 if rep % 2 == 0 else -1]:  # alternate who goes first
-                if side == "launcher":
-                    ours.append(launcher_steps_per_s(args.steps, tmp, rep))
-                else:
-                    raw.append(handwritten_steps_per_s(args.steps))
-            print(f"  loop rep {rep + 1}: hand-written {raw[-1]:.0f} steps/s, launcher {ours[-1]:.0f} steps/s",
-                  file=sys.stderr)
-        torchrun, launch = [], []
-        for rep in range(args.startup_reps):
-            for side in ("torchrun", "launch")[:: 1 if rep % 2 == 0 else -1]:
-                if side == "launch":
-                    launch.append(launcher_startup(tmp, rep))
-                else:
-                    torchrun.append(torchrun_startup())
-            print(f"  start-up rep {rep + 1}: torchrun {torchrun[-1]:.2f} s, launch {launch[-1]:.2f} s",
-                  file=sys.stderr)
+        one = env(threads=1)
+        sides = {"hand-written": lambda rep: script_rate(mlp_hand(args.steps), LOG_EVERY, WARMUP, one),
+                 "launcher": lambda rep: launcher_rate(mlp_launch(args.steps, tmp / f"mlp-{rep}"), tmp / f"mlp-{rep}",
+                                                       LOG_EVERY, WARMUP, one)[0]}
+        if lightning:
+            sides["Lightning"] = lambda rep: script_rate(mlp_lightning(args.steps), LOG_EVERY, WARMUP, one)
+        print("MLP steps/s", file=sys.stderr)
+        mlp = alternate(args.reps, sides)
+        commands += [shown(mlp_launch(args.steps, Path("RUN"))), shown(mlp_hand(args.steps)),
+                     shown(mlp_lightning(args.steps))]
+        hand = median(mlp["hand-written"])
+        rows.append(f"| steps/s, MLP 64-128-10, batch 32, 1 thread | {median(mlp['launcher']):.0f} | {hand:.0f} "
+                    f"(hand-written) | {ratio_cell(mlp['launcher'], mlp['hand-written'])} |")
+        if lightning:
+            rows.append(f"| steps/s, same, the peer | {median(mlp['launcher']):.0f} | {median(mlp['Lightning']):.0f} "
+                        f"(Lightning Trainer) | {ratio_cell(mlp['launcher'], mlp['Lightning'])} |")
+        else:
+            rows.append("| steps/s, same, the peer | – | not installed: pip install -e '.[bench]' | – |")
 
-    ratios = [o / r for o, r in zip(ours, raw, strict=True)]
+        if cifar_dir:
+            cache = tmp / "cache"
+            print("CIFAR-10 network steps/s", file=sys.stderr)
+            extra = ("--max-steps", CIFAR_STEPS, "--log-every", CIFAR_LOG)
+            cifar = alternate(args.cifar_reps, {
+                "hand-written": lambda rep: script_rate(cifar_hand(cache), CIFAR_LOG, CIFAR_WARMUP, env()),
+                "launcher": lambda rep: launcher_rate(cifar_launch(tmp / f"cifar-{rep}", cache, *extra),
+                                                      tmp / f"cifar-{rep}", CIFAR_LOG, CIFAR_WARMUP, env())})
+            ours = [r for r, _ in cifar["launcher"]]
+            commands += [shown(cifar_launch(Path("RUN"), Path("CACHE"), *extra)), shown(cifar_hand(Path("CACHE")))]
+            hand = cifar["hand-written"]
+            rows.append(f"| steps/s, CIFAR-10 network, width 16, batch 256 | {median(ours):.2f} | {median(hand):.2f} "
+                        f"(hand-written) | {ratio_cell(ours, hand)} |")
+            waits = [100 * w for _, w in cifar["launcher"]]
+            rows.append(f"| share of step time waiting for data, same runs | {median(waits):.2f} % (max "
+                        f"{max(waits):.2f} %) | goal < 2 % | – |")
+            print("CIFAR-10 data paths, one epoch", file=sys.stderr)
+            paths = alternate(args.epoch_reps, {
+                "device data": lambda rep: epoch_run(tmp, cache, f"fast-{rep}", []),
+                "DataLoader": lambda rep: epoch_run(tmp, cache, f"loader-{rep}", LOADER)})
+            commands += [shown(cifar_launch(Path("RUN"), Path("CACHE"), "--epochs", "1", "--log-every", "5")),
+                         f"  the same with {' '.join(LOADER)}"]
+            fast, slow = ([s for s, _ in paths[k]] for k in ("device data", "DataLoader"))
+            acc_fast, acc_slow = ([a for _, a in paths[k]] for k in ("device data", "DataLoader"))
+            rows.append(f"| one CIFAR-10 epoch, s (test accuracy) | {median(fast):.1f} ({median(acc_fast):.3f}), "
+                        f"device data | {median(slow):.1f} ({median(acc_slow):.3f}), DataLoader | "
+                        f"{median(slow) / median(fast):.2f}× faster |")
+        else:
+            rows.append("| CIFAR-10 rows | – | skipped: set CIFAR10_DIR (../shared/data) | – |")
+
+        print("start-up", file=sys.stderr)
+        references = startup_references()
+        starts = alternate(args.startup_reps, {
+            "launch": lambda rep: launch_startup(tmp, rep),
+            **{name: (lambda rep, cmd=cmd: script_startup(cmd)) for name, cmd in references.items()}})
+        commands += [shown(launch_cmd(MLP, Path("RUN"), "--procs", "2", "--max-steps", "1", "--log-every", "1")),
+                     *(shown(cmd) for cmd in references.values())]
+        for name in references:
+            ours, theirs = median(starts["launch"]), median(starts[name])
+            rows.append(f"| start-up to the end of the first step, 2 CPU processes, s | {ours:.2f} | {theirs:.2f} "
+                        f"(`{name}`) | {ours / theirs:.2f} |")
+
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
-    print(f"per-step: MLP 64-128-10, batch 32, AdamW, clip 1.0, 1 thread, {args.steps - WARMUP} timed steps after "
-          f"{WARMUP}, {args.reps} alternating fresh-process pairs")
-    print(f"  launch benchmarks/mlp.py --cpu --clip-grad 1.0 --max-steps {args.steps} --log-every {LOG_EVERY}")
-    print(f"  python benchmarks/handwritten.py {args.steps} {LOG_EVERY}")
-    print(f"start-up: command start → end of the first optimizer step, 2 CPU processes, {args.startup_reps} "
-          "alternating pairs")
-    print("  launch benchmarks/mlp.py --cpu --procs 2 --clip-grad 1.0 --max-steps 1 --log-every 1")
-    print("  torchrun --standalone --nproc-per-node 2 benchmarks/handwritten.py 1 1\n")
-    print("| measure | launcher | reference | ratio |")
-    print("|---|---|---|---|")
-    print(f"| steps/s, tiny MLP (median) | {statistics.median(ours):.0f} | {statistics.median(raw):.0f} (hand-written) "
-          f"| {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}) |")
-    print(f"| start-up to first step, s (median) | {statistics.median(launch):.2f} | {statistics.median(torchrun):.2f} "
-          f"(torchrun) | {statistics.median(launch) / statistics.median(torchrun):.2f} |")
+          f"{platform.python_version()}, torch {torch.__version__}"
+          f"{', lightning ' + __import__('lightning').__version__ if lightning else ''}; {time.strftime('%Y-%m-%d')}")
+    print(f"rounds: MLP {args.reps}, CIFAR {args.cifar_reps}, epochs {args.epoch_reps}, start-up {args.startup_reps}; "
+          "commands:")
+    for c in commands:
+        print(f"  {c}")
+    print("\n| measure | launcher | reference | ratio |\n|---|---|---|---|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -184,6 +184,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for value, flag in ((args.clip_grad, "--clip-grad"), (args.timeout, "--timeout")):
         if not math.isfinite(value):
             raise UsageError(f"{flag} must be a finite number, not {value}")
+    peak = os.environ.get("LAUNCH_PEAK_TFLOPS")
+    if peak is not None and not (_float(peak) > 0 and math.isfinite(_float(peak))):
+        raise UsageError(f"LAUNCH_PEAK_TFLOPS={peak}: must be the device's peak TFLOP/s, a positive number")
     if args.timeout < 10:
         raise UsageError(f"--timeout {args.timeout:g}: a collective timeout under 10 s would fail healthy runs")
     if args.max_restarts > 100:
@@ -194,6 +197,13 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if args.procs and args.procs > cores and not args.slurm:  # the job's nodes are another matter
         raise UsageError(f"--procs {args.procs}: this machine gives this command {cores} CPU core"
                          f"{'s' if cores != 1 else ''}, and each process needs one")
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def _check_slurm(args: argparse.Namespace) -> None:

@@ -22,10 +22,12 @@ import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from types import ModuleType
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import checkpoint
 from . import engine as engines
@@ -91,6 +93,8 @@ class Trainer:
         self.loss_sum = torch.zeros((), device=device)
         self.window = [time.perf_counter(), 0, 0, 0.0]  # start, steps, steps whose loss counts, s waiting for data
         self.norm = self.lr = 0.0
+        self.peak = peak_flops(device)  # per device; None where unknown: no MFU
+        self.flops = None  # per optimizer step, all ranks together: counted in the first step
         self.print_every = 1 if plan.debug else plan.log_every * math.ceil(self.total / 20 / plan.log_every)
         self.printed_eval = -self.print_every
         self.sinks = None
@@ -163,8 +167,12 @@ class Trainer:
             if self.augment:
                 x, y = self.augment(x, y)
             engine.sync(k == K - 1)
-            loss = self.loss_fn(model(x), y)
-            engine.backward(loss)
+            counting = self.peak is not None and self.flops is None
+            with (FlopCounterMode(display=False) if counting else nullcontext()) as flops:
+                loss = self.loss_fn(model(x), y)
+                engine.backward(loss)
+            if counting:
+                self.flops = flops.get_total_flops() * K * self.world
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
         self.step += 1
         self.window[1] += 1
@@ -237,12 +245,15 @@ class Trainer:
                 record["skipped_steps"] = self.skipped
             if self.engine.scaler:  # halved on each step it skips for an overflow
                 record["loss_scale"] = self.engine.scaler.get_scale()
+            if self.peak:
+                record["mfu"] = self.flops * steps / dt / (self.peak * self.world)
             line = None
             if self.step % self.print_every == 0 or self.step == self.total:
                 line = (f"step {self.step:>{len(str(self.total))}}/{self.total}  "
                         f"epoch {math.ceil(self.step / self.steps_per_epoch)}  loss {loss:.4f}  lr {self.lr:.2e}  "
                         f"grad {self.norm:.3f}  {record['samples_per_s']:,.0f} samples/s  "
-                        f"{1000 * record['step_time']:.1f} ms/step  data {100 * record['data_wait']:.0f}%")
+                        f"{1000 * record['step_time']:.1f} ms/step  data {100 * record['data_wait']:.0f}%"
+                        + (f"  MFU {100 * record['mfu']:.1f}%" if self.peak else ""))
             self.sinks.log(self.step, record, line)
         self.window = [time.perf_counter(), 0, 0, 0.0]
 
@@ -363,6 +374,22 @@ class Trainer:
         elif self.main:
             print(f"launch: warning: {path} has no random-generator state for rank {self.rank} (it was saved by "
                   "fewer processes): the data order continues exactly, augmentation draws do not", file=sys.stderr)
+
+
+# dense bf16/fp16 tensor peaks in TFLOP/s, the usual denominator of MFU; the first name contained in the
+# device's name wins
+PEAK_TFLOPS = (("H200", 989), ("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("A100", 312), ("L40S", 362),
+               ("L4", 121), ("A10", 125), ("V100", 125), ("RTX 4090", 165))
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's peak FLOP/s: $LAUNCH_PEAK_TFLOPS (for any device, CPUs included), else the table."""
+    if os.environ.get("LAUNCH_PEAK_TFLOPS"):
+        return float(os.environ["LAUNCH_PEAK_TFLOPS"]) * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((tflops * 1e12 for part, tflops in PEAK_TFLOPS if part in name), None)
+    return None
 
 
 @torch.no_grad()

@@ -262,9 +262,8 @@ class Net(nn.Module):
 
     def __init__(self, width: int, whiten: torch.Tensor):
         super().__init__()
-        self.whiten = nn.Conv2d(3, len(whiten), 2, bias=True)
-        self.whiten.weight.data.copy_(whiten)
-        self.whiten.weight.requires_grad_(False)
+        self.whiten = nn.Conv2d(3, len(whiten), 2)
+        self.whiten.weight = nn.Parameter(whiten, requires_grad=False)  # fitted, never trained; its bias trains
         self.layers = nn.Sequential(
             nn.GELU(), conv_group(len(whiten), width), conv_group(width, 4 * width), conv_group(4 * width, 4 * width),
             nn.MaxPool2d(3), nn.Flatten(), nn.Linear(4 * width, 10, bias=False),

@@ -198,3 +198,18 @@ def test_compile_trains_like_eager_and_keeps_the_recipes_parameter_names(tmp_pat
     assert state["model"].keys() == params(eager, 0).keys()
     losses = [train_records(d / "run")[1]["train/loss"] for d in (eager, compiled)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_mfu_is_the_counted_flops_over_the_peak(tmp_path):
+    """The first step's forward and backward are counted (tiny: Linear 8→16, Linear 16→3; the input needs no
+    gradient): 2·176 FLOPs a sample forward, 2·176 for the weight gradients, 2·48 for the hidden gradient."""
+    run = tmp_path / "run"
+    result = ok(launch(TINY, "--cpu", "--procs", "2", "--max-steps", "4", "--log-every", "2", "--batch-size", "16",
+                       "--grad-accum", "2", "--wandb", "disabled", "--run-dir", run,
+                       env={**clean_env(), "LAUNCH_PEAK_TFLOPS": "1e-6"}))
+    assert "MFU " in result.stdout
+    for r in train_records(run).values():
+        assert r["mfu"] * 1e6 * 2 * r["step_time"] == pytest.approx(800 * 16)  # 2 processes' peak
+    bad = launch(TINY, "--cpu", "--run-dir", tmp_path / "bad", env={**clean_env(), "LAUNCH_PEAK_TFLOPS": "fast"})
+    assert bad.returncode == 2 and "LAUNCH_PEAK_TFLOPS=fast: must be the device's peak" in bad.stderr
+    assert not (tmp_path / "bad").exists()
