@@ -92,6 +92,12 @@ def base_parser(add_help: bool) -> Parser:
                    help="evaluate at the end of every E-th epoch; 0 = not at epoch ends (default 1)")
     g.add_argument("--early-stop", type=int, default=0, metavar="PATIENCE",
                    help="stop when the recipe's best metric has not improved for PATIENCE evaluations; 0 = never")
+    g.add_argument("--check", action="store_true",
+                   help="run only the pre-flight checks (inputs, labels, splits, model, initial loss) in this process "
+                        "and exit: 0 when nothing looks wrong, 1 otherwise; nothing is written")
+    g.add_argument("--preflight", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the pre-flight checks before training (default; they take a few forward passes and a "
+                        "hash of every split on rank zero)")
     g.add_argument("--skip-nonfinite", action="store_true",
                    help="skip optimizer steps whose gradient is not finite, and count them, instead of stopping")
     g = p.add_argument_group("checkpoints and faults")
@@ -376,7 +382,7 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
         eval_every=0 if args.debug else args.eval_every, eval_epochs=0 if args.debug else args.eval_epochs,
         eval_limit=10 if args.debug else None, log_every=1 if args.debug else args.log_every,
         workers=args.workers if args.workers is not None else (4 if device == "cuda" and not args.debug else 0),
-        device_data=args.device_data, compile=args.compile,
+        device_data=args.device_data, compile=args.compile, preflight=args.preflight,
         save_every=args.save_every, keep=args.keep, resume=str(resume) if resume else None,
         max_restarts=args.max_restarts, skip_nonfinite=args.skip_nonfinite, early_stop=args.early_stop,
         timeout=args.timeout, debug=args.debug,
@@ -467,6 +473,10 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as e:
                 raise UsageError(f"{Path(plan.recipe).name}: preparing the data failed: "
                                  f"{recipes.describe_error(e, Path(plan.recipe))}") from None
+        if args.check:
+            from . import health
+
+            sys.exit(health.check_only(plan, module, hp))
         try:
             sock = spawn.rendezvous_socket(plan)
         except OSError as e:

@@ -26,13 +26,41 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: fl
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and convolution kernels; leave biases and normalisation gains alone."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 lr_factors: dict[str, float] | None = None) -> list[dict]:
+    """Decay matrices and convolution kernels; leave biases and normalisation gains alone. With `lr_factors`
+    {parameter-name prefix: factor}, the parameters under a prefix (the longest that matches) learn at
+    lr × factor: {"backbone.": 0.1} fine-tunes a pretrained backbone ten times slower than the head."""
+    lr_factors = lr_factors or {}
+    if lr_factors and lr is None:
+        raise ValueError("param_groups: lr_factors need the base lr")
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in lr_factors:
+        if not any(name.startswith(prefix) for name in names):
+            raise ValueError(f"param_groups: no parameter name starts with {prefix!r} (names look like {names[0]!r})")
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            prefix = max((q for q in lr_factors if name.startswith(q)), key=len, default=None)
+            groups.setdefault((lr_factors.get(prefix, 1.0), p.ndim >= 2), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, **({"lr": lr * f} if lr_factors else {})}
+            for (f, decay), params in sorted(groups.items(), key=lambda g: (-g[0][0], not g[0][1]))]
+
+
+def freeze(model: nn.Module, *prefixes: str) -> int:
+    """Stop training every parameter whose name starts with one of the prefixes (call it in model(hp), before
+    the optimizer is built); returns how many elements were frozen."""
+    frozen, used = 0, set()
+    for name, p in model.named_parameters():
+        hit = [q for q in prefixes if name.startswith(q)]
+        if hit:
+            p.requires_grad_(False)
+            frozen += p.numel()
+            used.update(hit)
+    unused = [q for q in prefixes if q not in used]
+    if unused:
+        raise ValueError(f"freeze: no parameter name starts with {unused[0]!r}")
+    return frozen
 
 
 def default_optimizer(model: nn.Module, hp, total_steps: int):

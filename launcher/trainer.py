@@ -29,7 +29,7 @@ from types import ModuleType
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import checkpoint
+from . import checkpoint, health
 from . import engine as engines
 from .data import Loader
 from .optim import default_optimizer
@@ -72,9 +72,13 @@ class Trainer:
 
         torch.manual_seed(plan.seed)  # the same initial weights on every rank, whatever data() drew
         module = recipe.model(hp).to(device)
+        self.loss_fn = recipe.loss(hp)
+        start = self.resume_point()
+        preflight = None
+        if self.main and plan.preflight and not start:  # on the recipe's own model, before an engine shards it
+            preflight = health.preflight(module, splits, self.loss_fn, device, plan.micro_batch, plan.seed)
         make_optimizer = getattr(recipe, "optimizer", default_optimizer)
         self.engine = engines.build(acc, plan, module, lambda m: make_optimizer(m, hp, self.total))
-        self.loss_fn = recipe.loss(hp)
         self.metrics = {k: m.to(device) for k, m in recipe.metrics(hp).items()} if hasattr(recipe, "metrics") else {}
         self.monitor, self.mode = getattr(recipe, "best", ("val/loss", "min"))
         torch.manual_seed(plan.seed + 1 + self.rank)  # augmentation and dropout differ between ranks
@@ -85,7 +89,6 @@ class Trainer:
         self.step, self.best, self.bad_evals, self.skipped = 0, None, 0, 0
         self.saved_at = self.validated_at = -1
         self.last_val = {}
-        start = self.resume_point()
         if start:
             self.load(start)
             self.settle_buckets()
@@ -108,6 +111,11 @@ class Trainer:
                 f"{'es' if self.world > 1 else ''} × {plan.grad_accum} accumulation × {plan.micro_batch} per device")
             if start:
                 self.sinks.print(f"resumed from {start} at step {self.step}")
+            if preflight:
+                for line in preflight.lines:
+                    self.sinks.print(f"check  {line}")
+                self.sinks.event(0, "preflight", {**preflight.values, "warnings": preflight.warnings},
+                                 health.summary(preflight))
 
     # ------------------------------------------------------------------ the loop
 

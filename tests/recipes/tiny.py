@@ -7,6 +7,10 @@ Planted faults, counted in training forward passes (= optimizer steps without ac
 --crash-at N makes rank --crash-rank fail at its N-th (once per --dump-dir: a restarted run goes on) in the
 way --fault says: raise an exception, hang, or die without a word; --nan-at N turns every rank's output into
 NaN at the N-th; --slow S sleeps S seconds in each forward.
+
+Planted faults for the pre-flight checks: --input-scale 1000 (inputs far from unit scale), --leak N (the first
+N training samples also in val and test), --imbalance (9:1 labels, two classes), --zero-layer (the first
+layer's weights all zero).
 """
 
 import atexit
@@ -45,6 +49,10 @@ class Hparams:
     nan_at: int = 0
     slow: float = 0.0
     api_token: str = ""  # named like a secret: never written anywhere
+    input_scale: float = 1.0
+    leak: int = 0
+    imbalance: bool = False
+    zero_layer: bool = False
 
 
 class PerSample(Dataset):
@@ -77,8 +85,13 @@ def data(hp: Hparams) -> Splits:
     n = hp.n_train + hp.n_val + hp.n_test
     x = torch.randn(n, 8, generator=g)
     y = (x @ torch.randn(8, 3, generator=g)).argmax(1)  # a linear teacher: learnable
+    if hp.imbalance:
+        y = (x[:, 0] > x[:hp.n_train, 0].quantile(0.9)).long()  # 9:1 in train, still learnable
+    x = x * hp.input_scale
     kind = PerSample if hp.per_sample else TensorDataset
     a, b = hp.n_train, hp.n_train + hp.n_val
+    for start in (a, b):  # the first training samples again, at the start of val and of test
+        x[start:start + hp.leak], y[start:start + hp.leak] = x[:hp.leak], y[:hp.leak]
     return Splits(train=kind(x[:a], y[:a]), val=kind(x[a:b], y[a:b]) if hp.n_val else None,
                   test=kind(x[b:], y[b:]) if hp.n_test else None,
                   augment=(lambda x, y: (x + hp.noise * torch.randn_like(x), y)) if hp.noise else None)
@@ -90,7 +103,7 @@ class Faulty(nn.Sequential):
         self.hp, self.forwards = hp, 0
 
     def forward(self, x):
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # training steps, not the pre-flight's forwards
             self.forwards += 1
             hp, rank = self.hp, int(os.environ.get("RANK", "0"))
             time.sleep(hp.slow)
@@ -109,6 +122,8 @@ class Faulty(nn.Sequential):
 
 def model(hp: Hparams) -> nn.Module:
     m = Faulty(hp, nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    if hp.zero_layer:
+        nn.init.zeros_(m[0].weight)
     if hp.dump_dir:
         rank = os.environ.get("RANK", "0")
 
