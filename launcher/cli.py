@@ -95,9 +95,9 @@ def base_parser(add_help: bool) -> Parser:
     g.add_argument("--check", action="store_true",
                    help="run only the pre-flight checks (inputs, labels, splits, model, initial loss) in this process "
                         "and exit: 0 when nothing looks wrong, 1 otherwise; nothing is written")
-    g.add_argument("--preflight", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the pre-flight checks before training (default; they take a few forward passes and a "
-                        "hash of every split on rank zero)")
+    g.add_argument("--health", action=argparse.BooleanOptionalAction, default=True,
+                   help="the pre-flight checks before training and the sampled checks during it (default; a few "
+                        "forward passes and a hash of every split on rank zero, then one step in 25)")
     g.add_argument("--skip-nonfinite", action="store_true",
                    help="skip optimizer steps whose gradient is not finite, and count them, instead of stopping")
     g = p.add_argument_group("checkpoints and faults")
@@ -382,7 +382,7 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
         eval_every=0 if args.debug else args.eval_every, eval_epochs=0 if args.debug else args.eval_epochs,
         eval_limit=10 if args.debug else None, log_every=1 if args.debug else args.log_every,
         workers=args.workers if args.workers is not None else (4 if device == "cuda" and not args.debug else 0),
-        device_data=args.device_data, compile=args.compile, preflight=args.preflight,
+        device_data=args.device_data, compile=args.compile, health=args.health,
         save_every=args.save_every, keep=args.keep, resume=str(resume) if resume else None,
         max_restarts=args.max_restarts, skip_nonfinite=args.skip_nonfinite, early_stop=args.early_stop,
         timeout=args.timeout, debug=args.debug,

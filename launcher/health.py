@@ -238,3 +238,152 @@ def parameters(module: nn.Module, report: Report) -> None:
             f"{', '.join(zeros)} {'is' if len(zeros) == 1 else 'are'} initialised to all zeros: every unit of such a "
             "layer computes the same thing and gets the same gradient, so they never tell apart; initialise "
             "randomly (nn.init.kaiming_normal_ or the layer's default) unless the zeros are deliberate")
+
+
+# ---------------------------------------------------------------- during training
+
+VANISHING = 1e-4  # a layer's gradient norm below this fraction of the largest layer's
+EXPLODING = 100.0  # a layer's gradient norm above this multiple of its first sampled value
+DEAD = 0.5  # share of a ReLU's units silent on a whole batch
+DIVERGED = 1.5  # the last training loss over the first; or a record twice the lowest before it (and above the first)
+OVERFIT = 1.25  # the last validation loss over the best one, with the training loss still falling
+RATIO = (1e-6, 1e-1)  # healthy |Δw|/|w| per step lies well inside, around 1e-3
+RELU_LIKE = (nn.ReLU, nn.ReLU6)
+
+
+@dataclass
+class Monitor:
+    """Per-layer gradient norms, update-to-weight ratios and dead ReLUs on sampled steps (the recipe's module
+    under DDP or in one process, where every rank holds whole gradients); warnings once per kind and layer."""
+
+    module: nn.Module
+    first_norms: dict = field(default_factory=dict)
+    ratios: dict = field(default_factory=dict)  # layer → the ratios sampled
+    warned: set = field(default_factory=set)
+    hooks: list = field(default_factory=list)
+    silent: dict = field(default_factory=dict)  # ReLU name → (units silent on the batch, units)
+
+    def layers(self):
+        """(name, parameter) of the trainable weight matrices and kernels: what the checks look at."""
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad and p.ndim >= 2]
+
+    def watch(self) -> None:
+        """Record which ReLU units stay silent in the next forward (the step's last micro-batch)."""
+        def hook(name):
+            def record(mod, args, out):
+                units = out.detach().movedim(1, 0).reshape(out.shape[1], -1) if out.ndim > 1 else out[None]
+                self.silent[name] = (int((units <= 0).all(1).sum()), units.shape[0])
+            return record
+
+        self.hooks = [m.register_forward_hook(hook(n)) for n, m in self.module.named_modules()
+                      if isinstance(m, RELU_LIKE)]
+
+    def before_update(self, loss_scale: float) -> tuple[dict, dict]:
+        """Gradient norms per layer (loss scale removed), and the weights the update will change."""
+        for h in self.hooks:
+            h.remove()
+        norms = {n: p.grad.float().norm().item() / loss_scale for n, p in self.layers() if p.grad is not None}
+        return norms, {n: p.detach().clone() for n, p in self.layers()}
+
+    def after_update(self, step: int, norms: dict, weights: dict) -> tuple[dict, list[str]]:
+        """The step's record for metrics.jsonl and W&B, and the warnings not given before."""
+        record, warnings = {}, []
+        ratios = {}
+        for n, p in self.layers():
+            size = weights[n].float().norm().item()
+            if size > 0:
+                ratios[n] = (p.detach().float() - weights[n].float()).norm().item() / size
+                self.ratios.setdefault(n, []).append(ratios[n])
+        record.update({f"health/grad_norm/{n}": v for n, v in norms.items()})
+        record.update({f"health/update_ratio/{n}": v for n, v in ratios.items()})
+        record.update({f"health/dead/{n}": s / u for n, (s, u) in self.silent.items()})
+        largest = max(norms.values(), default=0.0)
+        vanishing = [n for n, v in norms.items() if largest > 0 and v < VANISHING * largest]
+        exploding = [n for n, v in norms.items() if not math.isfinite(v) or (
+            self.first_norms.get(n, 0) > 0 and v > EXPLODING * self.first_norms[n])]
+        for n, v in norms.items():
+            self.first_norms.setdefault(n, v)
+        dead = [n for n, (s, u) in self.silent.items() if s > DEAD * u]
+        warn = self.once(warnings)
+        warn("vanishing", vanishing, lambda names: (
+            f"step {step}: gradients vanish in {', '.join(names)}: "
+            f"{', '.join(f'{norms[n]:.2g}' for n in names)}, below {VANISHING:g} × the largest layer's "
+            f"({largest:.2g}); those layers barely learn. Check the initialisation, saturating activations "
+            "(sigmoid, tanh), and add normalisation layers or residual connections"))
+        warn("exploding", exploding, lambda names: (
+            f"step {step}: gradients explode in {', '.join(names)}: "
+            f"{', '.join(f'{self.first_norms[n]:.2g} → {norms[n]:.2g}' for n in names)}; lower the learning rate, "
+            "clip gradients (--clip-grad), or add normalisation layers"))
+        shares = {n: s / u for n, (s, u) in self.silent.items()}
+        warn("dead", dead, lambda names: (
+            f"step {step}: dead ReLUs in {', '.join(names)}: "
+            f"{', '.join(f'{shares[n]:.0%}' for n in names)} of their units output zero for the "
+            "whole batch and get no gradient; check for large negative biases or a too high learning rate, or "
+            "use LeakyReLU/GELU"))
+        self.silent = {}
+        return record, warnings
+
+    def once(self, warnings: list):
+        def warn(kind: str, names: list[str], text) -> None:
+            new = [n for n in names if (kind, n) not in self.warned]
+            if new:
+                self.warned.update((kind, n) for n in new)
+                warnings.append(text(new))
+        return warn
+
+    def ratio_findings(self) -> list[str]:
+        """Layers whose median update-to-weight ratio over the run lies outside the healthy range."""
+        medians = {n: sorted(v)[len(v) // 2] for n, v in self.ratios.items() if v}
+        high = [n for n, r in medians.items() if r > RATIO[1]]
+        low = [n for n, r in medians.items() if r < RATIO[0]]
+        out = []
+        if high:
+            out.append(f"updates are large against the weights in {', '.join(high)} (median |Δw|/|w| per step "
+                       f"{', '.join(f'{medians[n]:.2g}' for n in high)}; healthy is around 1e-3): the learning rate "
+                       "is likely too high for them")
+        if low:
+            out.append(f"updates are tiny against the weights in {', '.join(low)} (median |Δw|/|w| per step "
+                       f"{', '.join(f'{medians[n]:.2g}' for n in low)}; healthy is around 1e-3): the learning rate "
+                       "is likely too low for them, or they are effectively frozen")
+        return out
+
+
+def verdict(train: list[tuple[int, float]], val: list[tuple[int, float]], monitor: Monitor | None) -> list[str]:
+    """What the loss curves say at the end of training: each finding with its usual remedies; empty when the run
+    looks healthy. `train` and `val` are (step, loss) in order."""
+    found = []
+    losses = [loss for _, loss in train if math.isfinite(loss)]
+    if len(losses) >= 2:
+        first, last = losses[0], losses[-1]
+        lows = [min(losses[:i + 1]) for i in range(len(losses))]
+        spikes = [(low, loss) for low, loss in zip(lows, losses[1:], strict=False) if loss > 2 * low and loss > first]
+        if last > DIVERGED * first or spikes:
+            what = (f"rose from {first:.4g} to {last:.4g}" if last > DIVERGED * first
+                    else f"jumped from {spikes[0][0]:.4g} to {spikes[0][1]:.4g}")
+            found.append(f"the learning rate looks too high: the training loss {what}; lower it (a learning-rate range "
+                         "test finds a good one), add warm-up, or clip gradients (--clip-grad)")
+        elif last > 0.9 * first:
+            found.append(f"underfitting: the training loss barely fell ({first:.4g} → {last:.4g}); train longer, raise "
+                         "the learning rate, use a larger model, or check that the labels can be learned from the "
+                         "inputs (--check)")
+    if len(val) >= 2:
+        best_step, best = min(val, key=lambda sv: sv[1])
+        end_step, end = val[-1]
+        train_at_best = next((loss for step, loss in reversed(train) if step <= best_step), None)
+        if end > OVERFIT * best and train and train_at_best is not None and train[-1][1] < train_at_best:
+            gap = end - train[-1][1]
+            found.append(f"overfitting: the validation loss rose from {best:.4g} (step {best_step}) to {end:.4g} (step "
+                         f"{end_step}) while the training loss fell to {train[-1][1]:.4g} (gap {gap:.4g}); use the "
+                         "best checkpoint (checkpoints/best), stop early (--early-stop), add data, augmentation or "
+                         "weight decay, or use a smaller model")
+    if monitor:
+        found += monitor.ratio_findings()
+    return found
+
+
+def verdict_text(findings: list[str], train: list[tuple[int, float]]) -> str:
+    if findings:
+        return "\n".join(f"warning: {f}" for f in findings)
+    if not train:
+        return "verdict: no training loss was recorded"
+    return f"verdict: no sign of trouble (training loss {train[0][1]:.4g} → {train[-1][1]:.4g})"

@@ -46,7 +46,7 @@ class Plan:
     workers: int = 0  # DataLoader workers per process, for per-sample datasets
     device_data: bool = True  # tensor data sets: whole on the device when they fit, batches cut there by index
     compile: bool = False  # torch.compile the model (ddp)
-    preflight: bool = True  # the pre-flight checks on rank zero before training (health.py)
+    health: bool = True  # rank zero's checks before (pre-flight) and during training: health.py
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end, on a signal, and the best
     keep: int = 3  # step checkpoints kept; 0 = all
     resume: str | None = None  # a verified checkpoint directory to start from

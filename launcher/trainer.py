@@ -75,7 +75,7 @@ class Trainer:
         self.loss_fn = recipe.loss(hp)
         start = self.resume_point()
         preflight = None
-        if self.main and plan.preflight and not start:  # on the recipe's own model, before an engine shards it
+        if self.main and plan.health and not start:  # on the recipe's own model, before an engine shards it
             preflight = health.preflight(module, splits, self.loss_fn, device, plan.micro_batch, plan.seed)
         make_optimizer = getattr(recipe, "optimizer", default_optimizer)
         self.engine = engines.build(acc, plan, module, lambda m: make_optimizer(m, hp, self.total))
@@ -97,6 +97,11 @@ class Trainer:
         self.window = [time.perf_counter(), 0, 0, 0.0]  # start, steps, steps whose loss counts, s waiting for data
         self.norm = self.lr = 0.0
         self.peak = peak_flops(device)  # per device; None where unknown: no MFU
+        # rank zero's sampled checks, where it holds whole gradients (DDP, one process)
+        whole = isinstance(self.engine, engines.Engine) and not self.engine.fsdp
+        self.watch = health.Monitor(self.engine.module) if self.main and plan.health and whole else None
+        self.every = max(1, self.total // 25)
+        self.history = {"train": [], "val": []}  # (step, loss) on rank zero, for the verdict
         self.flops = None  # per optimizer step, all ranks together: counted in the first step
         self.print_every = 1 if plan.debug else plan.log_every * math.ceil(self.total / 20 / plan.log_every)
         self.printed_eval = -self.print_every
@@ -168,6 +173,7 @@ class Trainer:
     def train_step(self, batches) -> None:
         plan, engine, model, K = self.plan, self.engine, self.engine.model, self.plan.grad_accum
         step_loss = None
+        sampled = self.watch is not None and (self.step + 1) % self.every == 0
         for k in range(K):
             t = time.perf_counter()
             x, y = next(batches)
@@ -175,6 +181,8 @@ class Trainer:
             if self.augment:
                 x, y = self.augment(x, y)
             engine.sync(k == K - 1)
+            if sampled and k == K - 1:
+                self.watch.watch()
             counting = self.peak is not None and self.flops is None
             with (FlopCounterMode(display=False) if counting else nullcontext()) as flops:
                 loss = self.loss_fn(model(x), y)
@@ -187,10 +195,18 @@ class Trainer:
         if self.sinks:
             self.sinks.advance()
         lr = engine.lr()
+        if sampled:
+            before = self.watch.before_update(engine.scaler.get_scale() if engine.scaler else 1.0)
         norm = engine.update(plan.clip_grad)  # the one read per step; no update when it is not finite
         if not math.isfinite(norm) and engine.scaler is None:  # fp16's loss scaler skips such steps itself
             self.nonfinite(step_loss)
             return
+        if sampled and math.isfinite(norm):
+            record, warnings = self.watch.after_update(self.step, *before)
+            self.sinks.log(self.step, record)
+            if warnings:
+                self.sinks.event(self.step, "health", {"warnings": warnings},
+                                 "\n".join(f"warning: {w}" for w in warnings))
         self.norm, self.lr = norm, lr
         self.loss_sum += step_loss
         self.window[2] += 1
@@ -231,6 +247,10 @@ class Trainer:
         if "test" in self.evals and not self.plan.debug:
             final.update(self.evaluate("test"))
         self.engine.sync_buffers()  # every rank ends with the same model, buffers included
+        if self.sinks and self.plan.health:
+            findings = health.verdict(self.history["train"], self.history["val"], self.watch)
+            self.sinks.event(self.step, "verdict", {"findings": findings}, health.verdict_text(
+                findings, self.history["train"]))
         if self.saved_at != self.step:
             self.save(self.step_dir())
         return final
@@ -243,6 +263,7 @@ class Trainer:
         if self.world > 1:
             torch.distributed.all_reduce(self.loss_sum)
         loss = self.loss_sum.item() / (counted * self.plan.grad_accum * self.world) if counted else math.nan
+        self.history["train"].append((self.step, loss))
         self.loss_sum.zero_()
         dt = time.perf_counter() - start
         if self.sinks:
@@ -269,6 +290,7 @@ class Trainer:
         """Evaluate on the validation split; keep the best checkpoint; True when patience has run out."""
         self.last_val = results = self.evaluate("val")
         self.validated_at = self.step
+        self.history["val"].append((self.step, results["val/loss"]))
         if self.monitor not in results:
             raise TrainingError(f"the recipe's best metric {self.monitor!r} is not among the evaluation results "
                                 f"({', '.join(results)})")

@@ -58,7 +58,7 @@ def test_a_run_records_the_preflight_and_trains_on(tmp_path):
 
 
 def test_no_preflight_skips_the_checks(tmp_path):
-    result = ok(launch(TINY, "--cpu", "--zero-layer", "--no-preflight", "--wandb", "disabled",
+    result = ok(launch(TINY, "--cpu", "--zero-layer", "--no-health", "--wandb", "disabled",
                        "--run-dir", tmp_path / "run"))
     assert "check " not in result.stdout and "warning:" not in result.stdout
 
@@ -100,3 +100,53 @@ def test_per_layer_learning_rates_and_freezing_by_prefix():
         freeze(model, "encoder.")
     with pytest.raises(ValueError, match="no parameter name starts with 'head.'"):
         param_groups(model, 0.0, lr=0.1, lr_factors={"head.": 2.0})
+
+
+def run_tiny(tmp_path, *flags):
+    run = tmp_path / "run"
+    result = ok(launch(TINY, "--cpu", "--procs", "2", "--log-every", "1", "--wandb", "disabled", "--run-dir", run,
+                       *flags))
+    return result, [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_healthy_training_raises_no_warning_and_records_each_layer(tmp_path, activation):
+    result, records = run_tiny(tmp_path, "--activation", activation)
+    assert "warning:" not in result.stdout, result.stdout
+    assert "check  pre-flight: no warning" in result.stdout
+    assert "verdict: no sign of trouble (training loss " in result.stdout
+    sampled = [r for r in records if "health/grad_norm/0.weight" in r]
+    assert len(sampled) == 12  # 12 steps, one sample in max(1, 12 // 25)
+    for r in sampled:
+        assert r["health/grad_norm/0.weight"] > 0 and 1e-5 < r["health/update_ratio/2.weight"] < 1
+        assert (r.get("health/dead/1", 0.0) < 0.5) and ("health/dead/1" in r) == (activation == "relu")
+
+
+def test_dead_relus_are_named(tmp_path):
+    result, records = run_tiny(tmp_path, "--activation", "relu", "--first-bias", "-10")
+    assert ("warning: step 1: dead ReLUs in 1: 100% of their units output zero for the whole batch"
+            in result.stdout)
+    assert result.stdout.count("dead ReLUs") == 1  # once, not every step
+    assert [e["warnings"] for e in records if e.get("event") == "health"][0][0].startswith("step 1: dead ReLUs in 1")
+
+
+def test_a_diverging_learning_rate_gets_its_verdict(tmp_path):
+    result, records = run_tiny(tmp_path, "--lr", "5", "--schedule", "constant")
+    assert "warning: the learning rate looks too high: the training loss rose from" in result.stdout
+    assert "warning: updates are large against the weights in 0.weight, 2.weight" in result.stdout
+    verdict = [e for e in records if e.get("event") == "verdict"][0]
+    assert any(f.startswith("the learning rate looks too high") for f in verdict["findings"])
+
+
+def test_the_verdict_reads_the_loss_curves():
+    from launcher.health import verdict
+
+    falling = [(s, 2.0 * 0.9 ** s) for s in range(1, 30)]
+    assert verdict(falling, [(10, 1.0), (20, 0.8)], None) == []
+    overfit = verdict(falling, [(10, 0.5), (20, 0.7)], None)
+    assert len(overfit) == 1
+    assert overfit[0].startswith("overfitting: the validation loss rose from 0.5 (step 10) to 0.7")
+    flat = verdict([(s, 2.3 - 0.001 * s) for s in range(1, 30)], [], None)
+    assert len(flat) == 1 and flat[0].startswith("underfitting: the training loss barely fell (2.299 → 2.271)")
+    spiky = verdict([(1, 2.0), (2, 1.0), (3, 0.8), (4, 2.5), (5, 0.7)], [], None)
+    assert len(spiky) == 1 and "jumped from 0.8 to 2.5" in spiky[0]

@@ -10,7 +10,7 @@ NaN at the N-th; --slow S sleeps S seconds in each forward.
 
 Planted faults for the pre-flight checks: --input-scale 1000 (inputs far from unit scale), --leak N (the first
 N training samples also in val and test), --imbalance (9:1 labels, two classes), --zero-layer (the first
-layer's weights all zero).
+layer's weights all zero). During training: --activation relu --first-bias -10 (dead ReLUs), a huge --lr.
 """
 
 import atexit
@@ -53,6 +53,8 @@ class Hparams:
     leak: int = 0
     imbalance: bool = False
     zero_layer: bool = False
+    activation: Literal["tanh", "relu"] = "tanh"
+    first_bias: float = 0.0  # filled into the first layer's bias when not 0: -10 kills every ReLU
 
 
 class PerSample(Dataset):
@@ -121,9 +123,11 @@ class Faulty(nn.Sequential):
 
 
 def model(hp: Hparams) -> nn.Module:
-    m = Faulty(hp, nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    m = Faulty(hp, nn.Linear(8, 16), nn.Tanh() if hp.activation == "tanh" else nn.ReLU(), nn.Linear(16, 3))
     if hp.zero_layer:
         nn.init.zeros_(m[0].weight)
+    if hp.first_bias:
+        nn.init.constant_(m[0].bias, hp.first_bias)
     if hp.dump_dir:
         rank = os.environ.get("RANK", "0")
 
