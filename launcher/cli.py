@@ -98,6 +98,12 @@ def base_parser(add_help: bool) -> Parser:
     g.add_argument("--health", action=argparse.BooleanOptionalAction, default=True,
                    help="the pre-flight checks before training and the sampled checks during it (default; a few "
                         "forward passes and a hash of every split on rank zero, then one step in 25)")
+    g.add_argument("--overfit-batches", type=int, default=0, metavar="N",
+                   help="train on N fixed batches without augmentation, weight decay, dropout or label smoothing "
+                        "(50·N steps unless --max-steps) and fail unless the loss falls below a tenth of its start")
+    g.add_argument("--find-lr", action="store_true",
+                   help="a learning-rate range test instead of training: --max-steps (default 100) steps from 1e-7 "
+                        "to 10, stopped at divergence; suggests a rate and draws RUN_DIR/lr_find.png")
     g.add_argument("--skip-nonfinite", action="store_true",
                    help="skip optimizer steps whose gradient is not finite, and count them, instead of stopping")
     g = p.add_argument_group("checkpoints and faults")
@@ -183,7 +189,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
               (args.workers, 0, "--workers"), (args.seed, 0, "--seed"), (args.clip_grad, 0, "--clip-grad"),
               (args.save_every, 0, "--save-every"), (args.keep, 0, "--keep"), (args.early_stop, 0, "--early-stop"),
               (args.max_restarts, 0, "--max-restarts"), (args.nodes, 1, "--nodes"), (args.node_rank, 0, "--node-rank"),
-              (args.master_port, 1, "--master-port"))
+              (args.master_port, 1, "--master-port"), (args.overfit_batches, 0, "--overfit-batches"))
     for value, low, flag in bounds:
         if value is not None and not value >= low:
             raise UsageError(f"{flag} must be at least {low}, not {value}")
@@ -252,6 +258,13 @@ def _check_engine(args: argparse.Namespace) -> dict | None:
                          "use --offload both")
     if engine == "deepspeed" and offload in ("params", "both") and (args.zero or 2) < 3:
         raise UsageError(f"--offload {offload} needs --zero 3: only stage 3 shards the parameters")
+    if args.find_lr and args.overfit_batches:
+        raise UsageError("--find-lr and --overfit-batches are two separate debugging runs: choose one")
+    if (args.find_lr or args.overfit_batches) and (args.resume or args.early_stop):
+        flag = "--find-lr" if args.find_lr else "--overfit-batches"
+        raise UsageError(f"{flag} is a fresh debugging run without evaluation: drop --resume and --early-stop")
+    if args.find_lr and engine == "deepspeed":
+        raise UsageError("--find-lr drives the optimizer's learning rate directly: use --engine ddp or fsdp for it")
     if engine != "ddp" and args.compile:
         raise UsageError(f"--compile works with --engine ddp (and one process) for now, not {engine}")
     if engine == "deepspeed" and args.precision == "fp16":
@@ -380,11 +393,13 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
         grad_accum=accum, clip_grad=args.clip_grad,
         seed=args.seed, max_steps=args.max_steps or (DEBUG_STEPS if args.debug else None),
         eval_every=0 if args.debug else args.eval_every, eval_epochs=0 if args.debug else args.eval_epochs,
-        eval_limit=10 if args.debug else None, log_every=1 if args.debug else args.log_every,
+        eval_limit=10 if args.debug else None,
+        log_every=1 if args.debug or args.find_lr or args.overfit_batches else args.log_every,
         workers=args.workers if args.workers is not None else (4 if device == "cuda" and not args.debug else 0),
         device_data=args.device_data, compile=args.compile, health=args.health,
         save_every=args.save_every, keep=args.keep, resume=str(resume) if resume else None,
-        max_restarts=args.max_restarts, skip_nonfinite=args.skip_nonfinite, early_stop=args.early_stop,
+        max_restarts=args.max_restarts, skip_nonfinite=args.skip_nonfinite or args.find_lr,
+        early_stop=args.early_stop, overfit_batches=args.overfit_batches, find_lr=args.find_lr,
         timeout=args.timeout, debug=args.debug,
         wandb=args.wandb or ("disabled" if args.debug else default_wandb_mode()),
         wandb_project=args.wandb_project or recipe_path.stem, wandb_entity=args.wandb_entity,

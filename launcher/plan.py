@@ -47,6 +47,8 @@ class Plan:
     device_data: bool = True  # tensor data sets: whole on the device when they fit, batches cut there by index
     compile: bool = False  # torch.compile the model (ddp)
     health: bool = True  # rank zero's checks before (pre-flight) and during training: health.py
+    overfit_batches: int = 0  # debugging: train on this many fixed batches and check the loss goes near zero
+    find_lr: bool = False  # debugging: a learning-rate range test instead of training
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end, on a signal, and the best
     keep: int = 3  # step checkpoints kept; 0 = all
     resume: str | None = None  # a verified checkpoint directory to start from

@@ -67,6 +67,14 @@ class Trainer:
             raise TrainingError(f"batch_size {plan.batch_size} is larger than the training set "
                                 f"({len(self.train_data)} samples)")
         self.total = plan.max_steps or hp.epochs * self.steps_per_epoch
+        if plan.overfit_batches:  # the same few batches, as they are, over and over
+            if plan.overfit_batches > self.steps_per_epoch:
+                raise TrainingError(f"--overfit-batches {plan.overfit_batches}: the training set holds only "
+                                    f"{self.steps_per_epoch} batches of {plan.batch_size}")
+            self.steps_per_epoch, self.augment, self.evals = plan.overfit_batches, None, {}
+            self.total = plan.max_steps or 50 * plan.overfit_batches
+        if plan.find_lr:
+            self.total = plan.max_steps or 100
         if plan.early_stop and "val" not in self.evals:
             raise TrainingError("--early-stop watches the validation split, and the recipe's data() returns none")
 
@@ -79,6 +87,8 @@ class Trainer:
             preflight = health.preflight(module, splits, self.loss_fn, device, plan.micro_batch, plan.seed)
         make_optimizer = getattr(recipe, "optimizer", default_optimizer)
         self.engine = engines.build(acc, plan, module, lambda m: make_optimizer(m, hp, self.total))
+        self.unregularised = health.without_regularisation(module, self.engine.optimizer, self.loss_fn) \
+            if plan.overfit_batches else []
         self.metrics = {k: m.to(device) for k, m in recipe.metrics(hp).items()} if hasattr(recipe, "metrics") else {}
         self.monitor, self.mode = getattr(recipe, "best", ("val/loss", "min"))
         torch.manual_seed(plan.seed + 1 + self.rank)  # augmentation and dropout differ between ranks
@@ -99,7 +109,8 @@ class Trainer:
         self.peak = peak_flops(device)  # per device; None where unknown: no MFU
         # rank zero's sampled checks, where it holds whole gradients (DDP, one process)
         whole = isinstance(self.engine, engines.Engine) and not self.engine.fsdp
-        self.watch = health.Monitor(self.engine.module) if self.main and plan.health and whole else None
+        self.watch = health.Monitor(self.engine.module) \
+            if self.main and plan.health and whole and not plan.find_lr else None
         self.every = max(1, self.total // 25)
         self.history = {"train": [], "val": []}  # (step, loss) on rank zero, for the verdict
         self.flops = None  # per optimizer step, all ranks together: counted in the first step
@@ -143,7 +154,8 @@ class Trainer:
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in final.items())
                 plural = "s" if self.skipped > 1 else ""
                 skipped = f"  ({self.skipped} step{plural} skipped: non-finite)" if self.skipped else ""
-                self.sinks.print(f"done: {self.step} steps  {shown}{skipped}  → {self.plan.run_dir}")
+                self.sinks.print(f"done: {self.step} steps{'  ' + shown if shown else ''}{skipped}  → "
+                                 f"{self.plan.run_dir}")
             self.sinks.close(ok=True)
         return final or {}
 
@@ -154,11 +166,12 @@ class Trainer:
             return None
         spe, plan = self.steps_per_epoch, self.plan
         self.window[0] = time.perf_counter()
+        if plan.find_lr:
+            return self.lr_range_test()
         with Stop(self.world) as stop:
             for epoch in range(self.step // spe, math.ceil(self.total / spe)):
                 first, last = self.step - epoch * spe, min(spe, self.total - epoch * spe)
-                batches = self.train_data.train_epoch(plan.seed, epoch, first, last, plan.batch_size,
-                                                      plan.grad_accum, self.world, self.rank)
+                batches = self.epoch_batches(epoch, first, last)
                 for _ in range(first, last):
                     self.train_step(batches)
                     if self.after_step():
@@ -169,6 +182,39 @@ class Trainer:
                             self.save(self.step_dir())
                         raise Stopped(signum, self.step)
         return self.finish()
+
+    def epoch_batches(self, epoch: int, first: int, last: int):
+        plan = self.plan
+        order = 0 if plan.overfit_batches else epoch  # overfitting: epoch 0's first batches, every epoch
+        return self.train_data.train_epoch(plan.seed, order, first, last, plan.batch_size, plan.grad_accum,
+                                           self.world, self.rank)
+
+    def lr_range_test(self) -> dict:
+        """--find-lr: every optimizer step at a learning rate growing geometrically from 1e-7 to 10 (each param
+        group keeping its ratio to the largest), until the smoothed loss diverges; rank zero then suggests a
+        rate and draws the curve. Nothing is evaluated or saved."""
+        groups = self.engine.optimizer.param_groups
+        bases = [g["lr"] for g in groups]
+        tried = []
+        for t, lr in enumerate(health.sweep(self.total)):
+            if t % self.steps_per_epoch == 0:
+                batches = self.epoch_batches(t // self.steps_per_epoch, 0, self.steps_per_epoch)
+            for g, base in zip(groups, bases, strict=True):
+                g["lr"] = lr * base / max(bases)
+            self.train_step(batches)
+            self.log()  # the loss, averaged over the ranks: every rank stops at the same point
+            tried.append((lr, self.history["train"][-1][1]))
+            if self.skipped or health.diverged(tried):
+                break
+        if self.sinks:
+            path = Path(self.plan.run_dir) / "lr_find.png"
+            found = health.lr_finding(tried, path)
+            if self.sinks.wandb:
+                import wandb
+
+                self.sinks.wandb.log({"lr_find": wandb.Image(str(path))})
+            self.sinks.event(self.step, "find_lr", found["values"], found["line"])
+        return {}
 
     def train_step(self, batches) -> None:
         plan, engine, model, K = self.plan, self.engine, self.engine.model, self.plan.grad_accum
@@ -247,13 +293,30 @@ class Trainer:
         if "test" in self.evals and not self.plan.debug:
             final.update(self.evaluate("test"))
         self.engine.sync_buffers()  # every rank ends with the same model, buffers included
-        if self.sinks and self.plan.health:
+        if self.plan.overfit_batches:
+            self.overfit_report()
+        elif self.sinks and self.plan.health:
             findings = health.verdict(self.history["train"], self.history["val"], self.watch)
             self.sinks.event(self.step, "verdict", {"findings": findings}, health.verdict_text(
                 findings, self.history["train"]))
         if self.saved_at != self.step:
             self.save(self.step_dir())
         return final
+
+    def overfit_report(self) -> None:
+        """--overfit-batches: did the loss on the fixed batches go near zero? The run fails when it did not."""
+        losses = [loss for _, loss in self.history["train"]]
+        first, last = losses[0], losses[-1]
+        n, off = self.plan.overfit_batches, ", ".join(self.unregularised) or "nothing to turn off"
+        what = (f"the training loss on {n} fixed batch{'es' if n > 1 else ''} went from {first:.4g} to {last:.4g} in "
+                f"{self.step} steps ({100 * last / first:.1f} % of its start; without augmentation, {off})")
+        if not last < health.OVERFIT_GOAL * first:
+            raise TrainingError(f"overfit: {what}, not near zero. A model that cannot memorise a few batches has a "
+                                "bug: check that the labels belong to the inputs, the loss, the learning rate "
+                                "(--find-lr), and that every layer gets gradients")
+        if self.sinks:
+            self.sinks.event(self.step, "overfit", {"first_loss": first, "last_loss": last, "passed": True},
+                             f"overfit: passed: {what}. The model, loss and labels can learn: now train on all data")
 
     # ------------------------------------------------------------------ logging and evaluation
 

@@ -150,3 +150,42 @@ def test_the_verdict_reads_the_loss_curves():
     assert len(flat) == 1 and flat[0].startswith("underfitting: the training loss barely fell (2.299 → 2.271)")
     spiky = verdict([(1, 2.0), (2, 1.0), (3, 0.8), (4, 2.5), (5, 0.7)], [], None)
     assert len(spiky) == 1 and "jumped from 0.8 to 2.5" in spiky[0]
+
+
+def test_overfit_mode_passes_a_learnable_recipe_and_fails_when_labels_are_noise(tmp_path):
+    common = ("--cpu", "--overfit-batches", "2", "--wandb", "disabled", "--noise", "0.5")
+    passed = ok(launch(TINY, *common, "--run-dir", tmp_path / "ok"))
+    assert "overfit: passed: the training loss on 2 fixed batches went from " in passed.stdout
+    assert "in 100 steps" in passed.stdout and "without augmentation, nothing to turn off" in passed.stdout
+    failed = launch(TINY, *common, "--shuffle-labels", "--run-dir", tmp_path / "noise")
+    assert failed.returncode == 1
+    assert "overfit: the training loss on 2 fixed batches went from" in failed.stderr + failed.stdout
+    assert "not near zero. A model that cannot memorise a few batches has a bug" in failed.stderr + failed.stdout
+
+
+def test_find_lr_suggests_a_rate_below_the_minimum_and_draws_the_curve(tmp_path):
+    run = tmp_path / "run"
+    result = ok(launch(TINY, "--cpu", "--procs", "2", "--find-lr", "--wandb", "offline", "--run-dir", run))
+    assert "find-lr: suggested learning rate " in result.stdout
+    event = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"find_lr"' in line][0]
+    lrs = event["lrs"]
+    assert lrs[0] == pytest.approx(1e-7) and all(b > a for a, b in zip(lrs, lrs[1:], strict=False))
+    assert 1e-7 < event["suggested_lr"] < event["min_loss_lr"] <= lrs[-1]
+    assert len(lrs) < 100  # stopped at divergence
+    png = (run / "lr_find.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert list((run / "wandb").glob("offline-run-*/files/media/images/lr_find_*.png"))  # and to W&B
+    assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--find-lr", "--overfit-batches", "2"), "--find-lr and --overfit-batches are two separate debugging runs"),
+    (("--find-lr", "--engine", "deepspeed"), "--find-lr drives the optimizer's learning rate directly"),
+    (("--overfit-batches", "2", "--early-stop", "3"), "--overfit-batches is a fresh debugging run without evaluation"),
+    (("--overfit-batches", "-1"), "--overfit-batches must be at least 0, not -1"),
+])
+def test_debugging_modes_refuse_what_they_cannot_do(tmp_path, flags, message):
+    result = launch(TINY, "--cpu", *flags, "--run-dir", tmp_path / "run")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()

@@ -10,7 +10,8 @@ NaN at the N-th; --slow S sleeps S seconds in each forward.
 
 Planted faults for the pre-flight checks: --input-scale 1000 (inputs far from unit scale), --leak N (the first
 N training samples also in val and test), --imbalance (9:1 labels, two classes), --zero-layer (the first
-layer's weights all zero). During training: --activation relu --first-bias -10 (dead ReLUs), a huge --lr.
+layer's weights all zero). During training: --activation relu --first-bias -10 (dead ReLUs), a huge --lr,
+--shuffle-labels (nothing consistent to learn).
 """
 
 import atexit
@@ -55,6 +56,7 @@ class Hparams:
     zero_layer: bool = False
     activation: Literal["tanh", "relu"] = "tanh"
     first_bias: float = 0.0  # filled into the first layer's bias when not 0: -10 kills every ReLU
+    shuffle_labels: bool = False  # the loss sees the batch's labels in a new random order at every call
 
 
 class PerSample(Dataset):
@@ -143,6 +145,8 @@ def model(hp: Hparams) -> nn.Module:
 
 
 def loss(hp: Hparams):
+    if hp.shuffle_labels:
+        return lambda out, y: nn.functional.cross_entropy(out, y[torch.randperm(len(y), device=y.device)])
     return nn.CrossEntropyLoss()
 
 
