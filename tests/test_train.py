@@ -131,11 +131,14 @@ def test_learning_rate_follows_optimizer_steps_on_any_number_of_processes(tmp_pa
 
 
 def test_the_embedded_recipe_learns(tmp_path):
-    """The README's first command: digits, two CPU processes, ≥ 95 % test accuracy."""
+    """The README's first command: digits, two CPU processes, ≥ 95 % test accuracy, and a healthy run: no health
+    warning from start to end."""
     run = tmp_path / "run"
     out = ok(launch(ROOT / "recipes" / "digits.py", "--cpu", "--procs", "2", "--wandb", "disabled", "--run-dir", run))
     assert "batch 64 = 2 processes × 1 accumulation × 32 per device" in out.stdout
     assert eval_record(run, "test")["acc"] >= 0.95
+    assert "check  pre-flight: no warning" in out.stdout and "verdict: no sign of trouble" in out.stdout
+    assert "warning" not in out.stdout.replace("pre-flight: no warning", "")
 
 
 def cifar_source() -> Path | None:
