@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from launcher import export
-from conftest import TINY, eval_record, launch, ok, train_records
+from conftest import ROOT, TINY, eval_record, launch, ok, train_records
 from test_checkpoint import assert_same, tiny
-from test_train import params
+from test_train import cifar_source, params
 
 COMMON = ("--max-steps", "12", "--noise", "0.1", "--log-every", "1", "--grad-accum", "2", "--clip-grad", "0.5",
           "--batch-size", "16")
@@ -181,3 +181,19 @@ def test_export_takes_the_newest_checkpoint_or_a_named_one_and_refuses_anything_
     result = launch("export", tmp_path)
     assert result.returncode == 2 and result.stderr == (f"launch: error: {tmp_path} is neither a checkpoint nor a "
                                                         "run directory with a complete checkpoint\n")
+
+
+@pytest.mark.skipif(cifar_source() is None, reason="CIFAR10_DIR does not point at CIFAR-10 (.ci/run sets it to "
+                                                   "../shared/data, which holds cifar10-jpeg.tar.gz)")
+def test_the_cifar_recipe_runs_under_every_engine_alike(tmp_path):
+    """The flagship recipe (frozen whitening and batch-norm gains, channels-last inputs) is the same recipe under
+    DDP, FSDP and ZeRO-3: the same metrics after 4 steps on 2 processes."""
+    common = ("--cpu", "--procs", "2", "--width", "4", "--batch-size", "64", "--val-size", "256", "--max-steps", "4",
+              "--eval-every", "4", "--wandb", "disabled", "--cache-dir", tmp_path / "cache")
+    results = {}
+    for name, flags in (("ddp", ()), ("fsdp", ENGINES["fsdp"]), ("zero3", ENGINES["zero3"])):
+        ok(launch(ROOT / "recipes" / "cifar.py", *common, *flags, "--run-dir", tmp_path / name, timeout=600))
+        results[name] = eval_record(tmp_path / name, "val")
+    for name in ("fsdp", "zero3"):
+        for key, value in results["ddp"].items():
+            assert results[name][key] == pytest.approx(value, rel=1e-4), (name, key)
