@@ -197,7 +197,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         if not math.isfinite(value):
             raise UsageError(f"{flag} must be a finite number, not {value}")
     peak = os.environ.get("LAUNCH_PEAK_TFLOPS")
-    if peak is not None and not (_float(peak) > 0 and math.isfinite(_float(peak))):
+    if peak is not None and not 0 < _float(peak) < math.inf:
         raise UsageError(f"LAUNCH_PEAK_TFLOPS={peak}: must be the device's peak TFLOP/s, a positive number")
     if args.timeout < 10:
         raise UsageError(f"--timeout {args.timeout:g}: a collective timeout under 10 s would fail healthy runs")
@@ -258,13 +258,6 @@ def _check_engine(args: argparse.Namespace) -> dict | None:
                          "use --offload both")
     if engine == "deepspeed" and offload in ("params", "both") and (args.zero or 2) < 3:
         raise UsageError(f"--offload {offload} needs --zero 3: only stage 3 shards the parameters")
-    if args.find_lr and args.overfit_batches:
-        raise UsageError("--find-lr and --overfit-batches are two separate debugging runs: choose one")
-    if (args.find_lr or args.overfit_batches) and (args.resume or args.early_stop):
-        flag = "--find-lr" if args.find_lr else "--overfit-batches"
-        raise UsageError(f"{flag} is a fresh debugging run without evaluation: drop --resume and --early-stop")
-    if args.find_lr and engine == "deepspeed":
-        raise UsageError("--find-lr drives the optimizer's learning rate directly: use --engine ddp or fsdp for it")
     if engine != "ddp" and args.compile:
         raise UsageError(f"--compile works with --engine ddp (and one process) for now, not {engine}")
     if engine == "deepspeed" and args.precision == "fp16":
@@ -281,6 +274,17 @@ def _check_engine(args: argparse.Namespace) -> dict | None:
     if not isinstance(user, dict):
         raise UsageError(f"--deepspeed-config {args.deepspeed_config} must hold a JSON object")
     return user
+
+
+def _check_modes(args: argparse.Namespace) -> None:
+    """The debugging modes go alone."""
+    if args.find_lr and args.overfit_batches:
+        raise UsageError("--find-lr and --overfit-batches are two separate debugging runs: choose one")
+    if (args.find_lr or args.overfit_batches) and (args.resume or args.early_stop):
+        flag = "--find-lr" if args.find_lr else "--overfit-batches"
+        raise UsageError(f"{flag} is a fresh debugging run without evaluation: drop --resume and --early-stop")
+    if args.find_lr and args.engine == "deepspeed":
+        raise UsageError("--find-lr drives the optimizer's learning rate directly: use --engine ddp or fsdp for it")
 
 
 def _where(args: argparse.Namespace) -> tuple[str, int]:
@@ -373,6 +377,7 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
     _check_numbers(args)
     _check_slurm(args)
     deepspeed_config = _check_engine(args)
+    _check_modes(args)
     device, nproc = _where(args)
     world, accum, batch = nproc * args.nodes, args.grad_accum, hp.batch_size
     if batch < 1 or batch % (world * accum):

@@ -15,6 +15,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -198,6 +199,18 @@ def broadcast_buffers(module: nn.Module) -> None:
         torch.distributed.broadcast(b, 0)
 
 
+@contextmanager
+def buffers_kept(module: nn.Module):
+    """Forwards inside leave the module's buffers (batch-norm statistics) as they found them."""
+    saved = [b.clone() for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in zip(module.buffers(), saved, strict=True):
+                b.copy_(value)
+
+
 def build(acc, plan: Plan, module: nn.Module, make_optimizer: Callable) -> Engine:
     """The engine the plan names, around the recipe's module; `make_optimizer(module)` gives (optimizer,
     scheduler), created after sharding so that it holds the sharded parameters. Fails rather than run
@@ -205,7 +218,7 @@ def build(acc, plan: Plan, module: nn.Module, make_optimizer: Callable) -> Engin
     if plan.engine == "deepspeed":
         from . import zero
 
-        return zero.build(plan, module, make_optimizer, autocast)
+        return zero.build(plan, module, make_optimizer)
     autocast(module, plan)
     if plan.engine == "fsdp":
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler

@@ -1,9 +1,12 @@
-"""The practitioners' pre-flight checklist, run for the user before the first step.
+"""The practitioners' checklists, run for the user on rank zero; the thresholds are wide on purpose, so that
+a healthy recipe raises no warning.
 
-On rank zero, on the recipe's own model before any engine wraps or shards it: inputs (as the first
-layer sees them), labels, splits, the model's parameters, and the initial loss against its expected
-value. Each check gives one report line; what looks wrong also gives a warning in plain words, with the
-numbers and what to do. The thresholds are wide on purpose: a healthy recipe raises no warning.
+Pre-flight, on the recipe's own model before any engine wraps or shards it: inputs (as the first layer
+sees them), labels, splits, the model's parameters, and the initial loss against its expected value; one
+report line per check. During training (Monitor), on sampled steps: per-layer gradient norms,
+update-to-weight ratios, dead ReLUs. At the end, a verdict from the loss curves. And the two debugging
+modes' arithmetic: --overfit-batches' regularisation switch, --find-lr's sweep, stop and suggestion.
+Every warning says in plain words what looks wrong, with the numbers and what to do.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -18,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from .data import is_tensor_data
+from .engine import buffers_kept
 
 SAMPLE_BATCHES = 4
 HASH_LIMIT = 200_000  # samples per split hashed one by one when the split is not a tensor data set
@@ -44,11 +49,10 @@ def preflight(module: nn.Module, splits, loss_fn, device: torch.device, batch: i
     return report
 
 
-def summary(report: Report) -> str:
-    """The warnings, each on its own line, or a line saying there are none."""
-    if not report.warnings:
-        return "check  pre-flight: no warning"
-    return "\n".join(f"warning: {w}" for w in report.warnings)
+def shown(report: Report) -> list[str]:
+    """The console's lines: one per check, and last the warnings (on lines of their own) or that there are none."""
+    warnings = "\n".join(f"warning: {w}" for w in report.warnings) or "check  pre-flight: no warning"
+    return [f"check  {line}" for line in report.lines] + [warnings]
 
 
 def check_only(plan, recipe, hp) -> int:
@@ -60,18 +64,16 @@ def check_only(plan, recipe, hp) -> int:
     torch.manual_seed(plan.seed)
     module = recipe.model(hp).to(device)
     report = preflight(module, splits, recipe.loss(hp), device, plan.micro_batch, plan.seed)
-    for line in report.lines:
-        print(f"check  {line}")
-    print(summary(report), flush=True)
+    print("\n".join(shown(report)), flush=True)
     return 1 if report.warnings else 0
 
 
 def sample(ds: Dataset, augment, device: torch.device, batch: int, seed: int) -> list[tuple]:
     """A few training batches as training sees them: drawn at random, augmented, on the device."""
-    n = min(len(ds), SAMPLE_BATCHES * max(batch, 2))
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    batch = max(batch, 2)  # batch norm needs two samples
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:SAMPLE_BATCHES * batch]
     out = []
-    for idx in order.split(max(batch, 2)):
+    for idx in order.split(batch):
         if is_tensor_data(ds):
             x, y = (t[idx.to(t.device)] for t in ds.tensors)
         else:
@@ -104,24 +106,21 @@ def first_layer(module: nn.Module, x: torch.Tensor) -> tuple[tuple | None, torch
 
 @torch.no_grad()
 def inputs_and_initial_loss(module: nn.Module, loss_fn, batches: list[tuple], report: Report) -> None:
-    buffers = [b.clone() for b in module.buffers()]
     training = module.training
     module.train()  # the first step's mode: batch norm normalises by the batch
     try:
-        firsts, losses, outs = [], [], []
-        for x, y in batches:
-            first, out = first_layer(module, x)
-            if first:
-                firsts.append(first)
-            losses.append(float(loss_fn(out, y)))
-            outs.append((out, y))
+        with buffers_kept(module):
+            firsts, losses = [], []
+            for x, y in batches:
+                first, out = first_layer(module, x)
+                if first:
+                    firsts.append(first)
+                losses.append(float(loss_fn(out, y)))
     finally:
-        for b, saved in zip(module.buffers(), buffers, strict=True):
-            b.copy_(saved)
         module.train(training)
     if firsts:
         input_stats(firsts[0][0], firsts[0][1], torch.cat([t for _, _, t in firsts]), report)
-    initial_loss(sum(losses) / len(losses), outs[0], report)
+    initial_loss(sum(losses) / len(losses), out, batches[-1][1], report)
 
 
 def input_stats(name: str, layer: nn.Module, x: torch.Tensor, report: Report) -> None:
@@ -144,8 +143,7 @@ def input_stats(name: str, layer: nn.Module, x: torch.Tensor, report: Report) ->
             "mean, divide by the standard deviation of the training set) in data() or at the start of the model")
 
 
-def initial_loss(loss: float, first: tuple, report: Report) -> None:
-    out, y = first
+def initial_loss(loss: float, out: torch.Tensor, y: torch.Tensor, report: Report) -> None:
     report.values["initial_loss"] = loss
     classes = out.shape[1] if out.ndim == 2 and y.ndim == 1 and not y.is_floating_point() else 0
     if classes < 2:
@@ -297,14 +295,15 @@ class Monitor:
                 self.ratios.setdefault(n, []).append(ratios[n])
         record.update({f"health/grad_norm/{n}": v for n, v in norms.items()})
         record.update({f"health/update_ratio/{n}": v for n, v in ratios.items()})
-        record.update({f"health/dead/{n}": s / u for n, (s, u) in self.silent.items()})
+        shares = {n: s / u for n, (s, u) in self.silent.items()}
+        record.update({f"health/dead/{n}": share for n, share in shares.items()})
         largest = max(norms.values(), default=0.0)
         vanishing = [n for n, v in norms.items() if largest > 0 and v < VANISHING * largest]
         exploding = [n for n, v in norms.items() if not math.isfinite(v) or (
             self.first_norms.get(n, 0) > 0 and v > EXPLODING * self.first_norms[n])]
         for n, v in norms.items():
             self.first_norms.setdefault(n, v)
-        dead = [n for n, (s, u) in self.silent.items() if s > DEAD * u]
+        dead = [n for n, share in shares.items() if share > DEAD]
         warn = self.once(warnings)
         warn("vanishing", vanishing, lambda names: (
             f"step {step}: gradients vanish in {', '.join(names)}: "
@@ -315,7 +314,6 @@ class Monitor:
             f"step {step}: gradients explode in {', '.join(names)}: "
             f"{', '.join(f'{self.first_norms[n]:.2g} → {norms[n]:.2g}' for n in names)}; lower the learning rate, "
             "clip gradients (--clip-grad), or add normalisation layers"))
-        shares = {n: s / u for n, (s, u) in self.silent.items()}
         warn("dead", dead, lambda names: (
             f"step {step}: dead ReLUs in {', '.join(names)}: "
             f"{', '.join(f'{shares[n]:.0%}' for n in names)} of their units output zero for the "
@@ -356,7 +354,7 @@ def verdict(train: list[tuple[int, float]], val: list[tuple[int, float]], monito
     losses = [loss for _, loss in train if math.isfinite(loss)]
     if len(losses) >= 2:
         first, last = losses[0], losses[-1]
-        lows = [min(losses[:i + 1]) for i in range(len(losses))]
+        lows = list(accumulate(losses, min))  # the lowest so far
         spikes = [(low, loss) for low, loss in zip(lows, losses[1:], strict=False) if loss > 2 * low and loss > first]
         if last > DIVERGED * first or spikes:
             what = (f"rose from {first:.4g} to {last:.4g}" if last > DIVERGED * first

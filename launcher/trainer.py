@@ -128,10 +128,10 @@ class Trainer:
             if start:
                 self.sinks.print(f"resumed from {start} at step {self.step}")
             if preflight:
-                for line in preflight.lines:
-                    self.sinks.print(f"check  {line}")
-                self.sinks.event(0, "preflight", {**preflight.values, "warnings": preflight.warnings},
-                                 health.summary(preflight))
+                *lines, summary = health.shown(preflight)
+                for line in lines:
+                    self.sinks.print(line)
+                self.sinks.event(0, "preflight", {**preflight.values, "warnings": preflight.warnings}, summary)
 
     # ------------------------------------------------------------------ the loop
 
@@ -195,12 +195,12 @@ class Trainer:
         rate and draws the curve. Nothing is evaluated or saved."""
         groups = self.engine.optimizer.param_groups
         bases = [g["lr"] for g in groups]
-        tried = []
+        top, tried = max(bases), []
         for t, lr in enumerate(health.sweep(self.total)):
             if t % self.steps_per_epoch == 0:
                 batches = self.epoch_batches(t // self.steps_per_epoch, 0, self.steps_per_epoch)
             for g, base in zip(groups, bases, strict=True):
-                g["lr"] = lr * base / max(bases)
+                g["lr"] = lr * base / top
             self.train_step(batches)
             self.log()  # the loss, averaged over the ranks: every rank stops at the same point
             tried.append((lr, self.history["train"][-1][1]))
@@ -418,15 +418,11 @@ class Trainer:
         if not self.engine.ddp or self.step >= self.total:
             return
         epoch, offset = divmod(self.step, self.steps_per_epoch)
-        x, y = next(self.train_data.train_epoch(self.plan.seed, epoch, offset, offset + 1, self.plan.batch_size,
-                                                self.plan.grad_accum, self.world, self.rank))
+        x, y = next(self.epoch_batches(epoch, offset, offset + 1))
         rng = checkpoint.rng_state()
-        buffers = [b.clone() for b in self.engine.module.buffers()]
-        self.loss_fn(self.engine.model(x), y).backward()
+        with engines.buffers_kept(self.engine.module):
+            self.loss_fn(self.engine.model(x), y).backward()
         self.engine.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for b, saved in zip(self.engine.module.buffers(), buffers, strict=True):
-                b.copy_(saved)
         checkpoint.set_rng_state(rng)
 
     def check_shared(self) -> None:

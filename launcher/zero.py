@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .engine import broadcast_buffers
+from .engine import autocast, broadcast_buffers
 from .plan import Plan
 
 TAG = "zero"  # the one checkpoint tag inside a launcher checkpoint's deepspeed/ folder
@@ -95,7 +95,7 @@ def import_deepspeed():
     return deepspeed
 
 
-def build(plan: Plan, module: nn.Module, make_optimizer, autocast) -> Zero:
+def build(plan: Plan, module: nn.Module, make_optimizer) -> Zero:
     """deepspeed.initialize around the recipe's module, optimizer and schedule, in the process group the
     launcher made; fails rather than run another stage than asked for."""
     deepspeed = import_deepspeed()
