@@ -83,6 +83,9 @@ def base_parser(add_help: bool) -> Parser:
                    help="clip the total gradient norm to NORM; 0 = off (the norm is logged either way)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model (DDP and one process): a slower start for faster steps")
+    g.add_argument("--find-unused-parameters", action="store_true",
+                   help="DDP: let parameters go without a gradient in some steps (each step then searches the "
+                        "graph for them); the recipe can say so too: find_unused_parameters = True")
     g.add_argument("--seed", type=int, default=0, help="default: 0")
     g.add_argument("--max-steps", type=int, metavar="N",
                    help="stop after N optimizer steps; the LR schedule spans these N steps")
@@ -168,6 +171,8 @@ def parse(argv: list[str]) -> tuple[Plan, object, object, argparse.Namespace]:
         hp = recipes.hparams(module.Hparams, values)
     except recipes.RecipeError as e:
         raise UsageError(str(e)) from None
+    if getattr(module, "find_unused_parameters", False):
+        args.find_unused_parameters = True
     return make_plan(args, hp, Path(known.recipe).resolve()), module, hp, args
 
 
@@ -401,7 +406,8 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
         eval_limit=10 if args.debug else None,
         log_every=1 if args.debug or args.find_lr or args.overfit_batches else args.log_every,
         workers=args.workers if args.workers is not None else (4 if device == "cuda" and not args.debug else 0),
-        device_data=args.device_data, compile=args.compile, health=args.health,
+        device_data=args.device_data, compile=args.compile, find_unused_parameters=args.find_unused_parameters,
+        health=args.health,
         save_every=args.save_every, keep=args.keep, resume=str(resume) if resume else None,
         max_restarts=args.max_restarts, skip_nonfinite=args.skip_nonfinite or args.find_lr,
         early_stop=args.early_stop, overfit_batches=args.overfit_batches, find_lr=args.find_lr,
@@ -494,9 +500,12 @@ def main(argv: list[str] | None = None) -> None:
                 raise UsageError(f"{Path(plan.recipe).name}: preparing the data failed: "
                                  f"{recipes.describe_error(e, Path(plan.recipe))}") from None
         if args.check:
-            from . import health
+            from . import preflight
 
-            sys.exit(health.check_only(plan, module, hp))
+            try:
+                sys.exit(preflight.check_only(plan, module, hp))
+            except recipes.RecipeError as e:
+                raise UsageError(str(e)) from None
         try:
             sock = spawn.rendezvous_socket(plan)
         except OSError as e:

@@ -33,11 +33,13 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def accelerator(plan: Plan):
     """The Accelerator the plan asks for; fails loudly rather than run something else."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
     guard(int(os.environ.get("WORLD_SIZE", "1")), plan)
     if plan.world_size > 1 or plan.engine != "ddp":  # sharding needs a process group, even of one
         join(plan)
-    acc = Accelerator(cpu=plan.device == "cpu")  # precision is the launcher's: see autocast()
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=plan.find_unused_parameters)
+    acc = Accelerator(cpu=plan.device == "cpu", kwargs_handlers=[ddp])  # precision is the launcher's: see autocast()
     guard(acc.num_processes, plan)
     if acc.device.type != plan.device:
         raise RuntimeError(f"planned device {plan.device} but Accelerate chose {acc.device}")
@@ -102,20 +104,25 @@ class Engine:
             loss = loss / self.accum  # the one place the loss is normalised for accumulation
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def grad_norm(self, clip: float) -> torch.Tensor:
-        """Total gradient norm before clipping; clips to `clip` when it is > 0. Sync steps only."""
+    def grad_norm(self, clip: float, rescale: torch.Tensor | None) -> torch.Tensor:
+        """Total gradient norm before clipping; clips to `clip` when it is > 0. Sync steps only. `rescale`
+        multiplies the gradients first (a step's counts, see trainer.py)."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
+        if rescale is not None:
+            grads = [p.grad.to_local() if self.fsdp else p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, rescale.to(grads[0].device))
         if clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         return norm.full_tensor() if self.fsdp else norm  # FSDP: a replicated DTensor of the global norm
 
-    def update(self, clip: float) -> float:
+    def update(self, clip: float, rescale: torch.Tensor | None = None) -> float:
         """Clip and step unless the gradient norm is not finite (a loss scaler skips such steps itself and is
         stepped anyway); the norm before clipping, read back once."""
-        norm = self.grad_norm(clip).item()
+        norm = self.grad_norm(clip, rescale).item()
         if math.isfinite(norm) or self.scaler:
             self.step()
         return norm

@@ -1,250 +1,31 @@
-"""The practitioners' checklists, run for the user on rank zero; the thresholds are wide on purpose, so that
-a healthy recipe raises no warning.
+"""The practitioners' checklists during and after training, run for the user on rank zero; the thresholds are
+wide on purpose, so that a healthy recipe raises no warning (the pre-flight checks are preflight.py's).
 
-Pre-flight, on the recipe's own model before any engine wraps or shards it: inputs (as the first layer
-sees them), labels, splits, the model's parameters, and the initial loss against its expected value; one
-report line per check. During training (Monitor), on sampled steps: per-layer gradient norms,
-update-to-weight ratios, dead ReLUs. At the end, a verdict from the loss curves. And the two debugging
-modes' arithmetic: --overfit-batches' regularisation switch, --find-lr's sweep, stop and suggestion.
-Every warning says in plain words what looks wrong, with the numbers and what to do.
+During training (Monitor), on sampled steps: per-layer gradient norms, update-to-weight ratios, dead ReLUs.
+At the end, a verdict from the loss curves that knows when a run is too short or too noisy to judge. And the
+two debugging modes' arithmetic: --overfit-batches' regularisation switch, --find-lr's sweep, stop and
+suggestion. Every warning says in plain words what looks wrong, with the numbers and what to do.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
+import statistics
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 
-import torch
 from torch import nn
-from torch.utils.data import Dataset, default_collate
-
-from .data import is_tensor_data
-from .engine import buffers_kept
-
-SAMPLE_BATCHES = 4
-HASH_LIMIT = 200_000  # samples per split hashed one by one when the split is not a tensor data set
-IMBALANCE = 3.0  # largest over smallest class count that earns a warning
-LOSS_RATIO = (0.7, 1.4)  # initial loss / ln C outside this range earns a warning
-
-
-@dataclass
-class Report:
-    lines: list[str] = field(default_factory=list)  # one per check
-    warnings: list[str] = field(default_factory=list)  # what looks wrong, and what to do
-    values: dict = field(default_factory=dict)  # the numbers, for metrics.jsonl and W&B
-
-
-def preflight(module: nn.Module, splits, loss_fn, device: torch.device, batch: int, seed: int) -> Report:
-    """Every pre-flight check. Leaves the model as it found it (buffers such as batch-norm statistics are put
-    back) and draws its sample from a generator of its own."""
-    report = Report()
-    batches = sample(splits.train, splits.augment, device, batch, seed)
-    inputs_and_initial_loss(module, loss_fn, batches, report)
-    labels(splits.train, report)
-    leakage({"train": splits.train, "val": splits.val, "test": splits.test}, report)
-    parameters(module, report)
-    return report
-
-
-def shown(report: Report) -> list[str]:
-    """The console's lines: one per check, and last the warnings (on lines of their own) or that there are none."""
-    warnings = "\n".join(f"warning: {w}" for w in report.warnings) or "check  pre-flight: no warning"
-    return [f"check  {line}" for line in report.lines] + [warnings]
-
-
-def check_only(plan, recipe, hp) -> int:
-    """`launch RECIPE --check`: the pre-flight report in this process, nothing trained or written; exit 1 when
-    something looks wrong."""
-    device = torch.device(plan.device)
-    torch.manual_seed(plan.seed)
-    splits = recipe.data(hp)
-    torch.manual_seed(plan.seed)
-    module = recipe.model(hp).to(device)
-    report = preflight(module, splits, recipe.loss(hp), device, plan.micro_batch, plan.seed)
-    print("\n".join(shown(report)), flush=True)
-    return 1 if report.warnings else 0
-
-
-def sample(ds: Dataset, augment, device: torch.device, batch: int, seed: int) -> list[tuple]:
-    """A few training batches as training sees them: drawn at random, augmented, on the device."""
-    batch = max(batch, 2)  # batch norm needs two samples
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:SAMPLE_BATCHES * batch]
-    out = []
-    for idx in order.split(batch):
-        if is_tensor_data(ds):
-            x, y = (t[idx.to(t.device)] for t in ds.tensors)
-        else:
-            x, y = default_collate([ds[i] for i in idx.tolist()])
-        x, y = x.to(device), y.to(device)
-        out.append(augment(x, y) if augment else (x, y))
-    return out
-
-
-def first_layer(module: nn.Module, x: torch.Tensor) -> tuple[tuple | None, torch.Tensor]:
-    """The forward's output, and (name, module, input) of the first module with parameters of its own that it
-    calls."""
-    seen = []
-
-    def hook(name):
-        def record(mod, args):
-            if not seen and args and isinstance(args[0], torch.Tensor):
-                seen.append((name, mod, args[0].detach()))
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in module.named_modules()
-               if any(True for _ in m.parameters(recurse=False))]
-    try:
-        out = module(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return (seen[0] if seen else None), out
-
-
-@torch.no_grad()
-def inputs_and_initial_loss(module: nn.Module, loss_fn, batches: list[tuple], report: Report) -> None:
-    training = module.training
-    module.train()  # the first step's mode: batch norm normalises by the batch
-    try:
-        with buffers_kept(module):
-            firsts, losses = [], []
-            for x, y in batches:
-                first, out = first_layer(module, x)
-                if first:
-                    firsts.append(first)
-                losses.append(float(loss_fn(out, y)))
-    finally:
-        module.train(training)
-    if firsts:
-        input_stats(firsts[0][0], firsts[0][1], torch.cat([t for _, _, t in firsts]), report)
-    initial_loss(sum(losses) / len(losses), out, batches[-1][1], report)
-
-
-def input_stats(name: str, layer: nn.Module, x: torch.Tensor, report: Report) -> None:
-    if not x.is_floating_point():
-        report.lines.append(f"inputs   {tuple(x.shape[1:])} integer ({name} takes indices): not checked")
-        return
-    dim = 1 if isinstance(layer, nn.modules.conv._ConvNd) else x.ndim - 1  # convolutions: channels first
-    flat = x.float().movedim(dim, 0).reshape(x.shape[dim], -1)
-    mean, std = flat.mean(1), flat.std(1)
-    low, high = flat.min().item(), flat.max().item()
-    report.values["inputs"] = {"channels": len(mean), "mean_min": mean.min().item(), "mean_max": mean.max().item(),
-                               "std_min": std.min().item(), "std_max": std.max().item(), "min": low, "max": high}
-    what = (f"{len(mean)} channel{'s' if len(mean) > 1 else ''} into {name or 'the model'} "
-            f"({type(layer).__name__}): mean {mean.min():.3g} … {mean.max():.3g}"
-            f"  std {std.min():.3g} … {std.max():.3g}  min {low:.3g}  max {high:.3g}")
-    report.lines.append(f"inputs   {what}")
-    if mean.abs().max() > 2 or std.max() > 4:
-        report.warnings.append(
-            f"inputs are far from zero mean and unit scale ({what}): normalise them per channel (subtract the "
-            "mean, divide by the standard deviation of the training set) in data() or at the start of the model")
-
-
-def initial_loss(loss: float, out: torch.Tensor, y: torch.Tensor, report: Report) -> None:
-    report.values["initial_loss"] = loss
-    classes = out.shape[1] if out.ndim == 2 and y.ndim == 1 and not y.is_floating_point() else 0
-    if classes < 2:
-        report.lines.append(f"loss     initial {loss:.4g} (no expected value: not C-class cross-entropy)")
-        return
-    expected = math.log(classes)
-    report.values["expected_initial_loss"] = expected
-    report.lines.append(f"loss     initial {loss:.4g}, expected ln {classes} = {expected:.4g} for {classes} classes")
-    if not math.isfinite(loss) or not LOSS_RATIO[0] <= loss / expected <= LOSS_RATIO[1]:
-        report.warnings.append(
-            f"the initial loss {loss:.4g} is far from ln {classes} = {expected:.4g}, the loss of a model that has not "
-            "learned anything yet: check that the model ends in raw logits (no softmax before a cross-entropy), "
-            "that the labels are class indices, and the inputs' scale; a too confident initialisation (large "
-            "final-layer weights) does this too")
-
-
-def labels_of(ds: Dataset) -> torch.Tensor | None:
-    if is_tensor_data(ds):
-        return ds.tensors[1]
-    found = getattr(ds, "targets", None)
-    return torch.as_tensor(found) if found is not None else None
-
-
-def labels(ds: Dataset, report: Report) -> None:
-    y = labels_of(ds)
-    if y is None or y.ndim != 1 or y.is_floating_point():
-        report.lines.append("labels   not class indices (or not reachable without reading every sample): not checked")
-        return
-    counts = torch.bincount(y.cpu().long())
-    present = counts[counts > 0]
-    ratio = (present.max() / present.min()).item()
-    report.values["labels"] = {"classes": len(present), "min_count": present.min().item(),
-                               "max_count": present.max().item(), "imbalance": ratio}
-    what = (f"{len(present)} classes, {present.min().item():,} … {present.max().item():,} training samples each "
-            f"(imbalance {ratio:.1f}:1)")
-    report.lines.append(f"labels   {what}")
-    if ratio >= IMBALANCE:
-        report.warnings.append(
-            f"the classes are imbalanced ({what}): the model can score well by favouring the large classes; weight "
-            "the loss (nn.CrossEntropyLoss(weight=launcher.class_weights(labels))), use a focal loss "
-            "(launcher.FocalLoss), or a weighted sampler, and watch per-class metrics")
-
-
-def fingerprints(ds: Dataset) -> tuple[set[bytes], int]:
-    """(hashes of the inputs, how many samples were hashed)."""
-    if is_tensor_data(ds):
-        x = ds.tensors[0].detach().cpu().contiguous()
-        rows = x.reshape(len(x), -1).numpy() if len(x) else []
-        return {hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows}, len(x)
-    n = min(len(ds), HASH_LIMIT)
-    hashes = set()
-    for i in range(n):
-        x = torch.as_tensor(ds[i][0]).detach().cpu().contiguous()
-        hashes.add(hashlib.blake2b(x.numpy().tobytes(), digest_size=16).digest())
-    return hashes, n
-
-
-def leakage(splits: dict, report: Report) -> None:
-    hashed = {name: fingerprints(ds) for name, ds in splits.items() if ds is not None}
-    if len(hashed) < 2:
-        report.lines.append("splits   only a training split: nothing to compare")
-        return
-    shared = {}
-    names = list(hashed)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            shared[f"{a}/{b}"] = len(hashed[a][0] & hashed[b][0])
-    report.values["shared_samples"] = shared
-    sizes = " / ".join(f"{name} {n:,}" for name, (_, n) in hashed.items())
-    if not any(shared.values()):
-        report.lines.append(f"splits   no input shared between {', '.join(names)} ({sizes} hashed)")
-        return
-    what = ", ".join(f"{n:,} shared by {pair.replace('/', ' and ')}" for pair, n in shared.items() if n)
-    report.lines.append(f"splits   {what} ({sizes} hashed)")
-    report.warnings.append(
-        f"the same inputs appear in more than one split ({what}): the evaluation scores memorised samples, and "
-        "every metric on those splits overstates the model; remove them from the evaluation splits in data()")
-
-
-def parameters(module: nn.Module, report: Report) -> None:
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
-    zeros = [name for name, p in module.named_parameters() if p.requires_grad and p.ndim >= 2 and not p.any()]
-    report.values["parameters"] = {"trainable": trainable, "frozen": frozen, "all_zero": zeros}
-    report.lines.append(f"model    {trainable:,} trainable parameters, {frozen:,} frozen"
-                        f"{'; all-zero weights: ' + ', '.join(zeros) if zeros else ''}")
-    if not trainable:
-        report.warnings.append("the model has no trainable parameter: nothing will learn (everything frozen?)")
-    if zeros:
-        report.warnings.append(
-            f"{', '.join(zeros)} {'is' if len(zeros) == 1 else 'are'} initialised to all zeros: every unit of such a "
-            "layer computes the same thing and gets the same gradient, so they never tell apart; initialise "
-            "randomly (nn.init.kaiming_normal_ or the layer's default) unless the zeros are deliberate")
-
 
 # ---------------------------------------------------------------- during training
 
 VANISHING = 1e-4  # a layer's gradient norm below this fraction of the largest layer's
 EXPLODING = 100.0  # a layer's gradient norm above this multiple of its first sampled value
 DEAD = 0.5  # share of a ReLU's units silent on a whole batch
-DIVERGED = 1.5  # the last training loss over the first; or a record twice the lowest before it (and above the first)
+DIVERGED = 1.5  # the end of the training loss over its start; or a jump to twice the lowest before (and above the start)
+UNDERFIT = 0.9  # the end of the training loss above this fraction of its start
+JUDGED_STEPS = 100  # a shorter run is too short to call underfitting
+TAIL = 0.25  # the share of the last records whose mean is the end of the curve
 OVERFIT = 1.25  # the last validation loss over the best one, with the training loss still falling
 RATIO = (1e-6, 1e-1)  # healthy |Δw|/|w| per step lies well inside, around 1e-3
 RELU_LIKE = (nn.ReLU, nn.ReLU6)
@@ -347,24 +128,34 @@ class Monitor:
         return out
 
 
-def verdict(train: list[tuple[int, float]], val: list[tuple[int, float]], monitor: Monitor | None) -> list[str]:
-    """What the loss curves say at the end of training: each finding with its usual remedies; empty when the run
-    looks healthy. `train` and `val` are (step, loss) in order."""
-    found = []
+def verdict(train: list[tuple[int, float]], val: list[tuple[int, float]], monitor: Monitor | None,
+            initial: float | None = None) -> tuple[list[str], list[str]]:
+    """What the loss curves say at the end of training: (findings, each with its usual remedies; what the run
+    was too short or too noisy to judge). `train` and `val` are (step, loss) in order; the curve starts at
+    `initial`, the pre-flight's loss before any step, where there is one, and ends at the mean of its last
+    records, whose spread is the noise the change must stand out from."""
+    found, unjudged = [], []
     losses = [loss for _, loss in train if math.isfinite(loss)]
-    if len(losses) >= 2:
-        first, last = losses[0], losses[-1]
-        lows = list(accumulate(losses, min))  # the lowest so far
-        spikes = [(low, loss) for low, loss in zip(lows, losses[1:], strict=False) if loss > 2 * low and loss > first]
-        if last > DIVERGED * first or spikes:
-            what = (f"rose from {first:.4g} to {last:.4g}" if last > DIVERGED * first
+    if losses:
+        first, end, noise = ends(losses, initial)
+        smooth = [statistics.fmean(losses[max(0, i - 2):i + 1]) for i in range(len(losses))]  # over 3 records
+        spikes = [(low, v) for low, v in zip(accumulate(smooth, min), smooth[1:], strict=False)
+                  if v > 2 * low and v > first]
+        if end > DIVERGED * first + 2 * noise or spikes:
+            what = (f"rose from {first:.4g} to {end:.4g}" if end > DIVERGED * first + 2 * noise
                     else f"jumped from {spikes[0][0]:.4g} to {spikes[0][1]:.4g}")
             found.append(f"the learning rate looks too high: the training loss {what}; lower it (a learning-rate range "
                          "test finds a good one), add warm-up, or clip gradients (--clip-grad)")
-        elif last > 0.9 * first:
-            found.append(f"underfitting: the training loss barely fell ({first:.4g} → {last:.4g}); train longer, raise "
-                         "the learning rate, use a larger model, or check that the labels can be learned from the "
-                         "inputs (--check)")
+        elif abs(end - first) <= 2 * noise:
+            unjudged.append(f"too noisy to judge the trend: {first:.4g} → {end:.4g} is within the noise of the last "
+                            f"records (± {noise:.2g})")
+        elif end > UNDERFIT * first:
+            if train[-1][0] >= JUDGED_STEPS:
+                found.append(f"underfitting: the training loss barely fell ({first:.4g} → {end:.4g}); train longer, "
+                             "raise the learning rate, use a larger model, or check that the labels can be learned "
+                             "from the inputs (--check)")
+            else:
+                unjudged.append(f"too short to judge underfitting ({train[-1][0]} steps; {JUDGED_STEPS} at least)")
     if len(val) >= 2:
         best_step, best = min(val, key=lambda sv: sv[1])
         end_step, end = val[-1]
@@ -377,15 +168,28 @@ def verdict(train: list[tuple[int, float]], val: list[tuple[int, float]], monito
                          "weight decay, or use a smaller model")
     if monitor:
         found += monitor.ratio_findings()
-    return found
+    return found, unjudged
 
 
-def verdict_text(findings: list[str], train: list[tuple[int, float]]) -> str:
+def ends(losses: list[float], initial: float | None) -> tuple[float, float, float]:
+    """(start, end, noise) of a training-loss curve: the initial loss (else the first record), the mean of the
+    last quarter of the records, and that mean's standard error."""
+    first = initial if initial is not None and math.isfinite(initial) else losses[0]
+    tail = losses[-math.ceil(TAIL * len(losses)):]
+    noise = statistics.stdev(tail) / math.sqrt(len(tail)) if len(tail) > 1 else 0.0
+    return first, statistics.fmean(tail), noise
+
+
+def verdict_text(findings: list[str], unjudged: list[str], train: list[tuple[int, float]],
+                 initial: float | None = None) -> str:
     if findings:
-        return "\n".join(f"warning: {f}" for f in findings)
-    if not train:
+        return "\n".join([f"warning: {f}" for f in findings] + ([f"verdict: {'; '.join(unjudged)}"] if unjudged else []))
+    losses = [loss for _, loss in train if math.isfinite(loss)]
+    if not losses:
         return "verdict: no training loss was recorded"
-    return f"verdict: no sign of trouble (training loss {train[0][1]:.4g} → {train[-1][1]:.4g})"
+    first, end, _ = ends(losses, initial)
+    return (f"verdict: no sign of trouble (training loss {first:.4g} → {end:.4g})"
+            + "".join(f"; {u}" for u in unjudged))
 
 
 # ---------------------------------------------------------------- debugging modes

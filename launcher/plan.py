@@ -46,6 +46,7 @@ class Plan:
     workers: int = 0  # DataLoader workers per process, for per-sample datasets
     device_data: bool = True  # tensor data sets: whole on the device when they fit, batches cut there by index
     compile: bool = False  # torch.compile the model (ddp)
+    find_unused_parameters: bool = False  # DDP: parameters may go without a gradient in a step
     health: bool = True  # rank zero's checks before (pre-flight) and during training: health.py
     overfit_batches: int = 0  # debugging: train on this many fixed batches and check the loss goes near zero
     find_lr: bool = False  # debugging: a learning-rate range test instead of training

@@ -1,4 +1,4 @@
-"""The recipe contract: load a recipe file and turn its Hparams into flags.
+"""The recipe contract: load a recipe file, check it, and turn its Hparams into flags.
 
 A recipe is a Python file with
 
@@ -6,14 +6,18 @@ A recipe is a Python file with
     class Hparams: ...                  # every field is a flag; batch_size and epochs are required
     def data(hp) -> Splits              # train / val / test datasets
     def model(hp) -> nn.Module
-    def loss(hp) -> callable(out, y) -> scalar Tensor (mean over the batch)
+    def loss(hp) -> callable(out, y) -> scalar Tensor (mean over the batch); not needed with step()
 
 and optionally
 
     def prepare(hp)                     # once per node before any process starts (download, cache)
     def metrics(hp) -> dict[str, torchmetrics.Metric]
     def optimizer(model, hp, total_steps) -> (optimizer, scheduler)
+    def step(model, batch, hp)          # the loss of a batch: loss, (loss, count) or {"loss", "count", "preds",
+    def eval_step(model, batch, hp)     #   "target"}; the default is loss(hp)(model(x), y); see steps.py
     best = ("val/acc", "max")           # the evaluation that picks the best checkpoint; ("val/loss", "min") else
+    counts = "tokens"                   # what step()'s count counts: throughput is logged as tokens/s
+    find_unused_parameters = True       # DDP: some parameters get no gradient in some steps
 
 It never learns how many processes, which device or which precision it runs with.
 This module knows nothing about devices or ranks either.
@@ -23,7 +27,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib.util
+import inspect
+import re
 import sys
 import traceback
 import typing
@@ -33,9 +40,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-REQUIRED = ("Hparams", "data", "model", "loss")
-OPTIONAL = ("prepare", "metrics", "optimizer")
+REQUIRED = ("Hparams", "data", "model")
+# every function of the contract, with the arguments the launcher calls it with
+FUNCTIONS = {"data": ("hp",), "model": ("hp",), "loss": ("hp",), "prepare": ("hp",), "metrics": ("hp",),
+             "optimizer": ("model", "hp", "total_steps"), "step": ("model", "batch", "hp"),
+             "eval_step": ("model", "batch", "hp")}
+SETTINGS = {"best": tuple, "counts": str, "find_unused_parameters": bool}
 REQUIRED_FIELDS = {"batch_size": int, "epochs": int}
+# other trainers' hooks: a recipe defining one expects it to be called, and it would not be
+FOREIGN = re.compile(r"(training|validation|evaluation|test|predict|train|val)_step|compute_loss|configure_\w+|"
+                     r"\w+_dataloader")
 
 
 class RecipeError(Exception):
@@ -46,19 +60,26 @@ class RecipeError(Exception):
 class Splits:
     """What a recipe's `data(hp)` returns.
 
-    Each split is a map-style dataset of (input, target) pairs. A
-    `torch.utils.data.TensorDataset` of two tensors is batched by indexing, on the
-    device when it fits: no DataLoader, no per-sample Python. Any other dataset goes
-    through a DataLoader with `--workers` processes.
+    Each split is a dataset whose samples are tensors or any nesting of tuples, lists,
+    dicts and dataclasses of them: (input, target) pairs for the default step. A
+    `torch.utils.data.TensorDataset` (any number of tensors) or a dict of equal-length
+    tensors is batched by indexing, on the device when it fits: no DataLoader, no
+    per-sample Python. Any other map-style dataset goes through a DataLoader with
+    `--workers` processes. `train` may be an `IterableDataset` (a stream): see data.py.
 
-    `augment(x, y) -> (x, y)` is applied to every training micro-batch after it
-    reached the device: batched tensor ops, not per-sample transforms.
+    `collate_fn(samples) -> batch` batches samples (padding them, say): one function for
+    every split, or {"train": f, "val": g, ...} per split; torch's default_collate else.
+
+    `augment` is applied to every training micro-batch after it reached the device,
+    called like the batch: `augment(x, y) -> (x, y)` for (x, y) batches, `augment(batch)
+    -> batch` for a dict: batched tensor ops, not per-sample transforms.
     """
 
     train: Any
     val: Any = None
     test: Any = None
     augment: Callable | None = None
+    collate_fn: Callable | dict[str, Callable] | None = None
 
 
 def load(path: str | Path) -> ModuleType:
@@ -92,13 +113,20 @@ def load(path: str | Path) -> ModuleType:
 
 def _check(module: ModuleType, path: Path) -> None:
     missing = [n for n in REQUIRED if not hasattr(module, n)]
+    if not hasattr(module, "loss") and not hasattr(module, "step"):
+        missing.append("loss")
     if missing:
-        raise RecipeError(f"recipe {path} lacks {', '.join(missing)} (a recipe defines {', '.join(REQUIRED)})")
+        raise RecipeError(f"recipe {path} lacks {', '.join(missing)} (a recipe defines {', '.join(REQUIRED)} and "
+                          "loss, or a step of its own)")
     if not dataclasses.is_dataclass(module.Hparams):
         raise RecipeError(f"recipe {path}: Hparams must be a @dataclass")
-    for n in REQUIRED[1:] + OPTIONAL:
-        if hasattr(module, n) and not callable(getattr(module, n)):
-            raise RecipeError(f"recipe {path}: {n} must be a function")
+    for name, arguments in FUNCTIONS.items():
+        if hasattr(module, name):
+            _check_function(getattr(module, name), name, arguments, path)
+    for name, kind in SETTINGS.items():
+        if hasattr(module, name) and not isinstance(getattr(module, name), kind):
+            raise RecipeError(f"recipe {path}: {name} must be a {kind.__name__}, not {getattr(module, name)!r}")
+    _check_unknown(module, path)
     hints = _hints(module.Hparams, path)
     for f, typ in REQUIRED_FIELDS.items():
         if hints.get(f) is not typ:
@@ -109,6 +137,39 @@ def _check(module: ModuleType, path: Path) -> None:
     if not (isinstance(best, tuple) and len(best) == 2 and isinstance(best[0], str) and best[1] in ("min", "max")):
         raise RecipeError(f"recipe {path}: best must be (metric, 'min' or 'max'), e.g. ('val/acc', 'max'); "
                           f"not {best!r}")
+
+
+def _check_function(fn: Any, name: str, arguments: tuple[str, ...], path: Path) -> None:
+    """A contract function that the launcher's call would not fit is an error now, not in a worker."""
+    called = f"{name}({', '.join(arguments)})"
+    if not callable(fn):
+        raise RecipeError(f"recipe {path}: {name} must be a function {called}")
+    try:
+        inspect.signature(fn).bind(*arguments)
+    except TypeError:
+        shown = f"{name}{inspect.signature(fn)}"
+        hint = (": it returns the loss function, e.g. `def loss(hp): return nn.CrossEntropyLoss()`"
+                if name == "loss" else "")
+        raise RecipeError(f"recipe {path}: {shown} cannot be called as {called}{hint}") from None
+    except ValueError:  # no signature to read (a builtin): nothing to check
+        pass
+
+
+def _check_unknown(module: ModuleType, path: Path) -> None:
+    """A function of the recipe's own that looks like part of a contract but is not one would be silently
+    ignored: a misspelt `metric`, another trainer's `training_step`."""
+    contract = list(FUNCTIONS)
+    for name, value in vars(module).items():
+        if name.startswith("_") or name in FUNCTIONS or not inspect.isfunction(value) \
+                or value.__module__ != module.__name__:
+            continue
+        close = difflib.get_close_matches(name, contract, n=1, cutoff=0.8)
+        if close or FOREIGN.fullmatch(name):
+            hint = f"did you mean {close[0]}()? " if close else ""
+            raise RecipeError(
+                f"recipe {path}: {name}() is not part of the recipe contract, so nothing would call it; {hint}a "
+                f"recipe defines {', '.join(REQUIRED)}, loss and optionally {', '.join(contract[3:])} (README: "
+                f"Writing a recipe). A helper of your own: start its name with _")
 
 
 def describe_error(e: BaseException, path: Path) -> str:

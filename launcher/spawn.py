@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .plan import PLAN_ENV, Plan
+from .recipe import RecipeError
 
 RENDEZVOUS = "launcher-static"
 RENDEZVOUS_TIMEOUT = 60  # seconds node 0 waits for every other node to join
@@ -46,7 +47,7 @@ def _in_process(plan: Plan) -> int:
         return 128 + stopped.signum
     except worker.PLAIN as e:
         print(f"launch: error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return 2 if isinstance(e, RecipeError) else 1
     return 0
 
 
@@ -121,7 +122,7 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
     except ChildFailedError as e:
         rank, failure = root_cause(e.failures)
         print(f"launch: {_describe(rank, failure, plan.run_dir)}", file=sys.stderr, flush=True)
-        return 1
+        return 2 if failure.error_file_data.get("launcher", {}).get("usage") else 1
     except SignalException as e:
         _stopped(plan, e.sigval)
         return 128 + e.sigval
@@ -149,6 +150,8 @@ def root_cause(failures: dict) -> tuple:
 
 def _describe(rank: int, failure, run_dir: str) -> str:
     ours = failure.error_file_data.get("launcher")
+    if ours and ours.get("usage"):  # the recipe breaks the contract: the same on every rank
+        return f"error: {ours['text']}"
     if ours and ours["plain"]:
         return f"error: rank {rank}: {ours['text']}"
     message = failure.message

@@ -3,9 +3,13 @@
 Conventions that decide correctness:
 - `batch_size` is the global batch of one optimizer step. Each process runs
   `accum` micro-steps of batch_size / (processes × accum) samples; see data.py.
-- Gradients are all-reduced only on the last micro-step; the loss is divided by
-  `accum` once (engine.backward); clipping happens on that sync step, after the
-  fp16 loss scale has been removed.
+- The recipe's step (steps.py) turns a batch into its loss. Gradients are all-reduced
+  only on the last micro-step; the loss is divided by `accum` once (engine.backward);
+  clipping happens on that sync step, after the fp16 loss scale has been removed.
+- A step that gives counts (tokens, say) is weighted by them: micro-step k backpropagates
+  its mean loss × count_k / micro, and the gradients are then scaled by B / N, N the
+  count of the whole global batch (one all-reduce), so the update follows the sum of
+  per-item losses over the global batch divided by N however it was split.
 - The schedule steps once per optimizer step.
 - The loss stays on the device and is read only on log steps, where one small
   all-reduce makes the logged loss the mean over all ranks. The gradient norm is
@@ -29,13 +33,17 @@ from types import ModuleType
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import checkpoint, health
+from . import checkpoint, data, health, preflight, steps
 from . import engine as engines
-from .data import Loader
 from .optim import default_optimizer
 from .plan import Plan
+from .recipe import RecipeError
 from .sinks import Sinks
 from .stop import Stop
+
+END = object()  # what next(batches, END) gives when a stream has run dry
+METRICS_NEED = ("metrics(hp) needs the step's predictions: return {'loss': ..., 'preds': ..., 'target': ...} from the "
+                "step (metric.update(preds, target) receives them)")
 
 
 class TrainingError(Exception):
@@ -58,14 +66,18 @@ class Trainer:
 
         torch.manual_seed(plan.seed)
         splits = recipe.data(hp)
+        self.train_data, self.evals = data.loaders(splits, device, plan.workers, plan.device_data)
         self.augment = splits.augment
-        self.train_data = Loader(splits.train, device, plan.workers, plan.device_data)
-        self.evals = {name: Loader(ds, device, plan.workers, plan.device_data)
-                      for name, ds in (("val", splits.val), ("test", splits.test)) if ds is not None}
-        self.steps_per_epoch = len(self.train_data) // plan.batch_size
+        size = self.train_data.size
+        if size is None:  # a stream without a length: one epoch, as long as the run
+            self.steps_per_epoch = plan.max_steps or 50 * plan.overfit_batches or 100 * plan.find_lr
+            if not self.steps_per_epoch:
+                raise RecipeError("the training split is a stream without a length: give --max-steps N, or define "
+                                  "__len__ on it (the samples of one epoch)")
+        else:
+            self.steps_per_epoch = size // plan.batch_size
         if self.steps_per_epoch == 0:
-            raise TrainingError(f"batch_size {plan.batch_size} is larger than the training set "
-                                f"({len(self.train_data)} samples)")
+            raise TrainingError(f"batch_size {plan.batch_size} is larger than the training set ({size} samples)")
         self.total = plan.max_steps or hp.epochs * self.steps_per_epoch
         if plan.overfit_batches:  # the same few batches, as they are, over and over
             if plan.overfit_batches > self.steps_per_epoch:
@@ -79,12 +91,16 @@ class Trainer:
             raise TrainingError("--early-stop watches the validation split, and the recipe's data() returns none")
 
         torch.manual_seed(plan.seed)  # the same initial weights on every rank, whatever data() drew
-        module = recipe.model(hp).to(device)
-        self.loss_fn = recipe.loss(hp)
+        module = steps.model(recipe, hp, device)
+        self.step_fn, self.eval_fn, self.loss_fn = steps.steps(recipe, hp, device)
+        self.unit = getattr(recipe, "counts", None)  # what the step's counts count, for throughput
+        self.counted = None  # whether the step gives counts: its first output tells
         start = self.resume_point()
-        preflight = None
+        report = None
         if self.main and plan.health and not start:  # on the recipe's own model, before an engine shards it
-            preflight = health.preflight(module, splits, self.loss_fn, device, plan.micro_batch, plan.seed)
+            report = preflight.preflight(module, self.train_data, self.evals, self.step_fn, self.augment,
+                                         plan.micro_batch, plan.seed)
+        self.initial = report.values.get("initial_loss") if report else None  # where the verdict's curve starts
         make_optimizer = getattr(recipe, "optimizer", default_optimizer)
         self.engine = engines.build(acc, plan, module, lambda m: make_optimizer(m, hp, self.total))
         self.unregularised = health.without_regularisation(module, self.engine.optimizer, self.loss_fn) \
@@ -103,7 +119,8 @@ class Trainer:
             self.load(start)
             self.settle_buckets()
 
-        self.loss_sum = torch.zeros((), device=device)
+        self.loss_sum = torch.zeros((), device=device)  # of the micro-steps' mean losses; with counts, loss × count
+        self.count_sum = torch.zeros((), dtype=torch.float64, device=device)  # with counts: the whole job's
         self.window = [time.perf_counter(), 0, 0, 0.0]  # start, steps, steps whose loss counts, s waiting for data
         self.norm = self.lr = 0.0
         self.peak = peak_flops(device)  # per device; None where unknown: no MFU
@@ -118,20 +135,21 @@ class Trainer:
         self.printed_eval = -self.print_every
         self.sinks = None
         if self.main:  # rank zero alone logs
-            sizes = {"train": len(self.train_data), **{k: len(v) for k, v in self.evals.items()}}
+            sizes = {"train": self.train_data.size, **{k: v.size for k, v in self.evals.items()}}
             self.sinks = Sinks(plan, {**sizes, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total},
                                self.total, self.step)
+            shown = ", ".join(f"{k} {'stream' if v is None else f'{v:,}'}" for k, v in sizes.items())
             self.sinks.print(
-                f"data: {', '.join(f'{k} {v:,}' for k, v in sizes.items())} samples · {self.steps_per_epoch} "
+                f"data: {shown} samples · {self.steps_per_epoch} "
                 f"steps/epoch · {self.total} optimizer steps · batch {plan.batch_size} = {self.world} process"
                 f"{'es' if self.world > 1 else ''} × {plan.grad_accum} accumulation × {plan.micro_batch} per device")
             if start:
                 self.sinks.print(f"resumed from {start} at step {self.step}")
-            if preflight:
-                *lines, summary = health.shown(preflight)
+            if report:
+                *lines, summary = preflight.shown(report)
                 for line in lines:
                     self.sinks.print(line)
-                self.sinks.event(0, "preflight", {**preflight.values, "warnings": preflight.warnings}, summary)
+                self.sinks.event(0, "preflight", {**report.values, "warnings": report.warnings}, summary)
 
     # ------------------------------------------------------------------ the loop
 
@@ -218,24 +236,36 @@ class Trainer:
 
     def train_step(self, batches) -> None:
         plan, engine, model, K = self.plan, self.engine, self.engine.model, self.plan.grad_accum
-        step_loss = None
+        step_loss = step_count = 0
         sampled = self.watch is not None and (self.step + 1) % self.every == 0
         for k in range(K):
             t = time.perf_counter()
-            x, y = next(batches)
+            batch = next(batches, END)
             self.window[3] += time.perf_counter() - t
-            if self.augment:
-                x, y = self.augment(x, y)
+            if batch is END:
+                self.stream_ended()
+            batch = data.augmented(self.augment, batch)
             engine.sync(k == K - 1)
             if sampled and k == K - 1:
                 self.watch.watch()
             counting = self.peak is not None and self.flops is None
             with (FlopCounterMode(display=False) if counting else nullcontext()) as flops:
-                loss = self.loss_fn(model(x), y)
-                engine.backward(loss)
+                out = self.step_fn(model, batch)
+                if out.counted != self.counted:
+                    self.check_output(out)
+                engine.backward(out.loss * (out.count / plan.micro_batch) if out.counted else out.loss)
             if counting:
                 self.flops = flops.get_total_flops() * K * self.world
-            step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+            step_loss = step_loss + (out.loss.detach() * out.count if out.counted else out.loss.detach())
+            step_count = step_count + out.count
+        if self.step == 0 and engine.ddp:
+            self.check_unused()
+        rescale, mean = None, step_loss / (step_count if self.counted else K)  # this rank's, for a message
+        if self.counted:  # the count of the whole global batch, N: the gradient becomes Σ loss·count / N
+            step_count = torch.as_tensor(step_count, dtype=torch.float64, device=self.loss_sum.device)
+            if self.world > 1:
+                torch.distributed.all_reduce(step_count)
+            rescale = (plan.batch_size / step_count).float()
         self.step += 1
         self.window[1] += 1
         if self.sinks:
@@ -243,9 +273,9 @@ class Trainer:
         lr = engine.lr()
         if sampled:
             before = self.watch.before_update(engine.scaler.get_scale() if engine.scaler else 1.0)
-        norm = engine.update(plan.clip_grad)  # the one read per step; no update when it is not finite
+        norm = engine.update(plan.clip_grad, rescale)  # the one read per step; no update when it is not finite
         if not math.isfinite(norm) and engine.scaler is None:  # fp16's loss scaler skips such steps itself
-            self.nonfinite(step_loss)
+            self.nonfinite(mean)
             return
         if sampled and math.isfinite(norm):
             record, warnings = self.watch.after_update(self.step, *before)
@@ -255,11 +285,45 @@ class Trainer:
                                  "\n".join(f"warning: {w}" for w in warnings))
         self.norm, self.lr = norm, lr
         self.loss_sum += step_loss
+        if self.counted:
+            self.count_sum += step_count
         self.window[2] += 1
 
-    def nonfinite(self, step_loss: torch.Tensor) -> None:
+    def check_output(self, out: steps.Output) -> None:
+        """The first output of the step decides whether it gives counts; every later one must agree."""
+        if self.counted is not None:
+            raise RecipeError(f"the step returned a count in some steps and not in others: return one always (the "
+                              "batch's sample count where nothing else applies)")
+        if self.unit and not out.counted:
+            raise RecipeError(f"the recipe says its counts are {self.unit} (counts = {self.unit!r}), but step() "
+                              "returns no count: return (loss, count) or {'loss': ..., 'count': ...}")
+        if self.metrics and self.evals and self.eval_fn is self.step_fn and out.preds is None:
+            raise RecipeError(METRICS_NEED)
+        if not out.loss.requires_grad:
+            raise RecipeError("the step's loss does not depend on any trainable parameter (computed under "
+                              "torch.no_grad(), detached, or every parameter frozen?)")
+        self.counted = out.counted
+
+    def check_unused(self) -> None:
+        """DDP all-reduces in buckets that a parameter without a gradient never fills: name such parameters
+        before the first update, instead of torch's error in the second step."""
+        if self.plan.find_unused_parameters:
+            return
+        unused = [n for n, p in self.engine.module.named_parameters() if p.requires_grad and p.grad is None]
+        if unused:
+            raise RecipeError(f"{', '.join(unused[:5])}{' …' if len(unused) > 5 else ''} got no gradient in the first "
+                              "step: under DDP every trainable parameter must take part in every step. Set "
+                              "find_unused_parameters = True in the recipe (or pass --find-unused-parameters) if they "
+                              "are used only in some steps; else remove them or freeze them (launcher.freeze)")
+
+    def stream_ended(self) -> None:
+        raise TrainingError(f"the training stream ran out at step {self.step} of {self.total} "
+                            f"({self.step * self.plan.batch_size:,} samples): lower --max-steps, or make its length "
+                            "(__len__) the number of samples it yields in one epoch")
+
+    def nonfinite(self, mean: torch.Tensor) -> None:
         name = self.engine.first_nonfinite()  # None where the engine has already dropped the gradients
-        loss = step_loss.item() / self.plan.grad_accum
+        loss = float(mean)
         if not self.plan.skip_nonfinite:
             raise TrainingError(
                 f"non-finite gradient at step {self.step}{f', first in {name}' if name else ''} (loss {loss:.4g}); "
@@ -296,9 +360,9 @@ class Trainer:
         if self.plan.overfit_batches:
             self.overfit_report()
         elif self.sinks and self.plan.health:
-            findings = health.verdict(self.history["train"], self.history["val"], self.watch)
-            self.sinks.event(self.step, "verdict", {"findings": findings}, health.verdict_text(
-                findings, self.history["train"]))
+            findings, unjudged = health.verdict(self.history["train"], self.history["val"], self.watch, self.initial)
+            self.sinks.event(self.step, "verdict", {"findings": findings, "not_judged": unjudged},
+                             health.verdict_text(findings, unjudged, self.history["train"], self.initial))
         if self.saved_at != self.step:
             self.save(self.step_dir())
         return final
@@ -322,28 +386,39 @@ class Trainer:
 
     def log(self) -> None:
         """A log step: one all-reduce of the loss, and a record on rank zero."""
-        start, steps, counted, waited = self.window
+        start, taken, kept, waited = self.window  # steps taken, steps whose loss counts
         if self.world > 1:
             torch.distributed.all_reduce(self.loss_sum)
-        loss = self.loss_sum.item() / (counted * self.plan.grad_accum * self.world) if counted else math.nan
+        if self.counted:  # the mean over every item the window's kept steps counted
+            total, items = torch.stack((self.loss_sum.double(), self.count_sum)).tolist()
+            loss = total / items if items else math.nan
+        else:
+            loss = self.loss_sum.item() / (kept * self.plan.grad_accum * self.world) if kept else math.nan
         self.history["train"].append((self.step, loss))
         self.loss_sum.zero_()
+        self.count_sum.zero_()
         dt = time.perf_counter() - start
         if self.sinks:
             record = {"epoch": round(self.step / self.steps_per_epoch, 3), "train/loss": loss, "lr": self.lr,
-                      "grad_norm": self.norm, "samples_per_s": steps * self.plan.batch_size / dt,
-                      "step_time": dt / steps, "data_wait": waited / dt}
+                      "grad_norm": self.norm, "samples_per_s": taken * self.plan.batch_size / dt,
+                      "step_time": dt / taken, "data_wait": waited / dt}
+            unit = None
+            if self.counted:
+                unit = self.unit or "items"
+                record[f"{unit}_per_s"] = items / dt
             if self.plan.skip_nonfinite:
                 record["skipped_steps"] = self.skipped
             if self.engine.scaler:  # halved on each step it skips for an overflow
                 record["loss_scale"] = self.engine.scaler.get_scale()
             if self.peak:
-                record["mfu"] = self.flops * steps / dt / (self.peak * self.world)
+                record["mfu"] = self.flops * taken / dt / (self.peak * self.world)
             line = None
             if self.step % self.print_every == 0 or self.step == self.total:
                 line = (f"step {self.step:>{len(str(self.total))}}/{self.total}  "
                         f"epoch {math.ceil(self.step / self.steps_per_epoch)}  loss {loss:.4f}  lr {self.lr:.2e}  "
-                        f"grad {self.norm:.3f}  {record['samples_per_s']:,.0f} samples/s  "
+                        f"grad {self.norm:.3f}  "
+                        + (f"{record[f'{unit}_per_s']:,.0f} {unit}/s  " if unit else "")
+                        + f"{record['samples_per_s']:,.0f} samples/s  "
                         f"{1000 * record['step_time']:.1f} ms/step  data {100 * record['data_wait']:.0f}%"
                         + (f"  MFU {100 * record['mfu']:.1f}%" if self.peak else ""))
             self.sinks.log(self.step, record, line)
@@ -375,7 +450,7 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict:
         t = time.perf_counter()
-        results = evaluate(self.engine, self.evals[split], self.loss_fn, self.metrics, split,
+        results = evaluate(self.engine, self.evals[split], self.eval_fn, self.metrics, split,
                            2 * self.plan.micro_batch, self.plan.eval_limit, self.world, self.rank)
         elapsed = time.perf_counter() - t
         self.window[0] += elapsed  # throughput counts training time only
@@ -418,10 +493,10 @@ class Trainer:
         if not self.engine.ddp or self.step >= self.total:
             return
         epoch, offset = divmod(self.step, self.steps_per_epoch)
-        x, y = next(self.epoch_batches(epoch, offset, offset + 1))
+        batch = next(self.epoch_batches(epoch, offset, offset + 1))
         rng = checkpoint.rng_state()
         with engines.buffers_kept(self.engine.module):
-            self.loss_fn(self.engine.model(x), y).backward()
+            self.step_fn(self.engine.model, batch).loss.backward()
         self.engine.optimizer.zero_grad(set_to_none=True)
         checkpoint.set_rng_state(rng)
 
@@ -482,21 +557,22 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 @torch.no_grad()
-def evaluate(engine, loader: Loader, loss_fn, metrics: dict, split: str, batch: int, limit: int | None,
+def evaluate(engine, loader: data.Loader, step, metrics: dict, split: str, batch: int, limit: int | None,
              world: int, rank: int) -> dict:
     """Exact metrics over the whole split: each sample counted once across all ranks."""
     engine.sync_buffers()
     model = engine.module
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=loader.device)  # sum of losses, samples
-    for x, y, n in loader.eval_batches(batch, world, rank, limit):
-        out = model(x)  # every rank runs the same number of forwards, padding included
-        if n:
-            out, y = out[:n], y[:n]
-            totals[0] += loss_fn(out, y).double() * n
-            totals[1] += n
+    totals = torch.zeros(2, dtype=torch.float64, device=loader.device)  # sum of loss × count, counts
+    for found, real in loader.eval_batches(batch, world, rank, limit):
+        out = step(model, found)  # every rank runs the same number of forwards, a padding one included
+        if real:
+            totals[0] += out.loss.double() * out.count
+            totals[1] += out.count
+            if metrics and out.preds is None:
+                raise RecipeError(METRICS_NEED)
             for m in metrics.values():
-                m.update(out, y)
+                m.update(out.preds, out.target)
     if world > 1:
         torch.distributed.all_reduce(totals)
     results = {f"{split}/loss": (totals[0] / totals[1]).item()}

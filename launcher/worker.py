@@ -43,19 +43,25 @@ def record(e: BaseException, path: str) -> None:
     data = {
         "message": {"message": f"{type(e).__name__}: {e}",
                     "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(now))}},
-        "launcher": {"time": now, "plain": isinstance(e, PLAIN), "text": str(e)},
+        "launcher": {"time": now, "plain": isinstance(e, PLAIN), "usage": isinstance(e, recipe.RecipeError),
+                     "text": str(e)},
     }
     with open(path, "w") as f:
         json.dump(data, f)
 
 
 def explain(e: Exception, plan: Plan) -> Exception:
-    """A collective that timed out means another rank went silent: say so plainly."""
+    """Torch's errors whose cause is known, in plain words: a collective that timed out means another rank went
+    silent; DDP's unfinished reduction, parameters without a gradient."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if re.search(r"timed out waiting|collective operation timeout", text, re.I):
         return trainer.TrainingError(
             f"a collective waited {plan.timeout:g} s (--timeout) for a rank that stopped responding ({text}); "
             f"the silent rank's output is under {plan.run_dir}/logs")
+    if "Expected to have finished reduction in the prior iteration" in text:  # DDP, a step after the first
+        return recipe.RecipeError(
+            "some parameters got no gradient in a step, which DDP cannot reduce: set find_unused_parameters = True "
+            "in the recipe (or pass --find-unused-parameters) when parameters take part only in some steps")
     return e
 
 

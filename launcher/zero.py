@@ -139,9 +139,18 @@ class Zero:
         if not boundary:
             self.model.step()  # counts the micro-step; no update
 
-    def update(self, clip: float) -> float:
-        """Clip and step (DeepSpeed skips a step whose gradient norm is not finite); the norm before clipping."""
-        self.model.step()
+    def update(self, clip: float, rescale: torch.Tensor | None = None) -> float:
+        """Clip and step (DeepSpeed skips a step whose gradient norm is not finite); the norm before clipping.
+        `rescale` multiplies the gradients (a step's counts, see trainer.py): it goes in as the ZeRO optimizer's
+        loss scale, which DeepSpeed divides out of the gradients before it measures and clips them (in its fp32
+        engine the scale is otherwise 1, and the backward, which multiplies by it, has already run)."""
+        if rescale is not None:
+            self.optimizer.loss_scale = 1 / rescale.item()
+        try:
+            self.model.step()
+        finally:
+            if rescale is not None:
+                self.optimizer.loss_scale = 1.0
         norm = self.model.get_global_grad_norm()
         return math.nan if norm is None else float(norm)
 

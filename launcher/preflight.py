@@ -1,0 +1,457 @@
+"""The pre-flight checks: the practitioners' checklist before the first step, run for the user on rank zero, on
+the recipe's own model before any engine wraps or shards it.
+
+A few training batches go through the recipe's step in training mode, watched: the first layer with
+parameters shows the inputs as the model receives them, and the torch loss functions the step calls show
+what the loss is (cross-entropy over C classes expects ln C at the start, binary cross-entropy the entropy of
+the label prior; other losses no value, and the line says so). Then the labels, inputs shared between
+splits, and the parameters. One report line per check; a check that does not apply says why; none can crash
+a run. The thresholds are wide on purpose, so that a healthy recipe raises no warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, is_dataclass
+from itertools import islice
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from . import data, steps
+from .engine import buffers_kept
+from .recipe import RecipeError
+
+SAMPLE_BATCHES = 4
+LABEL_SAMPLE = 2_000  # samples read for the class balance when the dataset holds no label tensor
+HASH_LIMIT = 200_000  # rows of a tensor data set hashed per split; more are sampled
+SAMPLE_HASH_LIMIT = 20_000  # samples of any other dataset (each one read through __getitem__), or of a stream
+IMBALANCE = 3.0  # largest over smallest class count that earns a warning
+LOSS_RATIO = (0.7, 1.4)  # initial loss / expected outside this range earns a warning
+LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+CLASSIFICATION = ("cross_entropy", "nll_loss")
+BINARY = ("binary_cross_entropy", "binary_cross_entropy_with_logits")
+ELEMENTWISE = ("mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss")  # these broadcast mismatched shapes
+LOSSES = {getattr(F, name): name for name in CLASSIFICATION + BINARY + ELEMENTWISE}
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)  # one per check
+    warnings: list[str] = field(default_factory=list)  # what looks wrong, and what to do
+    values: dict = field(default_factory=dict)  # the numbers, for metrics.jsonl and W&B
+
+
+@dataclass
+class Call:
+    """A torch loss function the step called: its name, arguments by name, and result."""
+
+    name: str
+    args: dict
+    value: torch.Tensor
+
+
+def preflight(module: nn.Module, train, evals: dict, step: Callable, augment, batch: int, seed: int) -> Report:
+    """Every pre-flight check. Leaves the model as it found it (buffers such as batch-norm statistics are put
+    back) and draws its sample from a generator of its own."""
+    report = Report()
+    batches = [data.augmented(augment, b) for b in train.sample(SAMPLE_BATCHES, max(batch, 2), seed)]
+    calls = forwards(module, step, batches, report)
+    checked(report, "labels", lambda: labels(train, calls, seed, report))
+    checked(report, "splits", lambda: leakage({"train": train, **evals}, seed, report))
+    checked(report, "model", lambda: parameters(module, report))
+    return report
+
+
+def checked(report: Report, what: str, check: Callable[[], None]) -> None:
+    """Run one check; one that cannot read this recipe's data or model says so and lets the run go on. A
+    recipe that breaks the contract (RecipeError) still stops it."""
+    try:
+        check()
+    except RecipeError:
+        raise
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        report.lines.append(f"{what:<8} not checked ({type(e).__name__}: {reason})")
+
+
+def shown(report: Report) -> list[str]:
+    """The console's lines: one per check, and last the warnings (on lines of their own) or that there are none."""
+    warnings = "\n".join(f"warning: {w}" for w in report.warnings) or "check  pre-flight: no warning"
+    return [f"check  {line}" for line in report.lines] + [warnings]
+
+
+def check_only(plan, recipe, hp) -> int:
+    """`launch RECIPE --check`: the pre-flight report in this process, nothing trained or written; exit 1 when
+    something looks wrong."""
+    device = torch.device(plan.device)
+    torch.manual_seed(plan.seed)
+    splits = recipe.data(hp)
+    train, evals = data.loaders(splits, device, 0, plan.device_data)
+    torch.manual_seed(plan.seed)
+    module = steps.model(recipe, hp, device)
+    step, _, _ = steps.steps(recipe, hp, device)
+    report = preflight(module, train, evals, step, splits.augment, plan.micro_batch, plan.seed)
+    print("\n".join(shown(report)), flush=True)
+    return 1 if report.warnings else 0
+
+
+# ---------------------------------------------------------------- the forwards: inputs and the loss
+
+
+class LossCalls(TorchFunctionMode):
+    """Records every call of a torch loss function (nn.CrossEntropyLoss and the like call them too), and
+    refuses labels that the model's class count cannot score before torch fails on them."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[Call] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = LOSSES.get(func)
+        if name is None:
+            return func(*args, **kwargs)
+        bound = inspect.signature(func).bind(*args, **kwargs)
+        bound.apply_defaults()
+        if name in CLASSIFICATION:
+            classes_fit(name, bound.arguments)
+        value = func(*args, **kwargs)
+        self.calls.append(Call(name, dict(bound.arguments), value))
+        return value
+
+
+def classes_fit(name: str, args: dict) -> None:
+    scores, target = args["input"], args["target"]
+    if not isinstance(target, torch.Tensor) or target.is_floating_point():
+        return  # class probabilities
+    if scores.ndim >= 3 and target.shape == scores.shape[:-1] and target.shape != scores.shape[:1] + scores.shape[2:]:
+        raise RecipeError(f"{name} takes the classes in dimension 1, but the model's scores are "
+                          f"{tuple(scores.shape)} and the targets {tuple(target.shape)}, classes last as a sequence "
+                          "model gives them: pass scores.flatten(0, -2) and targets.flatten() (or "
+                          "scores.transpose(1, -1))")
+    classes = scores.shape[1] if scores.ndim >= 2 else scores.shape[0]
+    valid = target[target != args["ignore_index"]]
+    if valid.numel() and (int(valid.max()) >= classes or int(valid.min()) < 0):
+        bad = int(valid.max()) if int(valid.max()) >= classes else int(valid.min())
+        raise RecipeError(f"the model scores {classes} classes (its output is {tuple(scores.shape)}), but a training "
+                          f"label is {bad}: labels are class indices 0 … {classes - 1}; make the model's last layer "
+                          "output one score per class, or check the labels that data() gives")
+
+
+@contextmanager
+def first_inputs(module: nn.Module, seen: list):
+    """Appends (name, module, input) of the first module with parameters of its own that a forward calls."""
+    def hook(name):
+        def record(mod, args):
+            if not seen and args and isinstance(args[0], torch.Tensor):
+                seen.append((name, mod, args[0].detach()))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in module.named_modules()
+               if any(True for _ in m.parameters(recurse=False))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def forwards(module: nn.Module, step: Callable, batches: list, report: Report) -> list[list[Call]]:
+    """The step on the sample batches in training mode (batch norm normalises by the batch, as in the first
+    step): the input and loss checks; the loss calls of each batch."""
+    training = module.training
+    module.train()
+    firsts, outputs, calls = [], [], []
+    try:
+        with buffers_kept(module):
+            for b in batches:
+                seen, recorder = [], LossCalls()
+                with first_inputs(module, seen), recorder:
+                    outputs.append(step(module, b))
+                firsts += seen
+                calls.append(recorder.calls)
+    finally:
+        module.train(training)
+    checked(report, "inputs", lambda: input_stats(firsts, report))
+    checked(report, "loss", lambda: initial_loss(outputs, calls, report))
+    return calls
+
+
+def input_stats(firsts: list, report: Report) -> None:
+    if not firsts:
+        report.lines.append("inputs   not checked: no layer with parameters received a tensor as its first argument")
+        return
+    name, layer, x = firsts[0]
+    if not x.is_floating_point():
+        report.lines.append(f"inputs   {tuple(x.shape[1:])} integer ({name} takes indices): not checked")
+        return
+    dim = 1 if isinstance(layer, nn.modules.conv._ConvNd) else x.ndim - 1  # convolutions: channels first
+    # per channel, over every batch (of whatever length)
+    flat = torch.cat([t.float().movedim(dim, 0).reshape(t.shape[dim], -1) for _, _, t in firsts], 1)
+    mean, std = flat.mean(1), flat.std(1)
+    low, high = flat.min().item(), flat.max().item()
+    report.values["inputs"] = {"channels": len(mean), "mean_min": mean.min().item(), "mean_max": mean.max().item(),
+                               "std_min": std.min().item(), "std_max": std.max().item(), "min": low, "max": high}
+    what = (f"{len(mean)} channel{'s' if len(mean) > 1 else ''} into {name or 'the model'} "
+            f"({type(layer).__name__}): mean {mean.min():.3g} … {mean.max():.3g}"
+            f"  std {std.min():.3g} … {std.max():.3g}  min {low:.3g}  max {high:.3g}")
+    report.lines.append(f"inputs   {what}")
+    if mean.abs().max() > 2 or std.max() > 4:
+        report.warnings.append(
+            f"inputs are far from zero mean and unit scale ({what}): normalise them per channel (subtract the "
+            "mean, divide by the standard deviation of the training set) in data() or at the start of the model")
+
+
+def initial_loss(outputs: list[steps.Output], calls: list[list[Call]], report: Report) -> None:
+    total = sum(float(o.count) for o in outputs)
+    loss = sum(float(o.loss) * float(o.count) for o in outputs) / total if total else math.nan
+    report.values["initial_loss"] = loss
+    broadcast(outputs[0], calls[0], report)
+    expected, what, remedy = expectation(outputs, calls)
+    if expected is None:
+        report.lines.append(f"loss     initial {loss:.4g} (no expected value: {what})")
+        return
+    report.values["expected_initial_loss"] = expected
+    report.lines.append(f"loss     initial {loss:.4g}, expected {what}")
+    if not math.isfinite(loss) or not LOSS_RATIO[0] <= loss / expected <= LOSS_RATIO[1]:
+        report.warnings.append(f"the initial loss {loss:.4g} is far from {what.split(' for ')[0]}, the loss of a "
+                               f"model that has not learned anything yet: {remedy}")
+
+
+def expectation(outputs: list[steps.Output], calls: list[list[Call]]) -> tuple[float | None, str, str]:
+    """(expected initial loss, how it was found, what to check when the loss is far from it), or (None, why
+    there is none, "")."""
+    first = calls[0]
+    if not first:
+        return None, "no torch loss function computed it", ""
+    if len(first) > 1:
+        return None, f"the loss combines {len(first)} loss functions ({', '.join(c.name for c in first)})", ""
+    call = first[0]
+    for out, made in zip(outputs, calls, strict=True):
+        value = mean_of(made[0])
+        if not math.isclose(float(out.loss), value, rel_tol=0.01, abs_tol=1e-6):
+            return None, f"the step's loss {float(out.loss):.4g} is not the {call.name} it computed ({value:.4g})", ""
+    scores = call.args["input"]
+    if call.name in CLASSIFICATION:
+        classes = scores.shape[1] if scores.ndim >= 2 else scores.shape[0]
+        if classes < 2:
+            return None, f"{call.name} over {classes} class", ""
+        return math.log(classes), f"ln {classes} = {math.log(classes):.4g} for {classes} classes", (
+            "check that the model ends in raw logits (no softmax before a cross-entropy), that the labels are class "
+            "indices, and the inputs' scale; a too confident initialisation (large final-layer weights) does this "
+            "too")
+    if call.name in BINARY:
+        if call.args.get("pos_weight") is not None or call.args.get("weight") is not None:
+            return None, f"{call.name} with weights", ""
+        target = torch.cat([c[0].args["target"].detach().float().reshape(len(c[0].args["target"]), -1)
+                            for c in calls])
+        prior = target.mean(0).clamp(1e-6, 1 - 1e-6)
+        entropy = float((-(prior * prior.log() + (1 - prior) * (1 - prior).log())).mean())
+        share = float(target.mean())
+        bias = math.log(share / (1 - share)) if 0 < share < 1 else 0.0
+        return entropy, f"{entropy:.4g} for binary labels, {share:.3g} of them positive (their entropy)", (
+            "a model that has learned nothing predicts the share of positives everywhere; set its last layer's bias "
+            f"to log(p / (1 - p)) = {bias:.3g} for that start, and check that a sigmoid is not applied before "
+            "binary_cross_entropy_with_logits")
+    return None, f"{call.name} is a regression loss", ""
+
+
+def mean_of(call: Call) -> float:
+    """What a loss function's result is per counted element, whatever its reduction."""
+    value, reduction = call.value.detach().float(), call.args.get("reduction", "mean")
+    if reduction == "mean":
+        return float(value)
+    target = call.args["target"]
+    if call.name in CLASSIFICATION and not target.is_floating_point():
+        counted = int((target != call.args["ignore_index"]).sum())
+    else:
+        counted = value.numel() if reduction == "none" else target.numel()
+    return float(value.sum()) / max(counted, 1)
+
+
+def broadcast(out: steps.Output, made: list[Call], report: Report) -> None:
+    """A model output (N, 1) against targets (N,) broadcasts to (N, N) in an element-wise loss: every output
+    is compared with every target, and nothing fails."""
+    pairs = [(c.name, c.args["input"], c.args["target"]) for c in made if c.name in ELEMENTWISE]
+    if not made:
+        pairs = [("the loss", out.preds, out.target)]
+    for name, a, b in pairs:
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape == b.shape:
+            continue
+        try:
+            both = torch.broadcast_shapes(a.shape, b.shape)
+        except RuntimeError:
+            continue
+        if math.prod(both) > max(a.numel(), b.numel()):
+            report.warnings.append(
+                f"{name} compares the model's output {tuple(a.shape)} with targets {tuple(b.shape)}: they broadcast "
+                f"to {tuple(both)}, so every output is compared with every target and the model can only learn "
+                f"their mean; give both the same shape (the output's .squeeze(-1), say)")
+
+
+# ---------------------------------------------------------------- labels, splits, parameters
+
+
+def label_of(batch):
+    """The labels in a batch: a pair's second element, or a field named label, labels, target(s) or y."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    if isinstance(batch, Mapping):
+        return next((batch[k] for k in LABEL_KEYS if k in batch), None)
+    if is_dataclass(batch):
+        return next((getattr(batch, k) for k in LABEL_KEYS if hasattr(batch, k)), None)
+    return None
+
+
+def labels_of(train, seed: int) -> tuple[torch.Tensor | None, str]:
+    """(the training labels, where they came from): a label tensor the dataset holds, else a sample."""
+    ds = getattr(train, "ds", None)
+    if data.indexable(ds):
+        found = ds.tensors[1] if isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) >= 2 \
+            else label_of(ds.tensors)
+        if found is not None:
+            return found, ""
+    if getattr(ds, "targets", None) is not None:
+        return torch.as_tensor(ds.targets), ""
+    batch = train.sample(1, LABEL_SAMPLE, seed)[0]
+    found = label_of(batch)
+    n = data.size(batch)
+    where = f"the stream's first {n:,}" if train.size is None else f"{n:,} sampled"
+    return (found if isinstance(found, torch.Tensor) else None), f" ({where})"
+
+
+def labels(train, calls: list[list[Call]], seed: int, report: Report) -> None:
+    y, where = labels_of(train, seed)
+    if y is None:
+        report.lines.append("labels   none found (a sample's second element, or a field named label, labels, target, "
+                            "targets or y): not checked")
+        return
+    y = y.detach().cpu()
+    weighted = any(c.args.get("weight") is not None or c.args.get("pos_weight") is not None
+                   for made in calls for c in made)
+    if y.is_floating_point():
+        if not ((y == 0) | (y == 1)).all():
+            report.lines.append(f"labels   real-valued targets {tuple(y.shape[1:])}: no classes to balance")
+            return
+        positives = y.reshape(len(y), -1).sum(0)
+        low = int(torch.minimum(positives, len(y) - positives).min())  # the rarer side of the most uneven label
+        classes, high = 2, len(y) - low
+        kind = "binary labels" if len(positives) == 1 else f"{len(positives)} binary labels (the most uneven)"
+    elif y.ndim == 1:
+        counts = torch.bincount(y[y >= 0].long())
+        counts = counts[counts > 0]
+        classes, low, high = len(counts), int(counts.min()), int(counts.max())
+        kind = f"{classes} classes"
+    else:
+        report.lines.append(f"labels   a label per position {tuple(y.shape[1:])}: class balance not checked")
+        return
+    ratio = high / low if low else math.inf
+    report.values["labels"] = {"classes": classes, "min_count": low, "max_count": high, "imbalance": ratio}
+    what = f"{kind}, {low:,} … {high:,} training samples each (imbalance {ratio:.1f}:1){where}"
+    report.lines.append(f"labels   {what}{'; the loss weights them' if weighted else ''}")
+    if ratio >= IMBALANCE and not weighted:
+        report.warnings.append(
+            f"the classes are imbalanced ({what}): the model can score well by favouring the large classes; weight "
+            "the loss (nn.CrossEntropyLoss(weight=launcher.class_weights(labels))), use a focal loss "
+            "(launcher.FocalLoss), or a weighted sampler, and watch per-class metrics")
+
+
+def inputs_of(sample):
+    """What a sample's input is, for telling samples apart: a pair's first element, else the whole sample."""
+    return sample[0] if isinstance(sample, (tuple, list)) and len(sample) >= 2 else sample
+
+
+def digest(tree) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+
+    def feed(t: torch.Tensor) -> torch.Tensor:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return t
+
+    data.tree_map(feed, tree)
+    h.update(repr(list(_plain_leaves(tree))).encode())
+    return h.digest()
+
+
+def _plain_leaves(tree):
+    """The leaves that are not tensors (strings, numbers, arrays), in order."""
+    if isinstance(tree, torch.Tensor):
+        return
+    if isinstance(tree, Mapping):
+        for v in tree.values():
+            yield from _plain_leaves(v)
+    elif isinstance(tree, (tuple, list)):
+        for v in tree:
+            yield from _plain_leaves(v)
+    elif isinstance(tree, np.ndarray):
+        yield tree.tobytes()
+    else:
+        yield tree
+
+
+def fingerprints(loader, seed: int) -> tuple[set[bytes], str]:
+    """(hashes of the split's inputs, how many were hashed), reading a sample of a split too big to read whole."""
+    ds = loader.ds
+    if loader.size is None:  # a stream: its first samples
+        hashed = [digest(inputs_of(sample)) for sample in islice(ds, SAMPLE_HASH_LIMIT)]
+        return set(hashed), f"the stream's first {len(hashed):,}"
+    n = loader.size
+    limit = HASH_LIMIT if data.indexable(ds) else SAMPLE_HASH_LIMIT
+    index = torch.arange(n) if n <= limit else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
+    shown = f"{n:,}" if n <= limit else f"{limit:,} of {n:,} sampled"
+    if data.indexable(ds):
+        columns = data.tensors(ds)
+        columns = columns[:1] if isinstance(ds, torch.utils.data.TensorDataset) and len(columns) >= 2 else columns
+        rows = [t[index.to(t.device)].detach().cpu().contiguous().reshape(len(index), -1).view(torch.uint8).numpy()
+                for t in columns]
+        return {hashlib.blake2b(b"".join(r[i].tobytes() for r in rows), digest_size=16).digest()
+                for i in range(len(index))}, shown
+    return {digest(inputs_of(ds[i])) for i in index.tolist()}, shown
+
+
+def leakage(splits: dict, seed: int, report: Report) -> None:
+    hashed = {name: fingerprints(loader, seed) for name, loader in splits.items()}
+    if len(hashed) < 2:
+        report.lines.append("splits   only a training split: nothing to compare")
+        return
+    shared = {}
+    names = list(hashed)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared[f"{a}/{b}"] = len(hashed[a][0] & hashed[b][0])
+    report.values["shared_samples"] = shared
+    sizes = " / ".join(f"{name} {n}" for name, (_, n) in hashed.items())
+    if not any(shared.values()):
+        report.lines.append(f"splits   no input shared between {', '.join(names)} ({sizes} hashed)")
+        return
+    at_least = "at least " if "sampled" in sizes or "stream" in sizes else ""
+    what = ", ".join(f"{at_least}{n:,} shared by {pair.replace('/', ' and ')}" for pair, n in shared.items() if n)
+    report.lines.append(f"splits   {what} ({sizes} hashed)")
+    report.warnings.append(
+        f"the same inputs appear in more than one split ({what}): the evaluation scores memorised samples, and "
+        "every metric on those splits overstates the model; remove them from the evaluation splits in data()")
+
+
+def parameters(module: nn.Module, report: Report) -> None:
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    zeros = [name for name, p in module.named_parameters() if p.requires_grad and p.ndim >= 2 and not p.any()]
+    report.values["parameters"] = {"trainable": trainable, "frozen": frozen, "all_zero": zeros}
+    report.lines.append(f"model    {trainable:,} trainable parameters, {frozen:,} frozen"
+                        f"{'; all-zero weights: ' + ', '.join(zeros) if zeros else ''}")
+    if not trainable:
+        report.warnings.append("the model has no trainable parameter: nothing will learn (everything frozen?)")
+    if zeros:
+        report.warnings.append(
+            f"{', '.join(zeros)} {'is' if len(zeros) == 1 else 'are'} initialised to all zeros: every unit of such a "
+            "layer computes the same thing and gets the same gradient, so they never tell apart; initialise "
+            "randomly (nn.init.kaiming_normal_ or the layer's default) unless the zeros are deliberate")
