@@ -14,6 +14,12 @@
 4. Start-up, command start to the end of the first optimizer step, 2 CPU processes: `launch` against
    `torchrun` and `accelerate launch` running the hand-written loop.
 
+With --baseline DIR (another checkout of this repository, e.g. `git worktree add /tmp/base REV`), that
+checkout's launcher runs the MLP of 1. as one more side: what a change costs per step, as a ratio. With
+--callgrind too, both launchers' instructions per step are counted under valgrind (the difference between
+two run lengths, so that start-up cancels out): a figure that does not drift with the machine, where the
+steps/s ratio needs many rounds to settle to a percent.
+
 Every repetition is a fresh process and the order alternates, so that drift hits all sides alike; the
 first WARMUP steps are left out of every steps/s figure. Nothing is asserted: this machine's noise is
 ±10 % on a single run, so only the paired, repeated medians mean anything. The script prints the
@@ -25,6 +31,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -40,6 +47,7 @@ LOG_EVERY, WARMUP = 100, 200  # MLP
 CIFAR_LOG, CIFAR_WARMUP, CIFAR_STEPS = 10, 10, 70
 CIFAR_HP = {"width": "16", "batch_size": "256", "val_size": "0"}
 LOADER = ["--no-device-data", "--workers", "1"]
+CALLGRIND_STEPS = (100, 600)  # two MLP run lengths; instructions per step from their difference
 
 
 def env(threads: int | None = None) -> dict:
@@ -81,6 +89,26 @@ def launch_cmd(recipe: Path, run_dir: Path, *extra) -> list:
 
 def mlp_launch(steps: int, run_dir: Path) -> list:
     return launch_cmd(MLP, run_dir, "--clip-grad", "1.0", "--max-steps", steps, "--log-every", LOG_EVERY)
+
+
+def mlp_module(steps: int, run_dir: Path) -> list:
+    """The MLP under `python -m launcher`: the launcher found first on PYTHONPATH (see checkout_env)."""
+    return [sys.executable, "-m", "launcher", *mlp_launch(steps, run_dir)[1:]]
+
+
+def checkout_env(environ: dict, checkout: Path) -> dict:
+    return {**environ, "PYTHONPATH": f"{checkout}{os.pathsep}{environ.get('PYTHONPATH', '')}"}
+
+
+def instructions_per_step(checkout: Path, tmp: Path) -> float:
+    """Instructions of one MLP optimizer step under the launcher of `checkout`, counted by callgrind."""
+    counts = []
+    for steps in CALLGRIND_STEPS:
+        out, run_dir = tmp / f"callgrind-{steps}.out", tmp / f"callgrind-{checkout.name}-{steps}"
+        run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *mlp_module(steps, run_dir)],
+            {**checkout_env(env(threads=1), checkout), "PYTHONHASHSEED": "0"})
+        counts.append(int(re.search(r"^totals: (\d+)", out.read_text(), re.M).group(1)))
+    return (counts[1] - counts[0]) / (CALLGRIND_STEPS[1] - CALLGRIND_STEPS[0])
 
 
 def mlp_hand(steps: int) -> list:
@@ -171,7 +199,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2200, help="MLP steps per run")
     ap.add_argument("--cifar-reps", type=int, default=4)
     ap.add_argument("--epoch-reps", type=int, default=1)
-    ap.add_argument("--startup-reps", type=int, default=5)
+    ap.add_argument("--startup-reps", type=int, default=5, help="0: no start-up rows")
+    ap.add_argument("--baseline", type=Path, metavar="DIR",
+                    help="another checkout of this repository, whose launcher also runs the MLP (a third side)")
+    ap.add_argument("--callgrind", action="store_true",
+                    help="with --baseline: also count both launchers' instructions per MLP step under valgrind "
+                         "(about 10 minutes)")
     args = ap.parse_args()
 
     import torch
@@ -187,6 +220,10 @@ def main() -> None:
                                                        LOG_EVERY, WARMUP, one)[0]}
         if lightning:
             sides["Lightning"] = lambda rep: script_rate(mlp_lightning(args.steps), LOG_EVERY, WARMUP, one)
+        if args.baseline:
+            before = checkout_env(one, args.baseline.resolve())
+            sides["baseline"] = lambda rep: launcher_rate(mlp_module(args.steps, tmp / f"base-{rep}"),
+                                                          tmp / f"base-{rep}", LOG_EVERY, WARMUP, before)[0]
         print("MLP steps/s", file=sys.stderr)
         mlp = alternate(args.reps, sides)
         commands += [shown(mlp_launch(args.steps, Path("RUN"))), shown(mlp_hand(args.steps)),
@@ -199,6 +236,17 @@ def main() -> None:
                         f"(Lightning Trainer) | {ratio_cell(mlp['launcher'], mlp['Lightning'])} |")
         else:
             rows.append("| steps/s, same, the peer | – | not installed: pip install -e '.[bench]' | – |")
+        if args.baseline:
+            commands.append(f"PYTHONPATH={args.baseline} {shown(mlp_module(args.steps, Path('RUN')))}")
+            rows.append(f"| steps/s, same, the launcher of {args.baseline} | {median(mlp['launcher']):.0f} | "
+                        f"{median(mlp['baseline']):.0f} (baseline) | {ratio_cell(mlp['launcher'], mlp['baseline'])} |")
+        if args.baseline and args.callgrind:
+            print("MLP instructions per step (callgrind)", file=sys.stderr)
+            ours, theirs = (instructions_per_step(c, tmp) for c in (ROOT, args.baseline.resolve()))
+            commands.append(f"valgrind --tool=callgrind {shown(mlp_module(CALLGRIND_STEPS[0], Path('RUN')))} and "
+                            f"--max-steps {CALLGRIND_STEPS[1]}, PYTHONHASHSEED=0, each checkout first on PYTHONPATH")
+            rows.append(f"| instructions per step, same MLP, callgrind | {ours:,.0f} | {theirs:,.0f} (baseline) | "
+                        f"{ours / theirs:.4f} |")
 
         if cifar_dir:
             cache = tmp / "cache"
@@ -230,17 +278,18 @@ def main() -> None:
         else:
             rows.append("| CIFAR-10 rows | – | skipped: set CIFAR10_DIR (../shared/data) | – |")
 
-        print("start-up", file=sys.stderr)
-        references = startup_references()
-        starts = alternate(args.startup_reps, {
-            "launch": lambda rep: launch_startup(tmp, rep),
-            **{name: (lambda rep, cmd=cmd: script_startup(cmd)) for name, cmd in references.items()}})
-        commands += [shown(launch_cmd(MLP, Path("RUN"), "--procs", "2", "--max-steps", "1", "--log-every", "1")),
-                     *(shown(cmd) for cmd in references.values())]
-        for name in references:
-            ours, theirs = median(starts["launch"]), median(starts[name])
-            rows.append(f"| start-up to the end of the first step, 2 CPU processes, s | {ours:.2f} | {theirs:.2f} "
-                        f"(`{name}`) | {ours / theirs:.2f} |")
+        if args.startup_reps:
+            print("start-up", file=sys.stderr)
+            references = startup_references()
+            starts = alternate(args.startup_reps, {
+                "launch": lambda rep: launch_startup(tmp, rep),
+                **{name: (lambda rep, cmd=cmd: script_startup(cmd)) for name, cmd in references.items()}})
+            commands += [shown(launch_cmd(MLP, Path("RUN"), "--procs", "2", "--max-steps", "1", "--log-every", "1")),
+                         *(shown(cmd) for cmd in references.values())]
+            for name in references:
+                ours, theirs = median(starts["launch"]), median(starts[name])
+                rows.append(f"| start-up to the end of the first step, 2 CPU processes, s | {ours:.2f} | "
+                            f"{theirs:.2f} (`{name}`) | {ours / theirs:.2f} |")
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, torch {torch.__version__}"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterator, Mapping
 from itertools import islice
 
@@ -280,7 +281,7 @@ class Loader:
     def eval_batches(self, batch: int, world: int, rank: int, limit: int | None = None):
         """(batch, real) for this rank; every rank yields the same number of batches."""
         n = self.size
-        count = -(-(-(-n // world)) // batch)  # batches of the ranks with the most samples
+        count = math.ceil(math.ceil(n / world) / batch)  # batches of the ranks with the most samples
         index_lists = [idx for idx in torch.arange(rank, n, world).split(batch) if len(idx)]
         real = len(index_lists)
         index_lists = (index_lists + [torch.zeros(1, dtype=torch.long)] * (count - real))[:limit]

@@ -22,7 +22,7 @@ from torch import nn
 VANISHING = 1e-4  # a layer's gradient norm below this fraction of the largest layer's
 EXPLODING = 100.0  # a layer's gradient norm above this multiple of its first sampled value
 DEAD = 0.5  # share of a ReLU's units silent on a whole batch
-DIVERGED = 1.5  # the end of the training loss over its start; or a jump to twice the lowest before (and above the start)
+DIVERGED = 1.5  # the end of the training loss over its start; or a jump to twice its lowest before (above the start)
 UNDERFIT = 0.9  # the end of the training loss above this fraction of its start
 JUDGED_STEPS = 100  # a shorter run is too short to call underfitting
 TAIL = 0.25  # the share of the last records whose mean is the end of the curve
@@ -183,7 +183,8 @@ def ends(losses: list[float], initial: float | None) -> tuple[float, float, floa
 def verdict_text(findings: list[str], unjudged: list[str], train: list[tuple[int, float]],
                  initial: float | None = None) -> str:
     if findings:
-        return "\n".join([f"warning: {f}" for f in findings] + ([f"verdict: {'; '.join(unjudged)}"] if unjudged else []))
+        notes = [f"verdict: {'; '.join(unjudged)}"] if unjudged else []
+        return "\n".join([f"warning: {f}" for f in findings] + notes)
     losses = [loss for _, loss in train if math.isfinite(loss)]
     if not losses:
         return "verdict: no training loss was recorded"

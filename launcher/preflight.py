@@ -325,8 +325,8 @@ def labels_of(train, seed: int) -> tuple[torch.Tensor | None, str]:
     batch = train.sample(1, LABEL_SAMPLE, seed)[0]
     found = label_of(batch)
     n = data.size(batch)
-    where = f"the stream's first {n:,}" if train.size is None else f"{n:,} sampled"
-    return (found if isinstance(found, torch.Tensor) else None), f" ({where})"
+    where = f" (the stream's first {n:,})" if train.size is None else f" ({n:,} sampled)" if n < train.size else ""
+    return (found if isinstance(found, torch.Tensor) else None), where
 
 
 def labels(train, calls: list[list[Call]], seed: int, report: Report) -> None:

@@ -236,7 +236,7 @@ class Trainer:
 
     def train_step(self, batches) -> None:
         plan, engine, model, K = self.plan, self.engine, self.engine.model, self.plan.grad_accum
-        step_loss = step_count = 0
+        step_loss, step_count = None, 0  # this rank's: the sum of the micro-steps' losses (× count, with counts)
         sampled = self.watch is not None and (self.step + 1) % self.every == 0
         for k in range(K):
             t = time.perf_counter()
@@ -256,16 +256,17 @@ class Trainer:
                 engine.backward(out.loss * (out.count / plan.micro_batch) if out.counted else out.loss)
             if counting:
                 self.flops = flops.get_total_flops() * K * self.world
-            step_loss = step_loss + (out.loss.detach() * out.count if out.counted else out.loss.detach())
+            part = out.loss.detach() * out.count if out.counted else out.loss.detach()
+            step_loss = part if step_loss is None else step_loss + part
             step_count = step_count + out.count
         if self.step == 0 and engine.ddp:
             self.check_unused()
-        rescale, mean = None, step_loss / (step_count if self.counted else K)  # this rank's, for a message
+        rescale, total = None, step_count
         if self.counted:  # the count of the whole global batch, N: the gradient becomes Σ loss·count / N
-            step_count = torch.as_tensor(step_count, dtype=torch.float64, device=self.loss_sum.device)
+            total = torch.as_tensor(step_count, dtype=torch.float64, device=self.loss_sum.device)
             if self.world > 1:
-                torch.distributed.all_reduce(step_count)
-            rescale = (plan.batch_size / step_count).float()
+                torch.distributed.all_reduce(total)
+            rescale = (plan.batch_size / total).float()
         self.step += 1
         self.window[1] += 1
         if self.sinks:
@@ -275,7 +276,7 @@ class Trainer:
             before = self.watch.before_update(engine.scaler.get_scale() if engine.scaler else 1.0)
         norm = engine.update(plan.clip_grad, rescale)  # the one read per step; no update when it is not finite
         if not math.isfinite(norm) and engine.scaler is None:  # fp16's loss scaler skips such steps itself
-            self.nonfinite(mean)
+            self.nonfinite(step_loss / (step_count if self.counted else K))
             return
         if sampled and math.isfinite(norm):
             record, warnings = self.watch.after_update(self.step, *before)
@@ -286,13 +287,13 @@ class Trainer:
         self.norm, self.lr = norm, lr
         self.loss_sum += step_loss
         if self.counted:
-            self.count_sum += step_count
+            self.count_sum += total
         self.window[2] += 1
 
     def check_output(self, out: steps.Output) -> None:
         """The first output of the step decides whether it gives counts; every later one must agree."""
         if self.counted is not None:
-            raise RecipeError(f"the step returned a count in some steps and not in others: return one always (the "
+            raise RecipeError("the step returned a count in some steps and not in others: return one always (the "
                               "batch's sample count where nothing else applies)")
         if self.unit and not out.counted:
             raise RecipeError(f"the recipe says its counts are {self.unit} (counts = {self.unit!r}), but step() "
