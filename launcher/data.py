@@ -66,11 +66,24 @@ def _rebuilt(original: Mapping, mapped: dict):
         return mapped
 
 
+def walk(tree) -> Iterator:
+    """Every leaf of a tree, tensors and others, in order."""
+    if isinstance(tree, Mapping):
+        children = tree.values()
+    elif isinstance(tree, (tuple, list)):
+        children = tree
+    elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        children = (getattr(tree, f.name) for f in dataclasses.fields(tree))
+    else:
+        yield tree
+        return
+    for child in children:
+        yield from walk(child)
+
+
 def leaves(tree) -> Iterator[torch.Tensor]:
     """The tensors of a tree, in order."""
-    found = []
-    tree_map(found.append, tree)
-    return iter(found)
+    return (leaf for leaf in walk(tree) if isinstance(leaf, torch.Tensor))
 
 
 def to_device(batch, device: torch.device):

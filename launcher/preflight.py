@@ -371,31 +371,13 @@ def inputs_of(sample):
 
 
 def digest(tree) -> bytes:
+    """A sample's content as 16 bytes: its tensors' and arrays' bytes, and every other leaf's repr."""
     h = hashlib.blake2b(digest_size=16)
-
-    def feed(t: torch.Tensor) -> torch.Tensor:
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return t
-
-    data.tree_map(feed, tree)
-    h.update(repr(list(_plain_leaves(tree))).encode())
+    for leaf in data.walk(tree):
+        if isinstance(leaf, torch.Tensor):
+            leaf = leaf.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        h.update(leaf.tobytes() if isinstance(leaf, np.ndarray) else repr(leaf).encode())
     return h.digest()
-
-
-def _plain_leaves(tree):
-    """The leaves that are not tensors (strings, numbers, arrays), in order."""
-    if isinstance(tree, torch.Tensor):
-        return
-    if isinstance(tree, Mapping):
-        for v in tree.values():
-            yield from _plain_leaves(v)
-    elif isinstance(tree, (tuple, list)):
-        for v in tree:
-            yield from _plain_leaves(v)
-    elif isinstance(tree, np.ndarray):
-        yield tree.tobytes()
-    else:
-        yield tree
 
 
 def fingerprints(loader, seed: int) -> tuple[set[bytes], str]:
