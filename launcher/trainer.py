@@ -272,8 +272,9 @@ class Trainer:
         if self.sinks:
             self.sinks.advance()
         lr = engine.lr()
-        if sampled:
-            before = self.watch.before_update(engine.scaler.get_scale() if engine.scaler else 1.0)
+        if sampled:  # the gradients as the update will see them: without the fp16 scale, with the counts' rescale
+            scale = (engine.scaler.get_scale() if engine.scaler else 1.0) / (1.0 if rescale is None else float(rescale))
+            before = self.watch.before_update(scale)
         norm = engine.update(plan.clip_grad, rescale)  # the one read per step; no update when it is not finite
         if not math.isfinite(norm) and engine.scaler is None:  # fp16's loss scaler skips such steps itself
             self.nonfinite(step_loss / (step_count if self.counted else K))
