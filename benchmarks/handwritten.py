@@ -3,9 +3,11 @@
     python benchmarks/handwritten.py RECIPE STEPS LOG_EVERY [--clip-grad C] [name=value ...]
     torchrun --nproc-per-node 2 benchmarks/handwritten.py benchmarks/mlp.py STEPS LOG_EVERY  # DDP over gloo
 
-What the launcher does per step, written out: a fresh permutation each epoch, batches cut by indexing,
-the recipe's augmentation, forward, backward, optional clipping, the recipe's optimizer and schedule (AdamW
-with warm-up + cosine where it has none), the loss summed on the device and read every LOG_EVERY steps.
+What the launcher does per step, written out: a fresh permutation each epoch, batches cut by indexing (a
+tensor data set) or collated sample by sample (any other: nanoGPT's loop reads its windows the same way),
+the recipe's augmentation, forward and loss (the recipe's step where it has one), backward, optional
+clipping, the recipe's optimizer and schedule (AdamW with warm-up + cosine where it has none), the loss
+summed on the device and read every LOG_EVERY steps.
 name=value pairs override the recipe's hyperparameters. Prints one JSON line (rank 0): the wall-clock
 time of the first optimizer step and the seconds of each LOG_EVERY-step window.
 """
@@ -20,6 +22,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import TensorDataset, default_collate
 
 from launcher.optim import default_optimizer
 
@@ -45,26 +48,40 @@ if world > 1:
 
 torch.manual_seed(0)
 splits = recipe.data(hp)
-x, y = splits.train.tensors
+train = splits.train
 model = recipe.model(hp)
 params = [p for p in model.parameters() if p.requires_grad]
 opt, sched = getattr(recipe, "optimizer", default_optimizer)(model, hp, args.steps)
 if world > 1:
     model = torch.nn.parallel.DistributedDataParallel(model)
-loss_fn = recipe.loss(hp)
+loss_fn = recipe.loss(hp) if hasattr(recipe, "loss") else None
 
-steps_per_epoch, micro = len(y) // hp.batch_size, hp.batch_size // world
+
+def batch_of(idx: torch.Tensor):
+    if isinstance(train, TensorDataset):
+        return tuple(t[idx] for t in train.tensors)
+    return default_collate([train[i] for i in idx.tolist()])
+
+
+def loss_of(batch) -> torch.Tensor:
+    if not hasattr(recipe, "step"):
+        xb, yb = batch
+        return loss_fn(model(xb), yb)
+    out = recipe.step(model, batch, hp)
+    return out["loss"] if isinstance(out, dict) else out[0] if isinstance(out, tuple) else out
+
+
+steps_per_epoch, micro = len(train) // hp.batch_size, hp.batch_size // world
 step, first, windows = 0, None, []
 loss_sum = torch.zeros(())
 start = time.perf_counter()
 for epoch in range(math.ceil(args.steps / steps_per_epoch)):
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch))
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(epoch))
     for i in range(steps_per_epoch):
-        idx = order[i * hp.batch_size + rank * micro: i * hp.batch_size + (rank + 1) * micro]
-        xb, yb = x[idx], y[idx]
+        batch = batch_of(order[i * hp.batch_size + rank * micro: i * hp.batch_size + (rank + 1) * micro])
         if splits.augment:
-            xb, yb = splits.augment(xb, yb)
-        loss = loss_fn(model(xb), yb)
+            batch = splits.augment(*batch)
+        loss = loss_of(batch)
         loss.backward()
         if args.clip_grad:
             torch.nn.utils.clip_grad_norm_(params, args.clip_grad)

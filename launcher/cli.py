@@ -161,6 +161,7 @@ def parse(argv: list[str]) -> tuple[Plan, object, object, argparse.Namespace]:
         module = recipes.load(known.recipe)
         parser = base_parser(add_help=True)
         recipes.add_flags(parser, module.Hparams, Path(known.recipe))
+        _recipe_defaults(parser, module, Path(known.recipe))
     except recipes.RecipeError as e:
         raise UsageError(str(e)) from None
     args, unknown = parser.parse_known_args(argv)
@@ -174,6 +175,24 @@ def parse(argv: list[str]) -> tuple[Plan, object, object, argparse.Namespace]:
     if getattr(module, "find_unused_parameters", False):
         args.find_unused_parameters = True
     return make_plan(args, hp, Path(known.recipe).resolve()), module, hp, args
+
+
+def _recipe_defaults(parser: argparse.ArgumentParser, module, path: Path) -> None:
+    """A recipe's `defaults`: the launcher flags' defaults it wants (clip_grad=1.0), checked like the flags."""
+    defaults = getattr(module, "defaults", {})
+    launcher = {a.dest: a for a in base_parser(add_help=False)._actions if a.option_strings}
+    for name, value in defaults.items():
+        action = launcher.get(name)
+        if action is None:
+            raise recipes.RecipeError(f"recipe {path}: defaults names {name!r}, which is no launcher flag (its "
+                                      "flags by their argparse names, e.g. clip_grad for --clip-grad)")
+        kind = action.type or (bool if action.nargs == 0 else str)
+        fits = value in action.choices if action.choices is not None else \
+            isinstance(value, kind) or (kind is float and isinstance(value, int))
+        if not fits or isinstance(value, bool) and kind is not bool:
+            raise recipes.RecipeError(f"recipe {path}: defaults gives {name} {value!r}, which "
+                                      f"{action.option_strings[0]} does not take")
+    parser.set_defaults(**defaults)
 
 
 def _unknown(unknown: list[str], parser: argparse.ArgumentParser) -> str:

@@ -28,6 +28,7 @@ JUDGED_STEPS = 100  # a shorter run is too short to call underfitting
 TAIL = 0.25  # the share of the last records whose mean is the end of the curve
 OVERFIT = 1.25  # the last validation loss over the best one, with the training loss still falling
 RATIO = (1e-6, 1e-1)  # healthy |Δw|/|w| per step lies well inside, around 1e-3
+SHORT_RATIO = 1.0  # in a run too short to judge (fresh weights move fast at first), only updates as large as them
 RELU_LIKE = (nn.ReLU, nn.ReLU6)
 
 
@@ -111,11 +112,15 @@ class Monitor:
                 warnings.append(text(new))
         return warn
 
-    def ratio_findings(self) -> list[str]:
-        """Layers whose median update-to-weight ratio over the run lies outside the healthy range."""
+    def ratio_findings(self, steps: int) -> tuple[list[str], list[str]]:
+        """(layers whose median update-to-weight ratio over the run lies outside the healthy range; what a run of
+        `steps` optimizer steps is too short to judge)."""
         medians = {n: sorted(v)[len(v) // 2] for n, v in self.ratios.items() if v}
-        high = [n for n, r in medians.items() if r > RATIO[1]]
-        low = [n for n, r in medians.items() if r < RATIO[0]]
+        judged = steps >= JUDGED_STEPS
+        high = [n for n, r in medians.items() if r > (RATIO[1] if judged else SHORT_RATIO)]
+        low = [n for n, r in medians.items() if r < RATIO[0] and judged]
+        unjudged = [] if judged or not any(r > RATIO[1] or r < RATIO[0] for r in medians.values()) else [
+            f"too short to judge the size of updates ({steps} steps; the first steps of fresh weights are large)"]
         out = []
         if high:
             out.append(f"updates are large against the weights in {', '.join(high)} (median |Δw|/|w| per step "
@@ -125,7 +130,7 @@ class Monitor:
             out.append(f"updates are tiny against the weights in {', '.join(low)} (median |Δw|/|w| per step "
                        f"{', '.join(f'{medians[n]:.2g}' for n in low)}; healthy is around 1e-3): the learning rate "
                        "is likely too low for them, or they are effectively frozen")
-        return out
+        return out, unjudged
 
 
 def verdict(train: list[tuple[int, float]], val: list[tuple[int, float]], monitor: Monitor | None,
@@ -166,8 +171,10 @@ def verdict(train: list[tuple[int, float]], val: list[tuple[int, float]], monito
                          f"{end_step}) while the training loss fell to {train[-1][1]:.4g} (gap {gap:.4g}); use the "
                          "best checkpoint (checkpoints/best), stop early (--early-stop), add data, augmentation or "
                          "weight decay, or use a smaller model")
-    if monitor:
-        found += monitor.ratio_findings()
+    if monitor and train:
+        ratios, too_short = monitor.ratio_findings(train[-1][0])
+        found += ratios
+        unjudged += too_short
     return found, unjudged
 
 

@@ -15,9 +15,11 @@ and optionally
     def optimizer(model, hp, total_steps) -> (optimizer, scheduler)
     def step(model, batch, hp)          # the loss of a batch: loss, (loss, count) or {"loss", "count", "preds",
     def eval_step(model, batch, hp)     #   "target"}; the default is loss(hp)(model(x), y); see steps.py
+    def sample(model, hp) -> str        # after each validation, on every process: what rank zero shows
     best = ("val/acc", "max")           # the evaluation that picks the best checkpoint; ("val/loss", "min") else
     counts = "tokens"                   # what step()'s count counts: throughput is logged as tokens/s
     find_unused_parameters = True       # DDP: some parameters get no gradient in some steps
+    defaults = {"clip_grad": 1.0}       # the launcher's flags as this recipe wants them, unless given
 
 It never learns how many processes, which device or which precision it runs with.
 This module knows nothing about devices or ranks either.
@@ -44,8 +46,8 @@ REQUIRED = ("Hparams", "data", "model")
 # every function of the contract, with the arguments the launcher calls it with
 FUNCTIONS = {"data": ("hp",), "model": ("hp",), "loss": ("hp",), "prepare": ("hp",), "metrics": ("hp",),
              "optimizer": ("model", "hp", "total_steps"), "step": ("model", "batch", "hp"),
-             "eval_step": ("model", "batch", "hp")}
-SETTINGS = {"best": tuple, "counts": str, "find_unused_parameters": bool}
+             "eval_step": ("model", "batch", "hp"), "sample": ("model", "hp")}
+SETTINGS = {"best": tuple, "counts": str, "find_unused_parameters": bool, "defaults": dict}
 REQUIRED_FIELDS = {"batch_size": int, "epochs": int}
 # other trainers' hooks: a recipe defining one expects it to be called, and it would not be
 FOREIGN = re.compile(r"(training|validation|evaluation|test|predict|train|val)_step|compute_loss|configure_\w+|"

@@ -75,6 +75,7 @@ class Sinks:
             lines = metrics.read_text().splitlines(keepends=True)
             write_text(metrics, "".join(line for line in lines if json.loads(line)["step"] <= start_step))
         self.file = open(metrics, "a", buffering=1)
+        self.texts: dict[str, list] = {}  # name → [step, text] rows, for W&B tables
         self.wandb = start_wandb(plan, config)
         # disable=None: drawn only when stderr is a terminal, never into log files
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=None,
@@ -105,6 +106,17 @@ class Sinks:
         if self.wandb:
             self.wandb.summary.update({f"{name}/{k}": v for k, v in values.items()})
         self.print(line)
+
+    def text(self, step: int, name: str, text: str) -> None:
+        """A text the recipe produced (a language model's sample): the console, a record, and a W&B table of
+        every step's text so far."""
+        self.texts.setdefault(name, []).append([step, text])
+        self.file.write(json.dumps({"step": step, "time": time.time(), "event": name, "text": text}) + "\n")
+        if self.wandb:
+            import wandb
+
+            self.wandb.log({name: wandb.Table(columns=["step", "text"], data=self.texts[name])}, step=step)
+        self.print(f"{name} step {step}: {text}")
 
     def close(self, ok: bool) -> None:
         self.bar.close()

@@ -7,9 +7,11 @@ Conventions that decide correctness:
   only on the last micro-step; the loss is divided by `accum` once (engine.backward);
   clipping happens on that sync step, after the fp16 loss scale has been removed.
 - A step that gives counts (tokens, say) is weighted by them: micro-step k backpropagates
-  its mean loss × count_k / micro, and the gradients are then scaled by B / N, N the
-  count of the whole global batch (one all-reduce), so the update follows the sum of
-  per-item losses over the global batch divided by N however it was split.
+  its mean loss × count_k / c, and the gradients are then scaled by c·K·P / N, N the count
+  of the whole global batch (one all-reduce), so the update follows the sum of per-item
+  losses over the global batch divided by N however it was split. c, the same on every
+  rank, is the previous step's mean count per micro-batch (at first, the first micro-
+  batches'): the backward's scale stays that of a mean loss, which fp16's scaler needs.
 - The schedule steps once per optimizer step.
 - The loss stays on the device and is read only on log steps, where one small
   all-reduce makes the logged loss the mean over all ranks. The gradient norm is
@@ -31,7 +33,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from . import checkpoint, data, health, preflight, steps
 from . import engine as engines
@@ -42,6 +44,14 @@ from .sinks import Sinks
 from .stop import Stop
 
 END = object()  # what next(batches, END) gives when a stream has run dry
+# torch 2.13 counts the attention kernels of GPUs, not the CPU's: the same formulas for it (full T×T, as torch
+# and the usual 12·layers·d·T per token count causal attention)
+CPU_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, **kwargs: sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, v, *args, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
+}
 METRICS_NEED = ("metrics(hp) needs the step's predictions: return {'loss': ..., 'preds': ..., 'target': ...} from the "
                 "step (metric.update(preds, target) receives them)")
 
@@ -93,6 +103,8 @@ class Trainer:
         torch.manual_seed(plan.seed)  # the same initial weights on every rank, whatever data() drew
         module = steps.model(recipe, hp, device)
         self.step_fn, self.eval_fn, self.loss_fn = steps.steps(recipe, hp, device)
+        self.sampler = getattr(recipe, "sample", None)
+        self.hp = hp
         self.unit = getattr(recipe, "counts", None)  # what the step's counts count, for throughput
         self.counted = None  # whether the step gives counts: its first output tells
         start = self.resume_point()
@@ -113,6 +125,7 @@ class Trainer:
             self.check_shared()
         # progress: everything a checkpoint restores besides the engine and the random generators
         self.step, self.best, self.bad_evals, self.skipped = 0, None, 0, 0
+        self.count_scale = None  # with counts: c, a device tensor (see the module's docstring)
         self.saved_at = self.validated_at = -1
         self.last_val = {}
         if start:
@@ -249,11 +262,14 @@ class Trainer:
             if sampled and k == K - 1:
                 self.watch.watch()
             counting = self.peak is not None and self.flops is None
-            with (FlopCounterMode(display=False) if counting else nullcontext()) as flops:
+            with (FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) if counting else nullcontext()) as flops:
                 out = self.step_fn(model, batch)
                 if out.counted != self.counted:
                     self.check_output(out)
-                engine.backward(out.loss * (out.count / plan.micro_batch) if out.counted else out.loss)
+                if out.counted and self.count_scale is None:
+                    self.count_scale = self.mean_count(out.count)
+                weight = (out.count / self.count_scale).to(out.loss.dtype) if out.counted else None
+                engine.backward(out.loss if weight is None else out.loss * weight)
             if counting:
                 self.flops = flops.get_total_flops() * K * self.world
             part = out.loss.detach() * out.count if out.counted else out.loss.detach()
@@ -266,7 +282,9 @@ class Trainer:
             total = torch.as_tensor(step_count, dtype=torch.float64, device=self.loss_sum.device)
             if self.world > 1:
                 torch.distributed.all_reduce(total)
-            rescale = (plan.batch_size / total).float()
+            micro_batches = K * self.world
+            rescale = (self.count_scale * micro_batches / total).float()
+            self.count_scale = torch.where(total > 0, total / micro_batches, self.count_scale)
         self.step += 1
         self.window[1] += 1
         if self.sinks:
@@ -305,6 +323,13 @@ class Trainer:
             raise RecipeError("the step's loss does not depend on any trainable parameter (computed under "
                               "torch.no_grad(), detached, or every parameter frozen?)")
         self.counted = out.counted
+
+    def mean_count(self, count) -> torch.Tensor:
+        """The first micro-step's count, averaged over the ranks: c until a whole step has been counted."""
+        mean = torch.as_tensor(count, dtype=torch.float64, device=self.acc.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(mean)
+        return mean / self.world
 
     def check_unused(self) -> None:
         """DDP all-reduces in buckets that a parameter without a gradient never fills: name such parameters
@@ -430,6 +455,8 @@ class Trainer:
         """Evaluate on the validation split; keep the best checkpoint; True when patience has run out."""
         self.last_val = results = self.evaluate("val")
         self.validated_at = self.step
+        if self.sampler:
+            self.show_sample()
         self.history["val"].append((self.step, results["val/loss"]))
         if self.monitor not in results:
             raise TrainingError(f"the recipe's best metric {self.monitor!r} is not among the evaluation results "
@@ -465,6 +492,20 @@ class Trainer:
             self.sinks.log(self.step, results, line)
         return results
 
+    def show_sample(self) -> None:
+        """The recipe's sample(model, hp), on every rank (a sharded model needs them all for each forward) in
+        eval mode; rank zero shows it."""
+        t = time.perf_counter()
+        model = self.engine.module
+        model.eval()
+        with torch.no_grad():
+            text = self.sampler(model, self.hp)
+        self.engine.reshard()
+        model.train()
+        self.window[0] += time.perf_counter() - t  # throughput counts training time only
+        if self.sinks:
+            self.sinks.text(self.step, "sample", text)
+
     # ------------------------------------------------------------------ checkpoints
 
     def step_dir(self) -> Path:
@@ -473,7 +514,8 @@ class Trainer:
     def save(self, target: Path) -> None:
         t = time.perf_counter()
         plan = self.plan
-        state = {**self.engine.state_dict(), "progress": {
+        scale = None if self.count_scale is None else self.count_scale.item()
+        state = {**self.engine.state_dict(), "progress": {"count_scale": scale,
             "step": self.step, "best": self.best, "bad_evals": self.bad_evals, "skipped": self.skipped}}
         meta = {"step": self.step, "engine": plan.engine, "world_size": self.world, "seed": plan.seed,
                 "grad_accum": plan.grad_accum,
@@ -533,6 +575,8 @@ class Trainer:
         progress = state["progress"]
         self.step, self.bad_evals, self.skipped = progress["step"], progress["bad_evals"], progress["skipped"]
         self.best = tuple(progress["best"]) if progress["best"] else None
+        if progress.get("count_scale") is not None:
+            self.count_scale = torch.tensor(progress["count_scale"], dtype=torch.float64, device=self.acc.device)
         self.saved_at = self.validated_at = self.step
         rng = checkpoint.load_rng(path, self.rank)
         if rng:

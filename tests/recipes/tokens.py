@@ -50,7 +50,7 @@ class Hparams:
     crash_rank: int = 1
 
 
-def samples(n: int, seed: int) -> list[dict]:
+def _samples(n: int, seed: int) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
@@ -90,8 +90,8 @@ def pad(samples: list[dict]) -> dict:
 
 
 def data(hp: Hparams) -> Splits:
-    train = samples(hp.n_train, 0)
-    val = [{**s, "index": -1 - i} for i, s in enumerate(samples(hp.n_val, 1))]
+    train = _samples(hp.n_train, 0)
+    val = [{**s, "index": -1 - i} for i, s in enumerate(_samples(hp.n_val, 1))]
     return Splits(train=Stream(train, hp.length) if hp.stream else train, val=val, collate_fn=pad)
 
 

@@ -1,0 +1,82 @@
+"""The language-model recipe's tokens/s under the launcher, side by side with a hand-written nanoGPT-style loop
+on the same model, data and optimizer (benchmarks/handwritten.py), on one process and on two.
+
+    python benchmarks/lm_speed.py [--reps 3] [--steps 60] [name=value ...]   # recipe hyperparameters, both sides
+
+The launcher runs with --no-health: in runs this short its sampled checks would fall on every other step,
+where a real run samples one step in 25. Every repetition is a fresh process, the order rotating; the first
+WARMUP steps are left out. Nothing is
+asserted: the medians and their spread are printed as a table to paste into README. (The Lightning peer of
+benchmarks/overhead.py takes (x, y) batches and a loss function, not a step: it does not fit this recipe.)
+"""
+
+import argparse
+import dataclasses
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from overhead import BIN, ROOT, alternate, env, launcher_rate, median, ratio_cell, script_rate, shown
+
+LM = ROOT / "recipes" / "lm.py"
+HAND = Path(__file__).resolve().parent / "handwritten.py"
+EVERY, WARMUP = 10, 10
+
+
+def launch_cmd(procs: int, steps: int, run_dir: Path, hp: dict) -> list:
+    where = ["--procs", procs] if procs > 1 else []
+    flags = [x for k, v in hp.items() for x in (f"--{k.replace('_', '-')}", v)]
+    return [BIN / "launch", LM, "--cpu", *where, "--max-steps", steps, "--log-every", EVERY, "--no-health",
+            "--wandb", "disabled", "--run-dir", run_dir, *flags]
+
+
+def hand_cmd(procs: int, steps: int, hp: dict) -> list:
+    start = [BIN / "torchrun", "--standalone", "--nproc-per-node", procs] if procs > 1 else [sys.executable]
+    return [*start, HAND, LM, steps, EVERY, *(f"{k}={v}" for k, v in hp.items()), "--clip-grad", "1.0"]
+
+
+def tokens_per_step(hp: dict) -> int:
+    from launcher import recipe
+
+    defaults = recipe.load(LM).Hparams()
+    resolved = dataclasses.replace(defaults, **{k: type(getattr(defaults, k))(v) for k, v in hp.items()})
+    return resolved.batch_size * resolved.context
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("overrides", nargs="*", metavar="name=value")
+    args = ap.parse_args()
+    hp = dict(pair.split("=", 1) for pair in args.overrides)
+    import torch
+
+    tokens = tokens_per_step(hp)
+    rows, commands = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for procs in (1, 2):
+            print(f"{procs} process{'es' if procs > 1 else ''}: steps/s", file=sys.stderr)
+            sides = alternate(args.reps, {
+                "hand-written": lambda rep, p=procs: script_rate(hand_cmd(p, args.steps, hp), EVERY, WARMUP, env()),
+                "launcher": lambda rep, p=procs: launcher_rate(
+                    launch_cmd(p, args.steps, tmp / f"lm-{p}-{rep}", hp), tmp / f"lm-{p}-{rep}", EVERY, WARMUP,
+                    env())[0]})
+            ours, theirs = sides["launcher"], sides["hand-written"]
+            rows.append(f"| tokens/s, {procs} CPU process{'es' if procs > 1 else ''} | {median(ours) * tokens:,.0f} | "
+                        f"{median(theirs) * tokens:,.0f} (hand-written) | {ratio_cell(ours, theirs)} |")
+            commands += [shown(launch_cmd(procs, args.steps, Path("RUN"), hp)), shown(hand_cmd(procs, args.steps, hp))]
+    print(f"\nmachine: {platform.processor() or platform.machine()}, Python {platform.python_version()}, torch "
+          f"{torch.__version__}; {time.strftime('%Y-%m-%d')}; {args.reps} rounds of {args.steps} steps, the first "
+          f"{WARMUP} left out; {tokens:,} tokens per step; commands:")
+    for c in commands:
+        print(f"  {c}")
+    print("\n| measure | launcher | reference | ratio |\n|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
