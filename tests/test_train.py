@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,13 @@ def test_mfu_is_the_counted_flops_over_the_peak(tmp_path):
     bad = launch(TINY, "--cpu", "--run-dir", tmp_path / "bad", env={**clean_env(), "LAUNCH_PEAK_TFLOPS": "fast"})
     assert bad.returncode == 2 and "LAUNCH_PEAK_TFLOPS=fast: must be the device's peak" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_workers_keep_the_memory_a_step_frees(tmp_path):
+    """glibc hands large freed blocks back to the system: each step would fault its activations in anew."""
+    out = ok(launch(TINY, "--cpu", "--procs", "2", "--max-steps", "1", "--page-faults", "--no-health", "--wandb",
+                    "disabled", "--run-dir", tmp_path / "run")).stdout
+    assert float(re.search(r"page faults per page: ([\d.]+)", out).group(1)) < 0.25, out
+    plain = subprocess.run([sys.executable, "-c", "from tiny import refaulted; print(refaulted())"], text=True,
+                           capture_output=True, env=clean_env(PYTHONPATH=TINY.parent), check=True)
+    assert float(plain.stdout) > 0.5  # what glibc does by default: the launcher's setting is what makes the difference

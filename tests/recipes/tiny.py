@@ -57,6 +57,7 @@ class Hparams:
     activation: Literal["tanh", "relu"] = "tanh"
     first_bias: float = 0.0  # filled into the first layer's bias when not 0: -10 kills every ReLU
     shuffle_labels: bool = False  # the loss sees the batch's labels in a new random order at every call
+    page_faults: bool = False  # model() prints what re-allocating a step's worth of freed memory faults in
 
 
 class PerSample(Dataset):
@@ -124,8 +125,22 @@ class Faulty(nn.Sequential):
         return super().forward(x)
 
 
+def refaulted(rounds: int = 10, blocks: int = 25) -> float:
+    """Page faults per page when `blocks` tensors of 4 MiB are allocated, written and all freed, `rounds` times
+    over: near 1 when the freed memory goes back to the system each time, near 1/rounds when the process keeps it."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(rounds):
+        held = [torch.ones(1 << 20) for _ in range(blocks)]
+        del held
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (rounds * blocks * (4 << 20) / 4096)
+
+
 def model(hp: Hparams) -> nn.Module:
     m = Faulty(hp, nn.Linear(8, 16), nn.Tanh() if hp.activation == "tanh" else nn.ReLU(), nn.Linear(16, 3))
+    if hp.page_faults:
+        print(f"page faults per page: {refaulted():.2f}", flush=True)
     if hp.zero_layer:
         nn.init.zeros_(m[0].weight)
     if hp.first_bias:
