@@ -2,11 +2,16 @@
 on the same model, data and optimizer (benchmarks/handwritten.py), on one process and on two.
 
     python benchmarks/lm_speed.py [--reps 3] [--steps 60] [name=value ...]   # recipe hyperparameters, both sides
+    python benchmarks/lm_speed.py --callgrind layers=1 dim=32 heads=2 context=16 batch_size=16   # about 45 min
 
 The launcher runs with --no-health: in runs this short its sampled checks would fall on every other step,
-where a real run samples one step in 25. Every repetition is a fresh process, the order rotating; the first
-WARMUP steps are left out. Nothing is
-asserted: the medians and their spread are printed as a table to paste into README. (The Lightning peer of
+where a real run samples one step in 25. The hand-written loop runs twice: as it is, and with glibc's malloc
+set the way the launcher sets it in each worker (by glibc's environment variables), which separates what the
+loop costs from what that setting saves. Every repetition is a fresh process, the order rotating; the first
+WARMUP steps are left out. Nothing is asserted: the medians and their spread are printed as a table to paste
+into README. With --callgrind, it counts both sides' instructions per step on one process and one thread
+under valgrind instead: a figure this shared machine's drifting speed cannot blur (on a small model: valgrind
+runs some fifty times slower). (The Lightning peer of
 benchmarks/overhead.py takes (x, y) batches and a loss function, not a step: it does not fit this recipe.)
 """
 
@@ -18,11 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from overhead import BIN, ROOT, alternate, env, launcher_rate, median, ratio_cell, script_rate, shown
+from overhead import (BIN, ROOT, alternate, callgrind_per_step, env, launcher_rate, median, ratio_cell, script_rate,
+                      shown, table)
 
 LM = ROOT / "recipes" / "lm.py"
 HAND = Path(__file__).resolve().parent / "handwritten.py"
 EVERY, WARMUP = 10, 10
+CALLGRIND_STEPS = (100, 300)
+# the launcher's setting of glibc's malloc (launcher/worker.py: steady_host_memory), as environment variables
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 def launch_cmd(procs: int, steps: int, run_dir: Path, hp: dict) -> list:
@@ -45,10 +54,29 @@ def tokens_per_step(hp: dict) -> int:
     return resolved.batch_size * resolved.context
 
 
+def instructions(hp: dict, tmp: Path) -> None:
+    def launcher(steps: int, run_dir: Path) -> list:  # one process runs inside `launch`: valgrind sees it all
+        return [sys.executable, "-m", "launcher", *launch_cmd(1, steps, run_dir, hp)[1:]]
+
+    def hand(steps: int, run_dir: Path) -> list:
+        return hand_cmd(1, steps, hp)
+
+    (tmp / "launcher").mkdir()
+    (tmp / "hand").mkdir()
+    ours = callgrind_per_step(launcher, env(), tmp / "launcher", CALLGRIND_STEPS)
+    theirs = callgrind_per_step(hand, env(), tmp / "hand", CALLGRIND_STEPS)
+    print(f"\ninstructions per step, the difference between {CALLGRIND_STEPS[1]} and {CALLGRIND_STEPS[0]} steps; "
+          f"{time.strftime('%Y-%m-%d')}; commands:")
+    table([f"valgrind --tool=callgrind {shown(c(CALLGRIND_STEPS[0], Path('RUN')))}" for c in (launcher, hand)],
+          [f"| instructions per step, 1 process, 1 thread | {ours:,.0f} | {theirs:,.0f} (hand-written) | "
+           f"{ours / theirs:.4f} |"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--callgrind", action="store_true", help="instructions per step instead of tokens/s")
     ap.add_argument("overrides", nargs="*", metavar="name=value")
     args = ap.parse_args()
     hp = dict(pair.split("=", 1) for pair in args.overrides)
@@ -58,24 +86,27 @@ def main() -> None:
     rows, commands = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if args.callgrind:
+            return instructions(hp, tmp)
         for procs in (1, 2):
             print(f"{procs} process{'es' if procs > 1 else ''}: steps/s", file=sys.stderr)
             sides = alternate(args.reps, {
                 "hand-written": lambda rep, p=procs: script_rate(hand_cmd(p, args.steps, hp), EVERY, WARMUP, env()),
+                "hand-written, malloc": lambda rep, p=procs: script_rate(hand_cmd(p, args.steps, hp), EVERY, WARMUP,
+                                                                         {**env(), **MALLOC}),
                 "launcher": lambda rep, p=procs: launcher_rate(
                     launch_cmd(p, args.steps, tmp / f"lm-{p}-{rep}", hp), tmp / f"lm-{p}-{rep}", EVERY, WARMUP,
                     env())[0]})
-            ours, theirs = sides["launcher"], sides["hand-written"]
+            ours, theirs, tuned = sides["launcher"], sides["hand-written"], sides["hand-written, malloc"]
             rows.append(f"| tokens/s, {procs} CPU process{'es' if procs > 1 else ''} | {median(ours) * tokens:,.0f} | "
                         f"{median(theirs) * tokens:,.0f} (hand-written) | {ratio_cell(ours, theirs)} |")
+            rows.append(f"| the same | {median(ours) * tokens:,.0f} | {median(tuned) * tokens:,.0f} (hand-written, "
+                        f"glibc malloc set as the launcher sets it) | {ratio_cell(ours, tuned)} |")
             commands += [shown(launch_cmd(procs, args.steps, Path("RUN"), hp)), shown(hand_cmd(procs, args.steps, hp))]
     print(f"\nmachine: {platform.processor() or platform.machine()}, Python {platform.python_version()}, torch "
           f"{torch.__version__}; {time.strftime('%Y-%m-%d')}; {args.reps} rounds of {args.steps} steps, the first "
           f"{WARMUP} left out; {tokens:,} tokens per step; commands:")
-    for c in commands:
-        print(f"  {c}")
-    print("\n| measure | launcher | reference | ratio |\n|---|---|---|---|")
-    print("\n".join(rows))
+    table(commands, rows)
 
 
 if __name__ == "__main__":

@@ -100,15 +100,21 @@ def checkout_env(environ: dict, checkout: Path) -> dict:
     return {**environ, "PYTHONPATH": f"{checkout}{os.pathsep}{environ.get('PYTHONPATH', '')}"}
 
 
-def instructions_per_step(checkout: Path, tmp: Path) -> float:
-    """Instructions of one MLP optimizer step under the launcher of `checkout`, counted by callgrind."""
+def callgrind_per_step(command, environ: dict, tmp: Path, lengths: tuple[int, int] = CALLGRIND_STEPS) -> float:
+    """Instructions per optimizer step of `command(steps, run_dir)`, counted by callgrind on one thread: the
+    difference between two run lengths, so that start-up and the final evaluation cancel out."""
     counts = []
-    for steps in CALLGRIND_STEPS:
-        out, run_dir = tmp / f"callgrind-{steps}.out", tmp / f"callgrind-{checkout.name}-{steps}"
-        run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *mlp_module(steps, run_dir)],
-            {**checkout_env(env(threads=1), checkout), "PYTHONHASHSEED": "0"})
+    for steps in lengths:
+        out = tmp / f"callgrind-{steps}.out"
+        run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command(steps, tmp / f"run-{steps}")],
+            {**environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"})
         counts.append(int(re.search(r"^totals: (\d+)", out.read_text(), re.M).group(1)))
-    return (counts[1] - counts[0]) / (CALLGRIND_STEPS[1] - CALLGRIND_STEPS[0])
+    return (counts[1] - counts[0]) / (lengths[1] - lengths[0])
+
+
+def instructions_per_step(checkout: Path, tmp: Path) -> float:
+    """Instructions of one MLP optimizer step under the launcher of `checkout`."""
+    return callgrind_per_step(mlp_module, checkout_env(env(), checkout), Path(tempfile.mkdtemp(dir=tmp)))
 
 
 def mlp_hand(steps: int) -> list:
@@ -186,6 +192,14 @@ def script_startup(cmd: list) -> float:
 
 def median(xs: list) -> float:
     return statistics.median(xs)
+
+
+def table(commands: list[str], rows: list[str]) -> None:
+    """The exact commands, then the rows under a table header: what README pastes."""
+    for c in commands:
+        print(f"  {c}")
+    print("\n| measure | launcher | reference | ratio |\n|---|---|---|---|")
+    print("\n".join(rows))
 
 
 def ratio_cell(ours: list, theirs: list) -> str:
@@ -296,10 +310,7 @@ def main() -> None:
           f"{', lightning ' + __import__('lightning').__version__ if lightning else ''}; {time.strftime('%Y-%m-%d')}")
     print(f"rounds: MLP {args.reps}, CIFAR {args.cifar_reps}, epochs {args.epoch_reps}, start-up {args.startup_reps}; "
           "commands:")
-    for c in commands:
-        print(f"  {c}")
-    print("\n| measure | launcher | reference | ratio |\n|---|---|---|---|")
-    print("\n".join(rows))
+    table(commands, rows)
 
 
 if __name__ == "__main__":
