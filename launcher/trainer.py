@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import ModuleType
 
@@ -496,12 +496,8 @@ class Trainer:
         """The recipe's sample(model, hp), on every rank (a sharded model needs them all for each forward) in
         eval mode; rank zero shows it."""
         t = time.perf_counter()
-        model = self.engine.module
-        model.eval()
-        with torch.no_grad():
+        with inference(self.engine) as model:
             text = self.sampler(model, self.hp)
-        self.engine.reshard()
-        model.train()
         self.window[0] += time.perf_counter() - t  # throughput counts training time only
         if self.sinks:
             self.sinks.text(self.step, "sample", text)
@@ -602,33 +598,41 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-@torch.no_grad()
+@contextmanager
+def inference(engine):
+    """The model in eval mode without gradients (on every rank: a sharded model needs them all for each forward);
+    afterwards its gathered parameters freed and training mode back."""
+    model = engine.module
+    model.eval()
+    with torch.no_grad():
+        yield model
+    engine.reshard()
+    model.train()
+
+
 def evaluate(engine, loader: data.Loader, step, metrics: dict, split: str, batch: int, limit: int | None,
              world: int, rank: int) -> dict:
     """Exact metrics over the whole split: each sample counted once across all ranks."""
     engine.sync_buffers()
-    model = engine.module
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=loader.device)  # sum of loss × count, counts
-    for found, real in loader.eval_batches(batch, world, rank, limit):
-        out = step(model, found)  # every rank runs the same number of forwards, a padding one included
-        if real:
-            totals[0] += out.loss.double() * out.count
-            totals[1] += out.count
-            if metrics and out.preds is None:
-                raise RecipeError(METRICS_NEED)
-            for m in metrics.values():
-                m.update(out.preds, out.target)
-    if world > 1:
-        torch.distributed.all_reduce(totals)
-    results = {f"{split}/loss": (totals[0] / totals[1]).item()}
-    for name, m in metrics.items():
-        value = m.compute()  # torchmetrics gathers its state from every rank
-        m.reset()
-        if value.numel() == 1:
-            results[f"{split}/{name}"] = value.item()
-        else:
-            results.update({f"{split}/{name}/{i}": v for i, v in enumerate(value.flatten().tolist())})
-    engine.reshard()
-    model.train()
+    with inference(engine) as model:
+        totals = torch.zeros(2, dtype=torch.float64, device=loader.device)  # sum of loss × count, counts
+        for found, real in loader.eval_batches(batch, world, rank, limit):
+            out = step(model, found)  # every rank runs the same number of forwards, a padding one included
+            if real:
+                totals[0] += out.loss.double() * out.count
+                totals[1] += out.count
+                if metrics and out.preds is None:
+                    raise RecipeError(METRICS_NEED)
+                for m in metrics.values():
+                    m.update(out.preds, out.target)
+        if world > 1:
+            torch.distributed.all_reduce(totals)
+        results = {f"{split}/loss": (totals[0] / totals[1]).item()}
+        for name, m in metrics.items():
+            value = m.compute()  # torchmetrics gathers its state from every rank
+            m.reset()
+            if value.numel() == 1:
+                results[f"{split}/{name}"] = value.item()
+            else:
+                results.update({f"{split}/{name}/{i}": v for i, v in enumerate(value.flatten().tolist())})
     return results
