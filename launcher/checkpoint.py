@@ -16,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickletools
 import random
 import re
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -140,12 +142,46 @@ def check(path: Path) -> dict:
     for name in manifest["files"]:
         if name.endswith(".pt"):
             try:
-                with torch.serialization.safe_globals(_deepspeed_globals() if name.startswith("deepspeed/") else []):
+                with torch.serialization.safe_globals(_safe_globals(path / name)):
                     torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
-                raise CheckpointError(f"{path / name} cannot be loaded safely ({type(e).__name__}: "
-                                      f"{str(e).strip().splitlines()[0]})") from None
+                raise unsafe(path / name, e) from None
     return manifest
+
+
+def unsafe(file: Path, e: Exception) -> CheckpointError:
+    """A file torch.load(weights_only=True) refused, in plain words: the global it would have had to import
+    (a crafted file names os.system, say) rather than torch's advice to load it unsafely."""
+    allowed = set(torch._weights_only_unpickler._get_allowed_globals())
+    extra = torch.serialization.get_safe_globals() + _safe_globals(file)
+    allowed |= {f"{g.__module__}.{g.__qualname__}" for g in extra}
+    foreign = next((g for g in referenced_globals(file) if g not in allowed), None)
+    if foreign:
+        return CheckpointError(f"{file} cannot be loaded safely: it refers to {foreign}, which is neither a tensor nor "
+                               "plain data (a crafted or foreign file?); nothing in it was run")
+    return CheckpointError(f"{file} cannot be loaded safely ({type(e).__name__}: {str(e).strip().splitlines()[0]})")
+
+
+def referenced_globals(file: Path) -> list[str]:
+    """The globals (module.name) a torch file's pickle imports, read from its opcodes without running any."""
+    try:
+        with zipfile.ZipFile(file) as z:
+            data = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+        found, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                found.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return found
+    except Exception:  # not a zip, no pickle, or one broken too badly to read: nothing to name
+        return []
+
+
+def _safe_globals(file: Path) -> list:
+    return _deepspeed_globals() if "deepspeed" in file.parts else []
 
 
 def _deepspeed_globals() -> list:
@@ -182,8 +218,7 @@ def load_state(path: Path) -> dict:
     try:
         return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path / 'state.pt'} cannot be loaded safely: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0]}") from None
+        raise unsafe(path / "state.pt", e) from None
 
 
 def load_rng(path: Path, rank: int) -> dict | None:
