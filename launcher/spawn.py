@@ -118,7 +118,8 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
           f"{plan.master_addr}:{port}{f', up to {plan.max_restarts} restarts' if plan.max_restarts else ''}",
           flush=True)
     try:
-        elastic_launch(config, sys.executable)("-u", "-m", "launcher.worker")
+        # -P: the installed launcher, never a folder of that name in the working directory
+        elastic_launch(config, sys.executable)("-u", "-P", "-m", "launcher.worker")
     except ChildFailedError as e:
         rank, failure = root_cause(e.failures)
         print(f"launch: {_describe(rank, failure, plan.run_dir)}", file=sys.stderr, flush=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LAUNCH, TINY, clean_env, records
+from conftest import LAUNCH, TINY, clean_env, launch, ok, records
 from test_checkpoint import assert_same, tiny
 from test_train import params
 
@@ -180,3 +180,11 @@ def test_a_single_node_job_listens_on_loopback_only(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=120)
+
+
+def test_a_folder_named_launcher_in_the_working_directory_does_not_shadow_the_package(tmp_path):
+    """The parent of a clone holds a folder named launcher: every process still imports the installed package."""
+    (tmp_path / "launcher").mkdir()
+    result = ok(launch(TINY, "--cpu", "--procs", "2", "--max-steps", "2", "--wandb", "disabled", "--run-dir", "run",
+                       cwd=tmp_path))
+    assert "done: 2 steps" in result.stdout

@@ -154,7 +154,7 @@ def test_dry_run_renders_a_readable_script_with_every_value_quoted(tmp_path):
     command = script.split("launch \\\n", 1)[1].split("&\n", 1)[0]
     words = shlex.split(command.replace("\\\n", " "))
     assert Path(words[0]).parent == Path(os.sys.executable).parent  # the environment launch runs from
-    assert words[1:4] == ["-m", "launcher", str(TINY)]
+    assert words[1:5] == ["-P", "-m", "launcher", str(TINY)]  # -P: never a folder named launcher in the cwd
     assert words[words.index("--dump-dir") + 1] == str(dump)
     assert "--slurm" not in words and "--partition" not in words and "--job-name" not in words
     assert "\nresume=auto\n" in script  # the job looks for the newest checkpoint when it starts
@@ -173,7 +173,7 @@ def test_a_line_break_cannot_reach_the_script(tmp_path):
 def test_a_site_template_is_rendered_and_a_wrong_placeholder_named(tmp_path):
     site = tmp_path / "site.sbatch"
     site.write_text(slurm.TEMPLATE.read_text().replace("set -uo pipefail", "set -uo pipefail\nmodule load cuda/12")
-                    .replace("{{python}} -m launcher", "launch"))  # as in a container image
+                    .replace("{{python}} -P -m launcher", "launch"))  # as in a container image
     script = ok(launch(TINY, "--slurm", "--cpu", "--slurm-template", site, "--run-dir", tmp_path / "run",
                        "--dry-run")).stdout
     assert "module load cuda/12\n" in script and f"' launch \\\n  launch {TINY} " in script and "{{" not in script
