@@ -13,6 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 
 PLAN_ENV = "LAUNCHER_PLAN"
+PARENT_ENV = "LAUNCHER_PID"  # the launcher that started this node's workers
 # hyperparameters named like this are never written into a file or a log
 SECRET = re.compile(r"key|token|secret|passw|credential", re.IGNORECASE)
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import checkpoint
-from .plan import PLAN_ENV, Plan
+from .plan import PARENT_ENV, PLAN_ENV, Plan
 from .recipe import RecipeError
 
 RENDEZVOUS = "launcher-static"
@@ -85,6 +85,7 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ[PLAN_ENV] = plan.to_json()
+    os.environ[PARENT_ENV] = str(os.getpid())
     # N processes share the cores; torchrun would give each one thread
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.nproc)))
     single = plan.nnodes == 1

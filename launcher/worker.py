@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import signal
 import sys
 import time
 import traceback
@@ -15,11 +16,12 @@ import torch
 
 from . import engine, recipe, trainer
 from .checkpoint import CheckpointError
-from .plan import Plan
+from .plan import PARENT_ENV, Plan
 
 # failures that explain themselves in one line; anything else is shown with its traceback
 PLAIN = (trainer.TrainingError, CheckpointError, recipe.RecipeError)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
+PR_SET_PDEATHSIG = 1  # Linux prctl(): a signal for this process when its parent dies
 
 
 def steady_host_memory() -> None:
@@ -34,6 +36,17 @@ def steady_host_memory() -> None:
         libc = ctypes.CDLL(None)
         libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+def die_with_launcher() -> None:
+    """The kernel kills this worker the moment the launcher that started it dies, however it died (kill -9,
+    the OOM killer): each worker has a session of its own, so nothing else would reach it, and an orphan
+    would train on unsupervised, writing into a run directory that a rerun may be using."""
+    parent = int(os.environ.get(PARENT_ENV, "0"))
+    if sys.platform == "linux" and parent:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it died before the line above
+            os._exit(1)
 
 
 def run(plan: Plan) -> dict:
@@ -86,6 +99,7 @@ def explain(e: Exception, plan: Plan) -> Exception:
 def main() -> None:
     """Started by the elastic agent: the root cause goes to the error file, from which the launcher shows it
     once, instead of every rank printing its own traceback."""
+    die_with_launcher()
     plan = Plan.from_env()
     try:
         run(plan)

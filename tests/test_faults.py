@@ -188,3 +188,16 @@ def test_a_folder_named_launcher_in_the_working_directory_does_not_shadow_the_pa
     result = ok(launch(TINY, "--cpu", "--procs", "2", "--max-steps", "2", "--wandb", "disabled", "--run-dir", "run",
                        cwd=tmp_path))
     assert "done: 2 steps" in result.stdout
+
+
+def test_workers_die_with_their_launcher_however_it_died(tmp_path):
+    process, tag, folder = start(tmp_path, "orphans", "--max-steps", "400", "--slow", "0.1", "--log-every", "1")
+    wait_for_step(folder, 2)
+    workers = [pid for pid in tagged(tag) if pid != process.pid]
+    assert len(workers) == 2
+    process.kill()  # SIGKILL: the launcher can do nothing about it
+    process.communicate(timeout=10)
+    deadline = time.monotonic() + 5
+    while tagged(tag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tagged(tag) == []
