@@ -6,8 +6,10 @@ except `advance`, which tqdm keeps to a time check between redraws.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,17 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: dict) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def detach_terminal() -> None:
+    """After a hangup (a closed terminal, dropped ssh) every write to the terminal fails (EIO): what was meant
+    for it goes nowhere instead, so that a print cannot kill a run on its way to the checkpoint. The terminal
+    is a character device (no longer a tty once hung up); /dev/null, one too, is replaced by itself."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        if stat.S_ISCHR(os.fstat(fd).st_mode):
+            os.dup2(null, fd)
+    os.close(null)
 
 
 def warn(text: str) -> None:
@@ -63,6 +76,14 @@ def start_wandb(plan: Plan, config: dict):
     return run
 
 
+def terminal_lost(e: OSError) -> None:
+    """A console write failed: when the terminal hung up (the launcher's SIGHUP reaches this process a moment
+    later), detach from it and go on; any other failure stands."""
+    if e.errno != errno.EIO:
+        raise e
+    detach_terminal()
+
+
 class Sinks:
     def __init__(self, plan: Plan, data: dict, total_steps: int, start_step: int = 0):
         # the launcher wrote config.json; the sizes that data() revealed complete it
@@ -82,13 +103,19 @@ class Sinks:
                         leave=False, file=sys.stderr)
 
     def advance(self) -> None:
-        self.bar.update()
+        try:
+            self.bar.update()
+        except OSError as e:
+            terminal_lost(e)
 
     def print(self, text: str) -> None:
-        if self.bar.disable:
-            print(text, flush=True)
-        else:
-            self.bar.write(text, file=sys.stdout)
+        try:
+            if self.bar.disable:
+                print(text, flush=True)
+            else:
+                self.bar.write(text, file=sys.stdout)
+        except OSError as e:
+            terminal_lost(e)
 
     def log(self, step: int, values: dict, line: str | None = None) -> None:
         """One record at one optimizer step, to every sink; `line` also goes to the console."""
@@ -100,12 +127,13 @@ class Sinks:
         if line:
             self.print(line)
 
-    def event(self, step: int, name: str, values: dict, line: str) -> None:
+    def event(self, step: int, name: str, values: dict, line: str | None) -> None:
         """Something that happened once (early stopping): a record, a console line, the W&B summary."""
         self.file.write(json.dumps({"step": step, "time": time.time(), "event": name, **values}) + "\n")
         if self.wandb:
             self.wandb.summary.update({f"{name}/{k}": v for k, v in values.items()})
-        self.print(line)
+        if line:
+            self.print(line)
 
     def text(self, step: int, name: str, text: str) -> None:
         """A text the recipe produced (a language model's sample): the console, a record, and a W&B table of

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing import SignalException
 
 from . import checkpoint
 from .plan import PARENT_ENV, PLAN_ENV, Plan
 from .recipe import RecipeError
+from .sinks import detach_terminal
+from .stop import SIGNALS
 
 RENDEZVOUS = "launcher-static"
 RENDEZVOUS_TIMEOUT = 60  # seconds node 0 waits for every other node to join
@@ -33,8 +39,21 @@ def rendezvous_socket(plan: Plan) -> socket.socket | None:
 
 
 def launch(plan: Plan, sock: socket.socket | None) -> int:
-    """Run the plan; return the exit code."""
-    return _in_process(plan) if in_process(plan) else _local_group(plan, sock)
+    """Run the plan; return the exit code. A stop signal ends it with one line saying which checkpoint there is:
+    the training loop saves one first (see stop.py); anywhere else (start-up, the final evaluation) the signal
+    ends the run at once, in this process through this handler, in the workers by their default action (torch's
+    agent takes this process's signals over once they start, raising the same exception)."""
+    def stop(signum, frame):
+        raise SignalException(f"stopped by {signal.Signals(signum).name}", sigval=signal.Signals(signum))
+
+    started = time.time()
+    for s in SIGNALS:
+        signal.signal(s, stop)
+    try:
+        return _in_process(plan) if in_process(plan) else _local_group(plan, sock)
+    except SignalException as e:
+        _stopped(plan, e.sigval, started)
+        return 128 + e.sigval
 
 
 def _in_process(plan: Plan) -> int:
@@ -43,19 +62,30 @@ def _in_process(plan: Plan) -> int:
     try:
         worker.run(plan)
     except trainer.Stopped as stopped:
-        _stopped(plan, stopped.signum)
-        return 128 + stopped.signum
+        raise SignalException(str(stopped), sigval=signal.Signals(stopped.signum)) from None
     except worker.PLAIN as e:
         print(f"launch: error: {e}", file=sys.stderr, flush=True)
         return 2 if isinstance(e, RecipeError) else 1
     return 0
 
 
-def _stopped(plan: Plan, signum: int) -> None:
+def _stopped(plan: Plan, signum: int, started: float) -> None:
+    """The last line of a stopped run: the checkpoint saved at the stop (rank zero records it), or else the
+    newest one there is, said to be older: a signal during start-up or the final evaluation saves nothing."""
+    name, resume = signal.Signals(signum).name, f"--resume auto --run-dir {plan.run_dir}"
+    if signum == signal.SIGHUP:
+        detach_terminal()
+    metrics = Path(plan.run_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    stop = next((r for r in reversed(records) if r.get("event") == "stopped" and r["time"] >= started), None)
     found = checkpoint.step_dirs(plan.run_dir)
-    where = (f"checkpoint {found[0]}; continue with --resume auto --run-dir {plan.run_dir}" if found
-             else "no checkpoint was saved")
-    print(f"launch: stopped by {signal.Signals(signum).name}: {where}", file=sys.stderr, flush=True)
+    if stop:
+        where = f"at step {stop['step']}: saved checkpoint {stop['checkpoint']}; continue with {resume}"
+    elif found:
+        where = f"with no checkpoint saved at the stop; the newest is {found[0]}: {resume} continues from there"
+    else:
+        where = "with no checkpoint saved at the stop, and there is none"
+    print(f"launch: stopped by {name} {where}", file=sys.stderr, flush=True)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -76,7 +106,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 def _local_group(plan: Plan, sock: socket.socket | None) -> int:
     from torch.distributed import DistError
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -125,9 +155,6 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
         rank, failure = root_cause(e.failures)
         print(f"launch: {_describe(rank, failure, plan.run_dir)}", file=sys.stderr, flush=True)
         return 2 if failure.error_file_data.get("launcher", {}).get("usage") else 1
-    except SignalException as e:
-        _stopped(plan, e.sigval)
-        return 128 + e.sigval
     except DistError as e:  # the agents' rendezvous: a node that never came, or node 0 out of reach
         reason = str(e).strip().splitlines()[0]
         print(f"launch: error: the {plan.nnodes} nodes did not meet at "

@@ -1,4 +1,4 @@
-"""Stopping together on SIGTERM / SIGINT.
+"""Stopping together on SIGTERM / SIGINT / SIGHUP.
 
 A signal reaches the ranks at slightly different moments, yet they must all stop, and save, after the
 same optimizer step: one rank in a checkpoint barrier while another runs the next backward would hang.
@@ -15,7 +15,10 @@ import time
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+from .sinks import detach_terminal
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # a closed terminal or dropped ssh: save, as for TERM
+
 
 
 class Stop:
@@ -38,6 +41,8 @@ class Stop:
         self._pending = None
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGHUP:
+            detach_terminal()
         if not self.signal:
             self.signal, self.first_at = signum, time.monotonic()
         elif time.monotonic() - self.first_at > 2:

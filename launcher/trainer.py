@@ -171,9 +171,9 @@ class Trainer:
         try:
             final = self._fit()
         except Stopped as stopped:
-            if self.sinks:
-                self.sinks.print(f"stopped by {signal.Signals(stopped.signum).name} after step {self.step}; "
-                                 f"checkpoint {self.step_dir()}")
+            if self.sinks:  # the launcher's last line tells, from this record
+                self.sinks.event(self.step, "stopped", {"signal": signal.Signals(stopped.signum).name,
+                                                        "checkpoint": str(self.step_dir())}, None)
                 self.sinks.close(ok=False)
             raise
         except BaseException:

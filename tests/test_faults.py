@@ -2,11 +2,15 @@
 early stopping; and what the job listens on. Every process the launcher starts carries a tag in its
 environment, so the tests can tell whether any of them outlived the job."""
 
+import contextlib
+import fcntl
 import ipaddress
 import os
 import re
 import signal
 import subprocess
+import termios
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -87,8 +91,9 @@ def test_a_silent_rank_fails_the_job_after_the_collective_timeout(tmp_path):
     assert tagged(tag) == []
 
 
-@pytest.mark.parametrize("signum,procs", [(signal.SIGTERM, 2), (signal.SIGINT, 2), (signal.SIGINT, 1)],
-                         ids=["sigterm-2-procs", "sigint-2-procs", "sigint-1-proc"])
+@pytest.mark.parametrize("signum,procs", [(signal.SIGTERM, 2), (signal.SIGINT, 2), (signal.SIGINT, 1),
+                                         (signal.SIGHUP, 2), (signal.SIGHUP, 1)],
+                         ids=["sigterm-2-procs", "sigint-2-procs", "sigint-1-proc", "sighup-2-procs", "sighup-1-proc"])
 def test_a_signal_saves_a_checkpoint_that_resume_continues_exactly(tmp_path, signum, procs):
     common = ("--max-steps", "16", "--noise", "0.1")
     straight, _ = tiny(tmp_path, "straight", *common, procs=procs)
@@ -97,10 +102,12 @@ def test_a_signal_saves_a_checkpoint_that_resume_continues_exactly(tmp_path, sig
     process.send_signal(signum)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signum, err
-    assert f"launch: stopped by {signal.Signals(signum).name}: checkpoint {folder / 'run' / 'checkpoints'}" in err
     assert tagged(tag) == []
     saved = [p.name for p in (folder / "run" / "checkpoints").glob("step-*")]
     assert len(saved) == 1 and 3 <= int(saved[0][5:]) < 16
+    assert err.strip().splitlines()[-1] == (
+        f"launch: stopped by {signal.Signals(signum).name} at step {int(saved[0][5:])}: saved checkpoint "
+        f"{folder / 'run' / 'checkpoints' / saved[0]}; continue with --resume auto --run-dir {folder / 'run'}")
     tiny(tmp_path, "signalled", *common, "--resume", "auto", procs=procs)
     for rank in range(procs):
         assert_same(params(folder, rank), params(straight, 0))
@@ -200,4 +207,53 @@ def test_workers_die_with_their_launcher_however_it_died(tmp_path):
     deadline = time.monotonic() + 5
     while tagged(tag) and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert tagged(tag) == []
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_a_terminal_that_hangs_up_leaves_a_checkpoint(tmp_path, procs):
+    """ssh drops: the launcher's terminal hangs up (the kernel sends SIGHUP), and every write to it fails from
+    then on; the run saves its checkpoint and stops all the same."""
+    master, terminal = os.openpty()
+
+    def controlling_terminal():  # a session of its own, on the pty, as a login shell's
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    folder, tag = tmp_path / "hangup", uuid.uuid4().hex
+    process = subprocess.Popen(
+        [str(LAUNCH), str(TINY), "--cpu", "--procs", str(procs), "--wandb", "disabled", "--run-dir",
+         str(folder / "run"), "--max-steps", "400", "--slow", "0.1", "--log-every", "1"],
+        stdin=terminal, stdout=terminal, stderr=terminal, preexec_fn=controlling_terminal,
+        env=clean_env(**{TAG: tag}))
+    os.close(terminal)
+    def screen():  # drained, so that nothing blocks on a full pty
+        with contextlib.suppress(OSError):  # the hangup below closes it
+            while os.read(master, 4096):
+                pass
+
+    threading.Thread(target=screen, daemon=True).start()
+    wait_for_step(folder, 3)
+    os.close(master)
+    assert process.wait(timeout=120) == 128 + signal.SIGHUP
+    saved = [p.name for p in (folder / "run" / "checkpoints").glob("step-*")]
+    stopped = [r for r in records(folder / "run") if r.get("event") == "stopped"]
+    assert len(saved) == 1 and stopped[0]["signal"] == "SIGHUP" and stopped[0]["checkpoint"].endswith(saved[0])
+    assert tagged(tag) == []
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_a_signal_before_training_names_the_older_checkpoint_it_did_not_replace(tmp_path, procs):
+    folder, _ = tiny(tmp_path, "early", "--max-steps", "4", "--save-every", "2", procs=procs)
+    process, tag, _ = start(tmp_path, "early", "--max-steps", "400", "--resume", "auto", procs=procs)
+    assert process.stdout.readline().startswith("launch: tiny.py")  # the run starts: the recipe loads
+    if procs > 1:
+        assert process.stdout.readline().startswith("launch: 2 processes")  # the workers start
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    run = folder / "run"
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == (
+        f"launch: stopped by SIGTERM with no checkpoint saved at the stop; the newest is "
+        f"{run / 'checkpoints' / 'step-00000004'}: --resume auto --run-dir {run} continues from there")
     assert tagged(tag) == []
