@@ -23,6 +23,8 @@ RENDEZVOUS = "launcher-static"
 RENDEZVOUS_TIMEOUT = 60  # seconds node 0 waits for every other node to join
 CONNECT_TIMEOUT = 30  # per attempt of another node to reach node 0 (torch tries twice, with a pause)
 SHUTDOWN_TIMEOUT = 120  # seconds the workers get to save a checkpoint after SIGTERM / SIGINT
+# the agent SIGKILLs a rank 30 s after it SIGTERMed it: a SIGKILL sooner after the first failure came from outside
+OUTSIDE_KILL = 10
 
 
 def in_process(plan: Plan) -> bool:
@@ -165,16 +167,24 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
 
 
 def root_cause(failures: dict) -> tuple:
-    """(rank, failure) that came first: the worker's own record of the time where it wrote one, since the
-    other ranks usually fail because of it (a closed connection, a timeout); and a rank the agent killed
-    after the fact (SIGTERM, SIGKILL) is never the cause when another one failed on its own."""
-    def when(item):
-        rank, failure = item
-        recorded = failure.error_file_data.get("launcher", {}).get("time")
-        killed = failure.exitcode in (-signal.SIGTERM, -signal.SIGKILL)
-        return (recorded is None, killed, recorded or failure.timestamp, rank)
+    """(rank, failure) that caused the others. The agent lists failures in the order it found them, then stops
+    the other ranks itself: SIGTERM, and SIGKILL after a grace period of 30 s. So a rank that died of SIGTERM is
+    a consequence, as is one killed long after the first failure, and so is a rank whose own error says that a
+    peer went away (a closed connection, a timed-out collective). Among the rest, the earliest: by the time the
+    worker recorded, where it wrote a record, else when the agent found it; then in the agent's order."""
+    def time_of(failure) -> float:
+        return failure.error_file_data.get("launcher", {}).get("time", failure.timestamp)
 
-    return min(failures.items(), key=when)
+    first = min(time_of(f) for f in failures.values())
+
+    def key(item):
+        position, (rank, failure) = item
+        agent = failure.exitcode == -signal.SIGTERM or (failure.exitcode == -signal.SIGKILL
+                                                        and time_of(failure) > first + OUTSIDE_KILL)
+        peer = failure.error_file_data.get("launcher", {}).get("peer", False)
+        return agent, peer, time_of(failure), position
+
+    return min(enumerate(failures.items()), key=key)[1]
 
 
 def _describe(rank: int, failure, run_dir: str) -> str:

@@ -21,6 +21,9 @@ from .plan import PARENT_ENV, Plan
 # failures that explain themselves in one line; anything else is shown with its traceback
 PLAIN = (trainer.TrainingError, CheckpointError, recipe.RecipeError)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
+# errors that follow from another rank's failure (spawn.root_cause looks further)
+LOST_PEER = re.compile(r"connection (closed|reset|refused)|broken pipe|by peer|remote process exited|timed out|"
+                       r"a collective waited", re.I)
 PR_SET_PDEATHSIG = 1  # Linux prctl(): a signal for this process when its parent dies
 
 
@@ -75,7 +78,7 @@ def record(e: BaseException, path: str) -> None:
         "message": {"message": f"{type(e).__name__}: {e}",
                     "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(now))}},
         "launcher": {"time": now, "plain": isinstance(e, PLAIN), "usage": isinstance(e, recipe.RecipeError),
-                     "text": str(e)},
+                     "text": str(e), "peer": bool(LOST_PEER.search(str(e)))},
     }
     with open(path, "w") as f:
         json.dump(data, f)

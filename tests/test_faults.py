@@ -257,3 +257,17 @@ def test_a_signal_before_training_names_the_older_checkpoint_it_did_not_replace(
         f"launch: stopped by SIGTERM with no checkpoint saved at the stop; the newest is "
         f"{run / 'checkpoints' / 'step-00000004'}: --resume auto --run-dir {run} continues from there")
     assert tagged(tag) == []
+
+
+def test_a_rank_killed_from_outside_is_the_one_blamed(tmp_path):
+    """kill -9 of rank 1: the agent then stops rank 0 with SIGTERM, and rank 0 may see the connection close
+    first; neither makes rank 0 the cause."""
+    process, tag, folder = start(tmp_path, "kill", "--max-steps", "400", "--slow", "0.05", "--log-every", "1")
+    wait_for_step(folder, 3)
+    rank_1 = next(pid for pid in tagged(tag) if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+    os.kill(rank_1, signal.SIGKILL)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert err.strip().splitlines()[-1] == (f"launch: rank 1 was killed by SIGKILL (out of memory, or killed from "
+                                            f"outside?); its output is under {folder / 'run' / 'logs'}")
+    assert tagged(tag) == []

@@ -86,7 +86,8 @@ def test_a_signalled_job_checkpoints_requeues_and_ends_like_an_unsignalled_one(l
     subprocess.run(["scancel", "--batch", "--signal=USR2", job], env=lab.env, check=True)  # as Slurm would
     lab.wait(job, timeout=300)
     text = log(run_dir, job)
-    assert "stopped by SIGTERM after step" in text and f"launch: requeueing job {job}" in text, text
+    assert re.search(r"launch: stopped by SIGTERM at step \d+: saved checkpoint ", text), text
+    assert f"launch: requeueing job {job}" in text, text
     assert re.search(rf"launch: job {job} .* start 2,", text) and "resumed from" in text
     assert "done: 24 steps" in text
     reference_dump = reference[2]
