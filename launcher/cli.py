@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import checkpoint
 from . import recipe as recipes
-from . import slurm, spawn, zero
+from . import rundir, slurm, spawn, zero
 from .plan import Plan
 from .sinks import warn, write_json
 
@@ -380,6 +380,9 @@ def _run_dir(args: argparse.Namespace, stem: str) -> tuple[Path, str, Path | Non
         run_dir = resume.parent.parent  # continue the run the checkpoint belongs to
     else:
         run_dir = (Path("runs") / name).resolve()
+    live = rundir.holder(run_dir) if args.node_rank == 0 else None
+    if live:
+        raise UsageError(rundir.busy(run_dir, live))
     continuing = args.resume == "auto" or (resume is not None and run_dir in resume.parents)
     if not continuing and args.node_rank == 0 and (run_dir / "config.json").exists():
         raise UsageError(f"run directory {run_dir} already holds a run; continue it with --resume auto, or choose "
@@ -525,6 +528,11 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(preflight.check_only(plan, module, hp))
             except recipes.RecipeError as e:
                 raise UsageError(str(e)) from None
+        if plan.node_rank == 0:  # node 0 owns the run directory: its lock, for as long as this process lives
+            try:
+                rundir.claim(Path(plan.run_dir))
+            except rundir.InUse as e:
+                raise UsageError(str(e)) from None
         try:
             sock = spawn.rendezvous_socket(plan)
         except OSError as e:
@@ -534,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"launch: error: {e}", file=sys.stderr)
         sys.exit(2)
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
-    if plan.node_rank == 0:  # node 0 owns the run directory's record
+    if plan.node_rank == 0:  # and its record
         write_json(Path(plan.run_dir) / "config.json", record(plan))
     print(describe(plan), flush=True)
     try:
@@ -557,7 +565,7 @@ def submit(plan: Plan, args: argparse.Namespace, argv: list[str]) -> int:
             return 0
         run_dir = Path(plan.run_dir)
         created = [p for p in (*reversed(run_dir.parents), run_dir) if not p.exists()]
-        run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.make(run_dir)
         if not (run_dir / "config.json").exists():  # marks the directory taken until the job writes its own
             created.append(run_dir / "config.json")
             write_json(run_dir / "config.json", record(plan))
@@ -568,7 +576,7 @@ def submit(plan: Plan, args: argparse.Namespace, argv: list[str]) -> int:
                 path.rmdir() if path.is_dir() else path.unlink()
             raise
         (run_dir / "slurm.sbatch").write_text(script)  # what was submitted, to submit again by hand
-    except slurm.SlurmError as e:
+    except (slurm.SlurmError, rundir.InUse) as e:
         raise UsageError(str(e)) from None
     where = f"{plan.nproc} GPU{'s' if plan.nproc > 1 else ''}" if plan.device == "cuda" else \
         f"{plan.nproc} CPU process{'es' if plan.nproc > 1 else ''}"

@@ -108,6 +108,15 @@ def test_a_run_directory_is_never_reused(tmp_path):
     assert "already holds a run; continue it with --resume auto" in result.stderr
 
 
+def test_a_run_directory_that_is_a_file_is_one_line_and_exit_2(tmp_path):
+    file = tmp_path / "file"
+    file.write_text("not a directory")
+    for run_dir, slurm in ((file, []), (file / "sub", []), (file, ["--slurm"])):
+        result = launch(DIGITS, "--cpu", "--run-dir", run_dir, *slurm)
+        assert result.returncode == 2
+        assert result.stderr == f"launch: error: --run-dir {run_dir}: {file} is a file, not a directory\n"
+
+
 def test_resume_auto_needs_a_run_to_continue(tmp_path):
     result = launch(DIGITS, "--cpu", "--resume", "auto", cwd=tmp_path)
     assert result.returncode == 2

@@ -8,6 +8,7 @@ import ipaddress
 import os
 import re
 import signal
+import socket
 import subprocess
 import termios
 import threading
@@ -271,3 +272,22 @@ def test_a_rank_killed_from_outside_is_the_one_blamed(tmp_path):
     assert err.strip().splitlines()[-1] == (f"launch: rank 1 was killed by SIGKILL (out of memory, or killed from "
                                             f"outside?); its output is under {folder / 'run' / 'logs'}")
     assert tagged(tag) == []
+
+
+def test_a_run_directory_holds_one_live_run_and_a_dead_one_leaves_no_lock(tmp_path):
+    process, tag, folder = start(tmp_path, "live", "--max-steps", "400", "--slow", "0.1")
+    run = folder / "run"
+    try:
+        wait_for_step(folder, 1)
+        for extra in ([], ["--resume", "auto"], ["--slurm", "--dry-run", "--resume", "auto"]):
+            second = launch(TINY, "--cpu", "--wandb", "disabled", "--run-dir", run, *extra)
+            assert second.returncode == 2 and second.stdout == ""
+            assert re.fullmatch(rf"launch: error: run directory {re.escape(str(run))} is in use by a live run \(pid "
+                                rf"{process.pid} on {re.escape(socket.gethostname())} since [-\d: ]+\): wait for it to "
+                                r"end, stop it, or choose another --run-dir or --name\n", second.stderr), second.stderr
+    finally:
+        process.kill()
+        process.communicate(timeout=30)
+    assert len([r for r in records(run) if "train/loss" in r]) == len({r["step"] for r in records(run)
+                                                                       if "train/loss" in r})  # no doubled rows
+    ok(launch(TINY, "--cpu", "--wandb", "disabled", "--run-dir", run, "--resume", "auto", "--max-steps", "2"))
