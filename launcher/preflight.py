@@ -141,9 +141,10 @@ def classes_fit(name: str, args: dict) -> None:
     valid = target[target != args["ignore_index"]]
     if valid.numel() and (int(valid.max()) >= classes or int(valid.min()) < 0):
         bad = int(valid.max()) if int(valid.max()) >= classes else int(valid.min())
-        raise RecipeError(f"the model scores {classes} classes (its output is {tuple(scores.shape)}), but a training "
-                          f"label is {bad}: labels are class indices 0 … {classes - 1}; make the model's last layer "
-                          "output one score per class, or check the labels that data() gives")
+        plural = "es" if classes != 1 else ""
+        raise RecipeError(f"the model scores {classes} class{plural} (its output is {tuple(scores.shape)}), but a "
+                          f"training label is {bad}: labels are class indices 0 … {classes - 1}; make the model's last "
+                          "layer output one score per class, or check the labels that data() gives")
 
 
 @contextmanager

@@ -32,6 +32,7 @@ import dataclasses
 import difflib
 import importlib.util
 import inspect
+import math
 import re
 import sys
 import traceback
@@ -43,6 +44,7 @@ from types import ModuleType
 from typing import Any
 
 REQUIRED = ("Hparams", "data", "model")
+LEARNING_RATE = re.compile(r"lr|\w*_lr|learning_rate")
 # every function of the contract, with the arguments the launcher calls it with
 FUNCTIONS = {"data": ("hp",), "model": ("hp",), "loss": ("hp",), "prepare": ("hp",), "metrics": ("hp",),
              "optimizer": ("model", "hp", "total_steps"), "step": ("model", "batch", "hp"),
@@ -248,7 +250,16 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def hparams(Hparams: type, values: dict[str, Any]) -> Any:
-    """Build the recipe's Hparams; its __post_init__ may reject values with ValueError."""
+    """Build the recipe's Hparams; its __post_init__ may reject values with ValueError. Whatever the recipe,
+    no number may be NaN, and a learning rate (lr, *_lr, learning_rate) is a finite number of at least 0: else
+    the optimizer would fail inside every process, or train on NaN."""
+    for name, value in values.items():
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, float) and math.isnan(value):
+            raise RecipeError(f"invalid hyperparameters: {flag} is nan; give a number")
+        if LEARNING_RATE.fullmatch(name) and isinstance(value, int | float) and not 0 <= value < math.inf:
+            raise RecipeError(f"invalid hyperparameters: {flag} is a learning rate: a finite number of at least 0, "
+                              f"not {value:g}")
     try:
         return Hparams(**{f.name: values[f.name] for f in dataclasses.fields(Hparams)})
     except (ValueError, TypeError, FileNotFoundError) as e:

@@ -54,6 +54,11 @@ BAD = [
     pytest.param([DIGITS, "--cpu", "--master-port", "70000"], "is not a port", id="bad-port"),
     pytest.param([CIFAR, "--cpu", "--val-size", "-1"], "invalid hyperparameters: --val-size must be at least 0",
                  id="hparam-check"),
+    pytest.param([DIGITS, "--cpu", "--lr", "-1"], "--lr is a learning rate: a finite number of at least 0, not -1",
+                 id="negative-lr"),
+    pytest.param([DIGITS, "--cpu", "--procs", "2", "--lr", "inf"], "--lr is a learning rate", id="infinite-lr"),
+    pytest.param([DIGITS, "--cpu", "--dropout", "nan"], "invalid hyperparameters: --dropout is nan; give a number",
+                 id="nan-hparam"),
     pytest.param([CIFAR, "--cpu", "--data-dir", "/nonexistent/cifar", "--no-download"], "no CIFAR-10 in /nonexistent",
                  id="missing-data-dir"),
 ]
