@@ -13,6 +13,7 @@ arbitrary pickled objects.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -86,13 +87,21 @@ def save(target: Path, state: dict, meta: dict, rank: int, barrier: Callable[[],
     what `engine_files` writes (DeepSpeed: its partitions); rank 0 then writes the manifest and renames the
     whole directory into place."""
     tmp = target.with_name(f".{target.name}.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-        tmp.mkdir(parents=True)
-        _write(state, tmp / "state.pt")
-    barrier()
-    engine_files(tmp)
-    _write(rng_state(), tmp / f"rng-{rank}.pt")
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+            tmp.mkdir(parents=True)
+            _write(state, tmp / "state.pt")
+        barrier()
+        engine_files(tmp)
+        _write(rng_state(), tmp / f"rng-{rank}.pt")
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # what fitted so far is space the next save needs
+        kept = step_dirs(target.parent.parent)
+        raise CheckpointError(f"saving checkpoint {target.name} failed: {full(target.parent)}; the newest complete "
+                              f"checkpoint is {kept[0] if kept else 'none'}") from None
     barrier()
     if rank == 0:
         files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
@@ -194,6 +203,33 @@ def _deepspeed_globals() -> list:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def disk_full(e: BaseException | None) -> bool:
+    """Whether a failure comes from a full disk or quota, however it was wrapped (torch.save raises a
+    RuntimeError whose context is the OSError)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def full(path: Path) -> str:
+    """The filesystem that holds `path`, by its mount point, and what is free on it."""
+    mount = Path(path).resolve()
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    free = shutil.disk_usage(mount).free
+    return f"no space left on the filesystem at {mount} ({free / 2**20:.1f} MiB free)"
+
+
+def clean(run_dir: str | Path) -> None:
+    """Remove what saves that were killed left behind (.NAME.tmp, .NAME.old): only a run that holds the run
+    directory calls this, so no live save owns them."""
+    for path in folder(run_dir).glob(".*"):
+        if path.is_dir() and path.suffix in (".tmp", ".old"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def step_dirs(run_dir: str | Path) -> list[Path]:

@@ -531,6 +531,7 @@ def main(argv: list[str] | None = None) -> None:
         if plan.node_rank == 0:  # node 0 owns the run directory: its lock, for as long as this process lives
             try:
                 rundir.claim(Path(plan.run_dir))
+                checkpoint.clean(plan.run_dir)
             except rundir.InUse as e:
                 raise UsageError(str(e)) from None
         try:

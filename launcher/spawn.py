@@ -65,9 +65,12 @@ def _in_process(plan: Plan) -> int:
         worker.run(plan)
     except trainer.Stopped as stopped:
         raise SignalException(str(stopped), sigval=signal.Signals(stopped.signum)) from None
-    except worker.PLAIN as e:
-        print(f"launch: error: {e}", file=sys.stderr, flush=True)
-        return 2 if isinstance(e, RecipeError) else 1
+    except Exception as e:
+        known = worker.explain(e, plan)
+        if not isinstance(known, worker.PLAIN):
+            raise
+        print(f"launch: error: {known}", file=sys.stderr, flush=True)
+        return 2 if isinstance(known, RecipeError) else 1
     return 0
 
 

@@ -11,10 +11,11 @@ import signal
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
-from . import engine, recipe, trainer
+from . import checkpoint, engine, recipe, trainer
 from .checkpoint import CheckpointError
 from .plan import PARENT_ENV, Plan
 
@@ -24,6 +25,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
 # errors that follow from another rank's failure (spawn.root_cause looks further)
 LOST_PEER = re.compile(r"connection (closed|reset|refused)|broken pipe|by peer|remote process exited|timed out|"
                        r"a collective waited", re.I)
+RESERVED, SPARE = 64 << 10, ".reserved"  # bytes set aside for the error report, and its file's suffix
 PR_SET_PDEATHSIG = 1  # Linux prctl(): a signal for this process when its parent dies
 
 
@@ -70,23 +72,41 @@ def run(plan: Plan) -> dict:
             torch.distributed.destroy_process_group()
 
 
+def reserve(path: str) -> None:
+    """Set aside the blocks of the error report now: a disk that fills up later cannot refuse it."""
+    with open(path + SPARE, "wb") as f:
+        f.write(b" " * RESERVED)
+
+
 def record(e: BaseException, path: str) -> None:
     """The failure in torch's error-file format, which the elastic agent hands to the launcher, plus the
-    exact time (the launcher shows the earliest failure: the others usually follow from it)."""
+    exact time (the launcher shows the earliest failure: the others usually follow from it). Written over
+    the reserved blocks and renamed into place, the report is whole or absent, never a torn file."""
     now = time.time()
     data = {
         "message": {"message": f"{type(e).__name__}: {e}",
-                    "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(now))}},
+                    "extraInfo": {"py_callstack": traceback.format_exc()[-RESERVED // 2:],
+                                  "timestamp": str(int(now))}},
         "launcher": {"time": now, "plain": isinstance(e, PLAIN), "usage": isinstance(e, recipe.RecipeError),
                      "text": str(e), "peer": bool(LOST_PEER.search(str(e)))},
     }
-    with open(path, "w") as f:
-        json.dump(data, f)
+    text = json.dumps(data).encode()
+    with open(path + SPARE, "r+b" if os.path.exists(path + SPARE) else "wb") as f:
+        f.write(text)
+        f.truncate(len(text))
+    os.replace(path + SPARE, path)
 
 
 def explain(e: Exception, plan: Plan) -> Exception:
     """Torch's errors whose cause is known, in plain words: a collective that timed out means another rank went
-    silent; DDP's unfinished reduction, parameters without a gradient."""
+    silent; DDP's unfinished reduction, parameters without a gradient; a full disk, wherever it was met."""
+    if checkpoint.disk_full(e) and not isinstance(e, CheckpointError):
+        kept = checkpoint.step_dirs(plan.run_dir)
+        written, cause = plan.run_dir, e
+        while cause is not None:  # the file, where the OSError names one
+            written, cause = getattr(cause, "filename", None) or written, cause.__cause__ or cause.__context__
+        return trainer.TrainingError(f"writing {written} failed: {checkpoint.full(Path(written).parent)}; the newest "
+                                     f"complete checkpoint is {kept[0] if kept else 'none'}")
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if re.search(r"timed out waiting|collective operation timeout", text, re.I):
         return trainer.TrainingError(
@@ -104,12 +124,14 @@ def main() -> None:
     once, instead of every rank printing its own traceback."""
     die_with_launcher()
     plan = Plan.from_env()
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        reserve(error_file)
     try:
         run(plan)
     except trainer.Stopped as stopped:
         sys.exit(128 + stopped.signum)
     except Exception as e:
-        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
         if not error_file:
             raise
         record(explain(e, plan), error_file)
@@ -118,6 +140,9 @@ def main() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
+    finally:
+        if error_file and os.path.exists(error_file + SPARE):
+            os.remove(error_file + SPARE)
 
 
 if __name__ == "__main__":

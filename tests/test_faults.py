@@ -291,3 +291,51 @@ def test_a_run_directory_holds_one_live_run_and_a_dead_one_leaves_no_lock(tmp_pa
     assert len([r for r in records(run) if "train/loss" in r]) == len({r["step"] for r in records(run)
                                                                        if "train/loss" in r})  # no doubled rows
     ok(launch(TINY, "--cpu", "--wandb", "disabled", "--run-dir", run, "--resume", "auto", "--max-steps", "2"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A filesystem of its own, 8 MiB (tmpfs: mounting it needs root, which CI has)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount a small filesystem to fill ({result.stderr.strip()}): needs root")
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with contextlib.suppress(OSError), open(filler, "wb") as f:
+        while True:
+            f.write(b"\0" * (1 << 16))
+            f.flush()
+    return filler
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_a_full_disk_during_a_save_is_one_line_naming_it_and_the_checkpoint_kept(small_disk, procs):
+    run = small_disk / "run"
+    process = subprocess.Popen(
+        [str(LAUNCH), str(TINY), "--cpu", "--procs", str(procs), "--wandb", "disabled", "--run-dir", str(run),
+         "--max-steps", "400", "--slow", "0.1", "--save-every", "4", "--keep", "1", "--log-every", "1000",
+         "--eval-epochs", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    deadline = time.monotonic() + 60
+    while not (run / "checkpoints" / "step-00000004").exists():
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    filler = fill(small_disk)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert re.fullmatch(rf"launch: error: (rank [01]: )?saving checkpoint step-00000008 failed: no space left on the "
+                        rf"filesystem at {re.escape(str(small_disk))} \([\d.]+ MiB free\); the newest complete "
+                        rf"checkpoint is {re.escape(str(run / 'checkpoints' / 'step-00000004'))}\n", err), err
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000004"]  # no half-written save
+    filler.unlink()
+    (run / "checkpoints" / ".step-00000009.tmp").mkdir()  # as a save killed mid-way leaves it
+    resumed = ok(launch(TINY, "--cpu", "--procs", procs, "--wandb", "disabled", "--run-dir", run, "--resume", "auto",
+                        "--max-steps", "10", "--eval-epochs", "0"))
+    assert "resumed from" in resumed.stdout and "step-00000004 at step 4" in resumed.stdout
+    assert not list((run / "checkpoints").glob(".*"))  # cleaned at the start
