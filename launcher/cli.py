@@ -414,7 +414,11 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
         raise UsageError(f"--epochs must be at least 1, not {hp.epochs}")
     run_dir, name, resume, manifest = _run_dir(args, recipe_path.stem)
     previous = run_dir / "config.json"
-    wandb_id = json.loads(previous.read_text())["plan"].get("wandb_id") if previous.exists() else None
+    try:
+        wandb_id = json.loads(previous.read_text())["plan"].get("wandb_id") if previous.exists() else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"{previous} is not a run record the launcher can read ({type(e).__name__}: {e}); choose "
+                         "another --run-dir") from None
     plan = Plan(
         recipe=str(recipe_path), hparams=dataclasses.asdict(hp), run_dir=str(run_dir), name=name,
         device=device, nproc=nproc, nnodes=args.nodes, node_rank=args.node_rank,

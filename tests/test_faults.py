@@ -293,17 +293,34 @@ def test_a_run_directory_holds_one_live_run_and_a_dead_one_leaves_no_lock(tmp_pa
     ok(launch(TINY, "--cpu", "--wandb", "disabled", "--run-dir", run, "--resume", "auto", "--max-steps", "2"))
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A filesystem of its own, 8 MiB (tmpfs: mounting it needs root, which CI has)."""
-    mount = tmp_path / "disk"
+def mounted(mount: Path, options: str) -> Path:
+    """A tmpfs of its own at `mount` (mounting needs root, which CI has)."""
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True,
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True,
                             text=True)
     if result.returncode:
-        pytest.skip(f"cannot mount a small filesystem to fill ({result.stderr.strip()}): needs root")
-    yield mount
-    subprocess.run(["umount", "--lazy", str(mount)], check=True)
+        pytest.skip(f"cannot mount a filesystem of the test's own ({result.stderr.strip()}): needs root")
+    return mount
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    yield mounted(tmp_path / "disk", "size=8m")
+    subprocess.run(["umount", "--lazy", str(tmp_path / "disk")], check=True)
+
+
+def test_a_read_only_run_directory_or_parent_is_one_line_and_exit_2(tmp_path):
+    disk = mounted(tmp_path / "disk", "size=1m")
+    try:
+        (disk / "old").mkdir()
+        (disk / "old" / "config.json").write_text('{"plan": {}}')
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        for run, what in ((disk / "new", "created"), (disk / "old", "written")):
+            result = launch(TINY, "--cpu", "--procs", "2", "--wandb", "disabled", "--run-dir", run, "--resume", "auto")
+            assert result.returncode == 2 and "processes" not in result.stdout
+            assert result.stderr == f"launch: error: --run-dir {run} cannot be {what}: Read-only file system\n"
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
 
 
 def fill(disk: Path) -> Path:
