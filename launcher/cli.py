@@ -13,6 +13,7 @@ import netrc
 import os
 import platform
 import secrets
+import shlex
 import subprocess
 import sys
 import time
@@ -135,6 +136,9 @@ def base_parser(add_help: bool) -> Parser:
                    help="your site's copy of slurm/launch.sbatch (modules, containers): see slurm/README.md")
     g.add_argument("--slurm-signal", default="USR2@120", metavar="SIG@SECONDS",
                    help="the signal Slurm sends before the time limit, to checkpoint and requeue (default USR2@120)")
+    g.add_argument("--max-requeues", type=int, default=20, metavar="N",
+                   help="requeue after a time limit at most N times (default 20); a start that saves no new "
+                        "checkpoint is never requeued")
     g = p.add_argument_group("logging")
     g.add_argument("--run-dir", metavar="DIR", help="where config.json, metrics.jsonl, checkpoints, logs and W&B "
                                                     "files go (default: runs/NAME)")
@@ -255,8 +259,12 @@ def _check_slurm(args: argparse.Namespace) -> None:
             raise UsageError("--slurm needs what each node runs: --gpus N, or --cpu [--procs N]")
         if args.cpus_per_task is not None and args.cpus_per_task < 1:
             raise UsageError(f"--cpus-per-task must be at least 1, not {args.cpus_per_task}")
+        if args.max_requeues < 0:
+            raise UsageError(f"--max-requeues must be at least 0, not {args.max_requeues}")
         try:
             slurm.parse_signal(args.slurm_signal)
+            if args.time:
+                slurm.check_time(args.time, args.slurm_signal)
         except slurm.SlurmError as e:
             raise UsageError(str(e)) from None
     elif args.dry_run:
@@ -587,8 +595,8 @@ def submit(plan: Plan, args: argparse.Namespace, argv: list[str]) -> int:
         f"{plan.nproc} CPU process{'es' if plan.nproc > 1 else ''}"
     print(f"launch: submitted job {job}: {plan.nnodes} node{'s' if plan.nnodes > 1 else ''} × {where}, "
           f"run dir {run_dir}\n"
-          f"  script:  {run_dir / 'slurm.sbatch'}\n"
-          f"  follow:  tail -f {run_dir / f'slurm-{job}.out'}\n"
+          f"  script:  {shlex.quote(str(run_dir / 'slurm.sbatch'))}\n"
+          f"  follow:  tail -f {shlex.quote(str(run_dir / f'slurm-{job}.out'))}\n"
           f"  status:  squeue -j {job}\n"
           f"  cancel:  scancel {job}", flush=True)
     return 0

@@ -22,9 +22,13 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "launch.sbatch"
 OPTIONS = {"partition": "partition", "time": "time", "account": "account", "qos": "qos", "constraint": "constraint",
            "mem": "mem", "cpus_per_task": "cpus-per-task"}
 # launcher flags the job sets itself, or that only the submission needs
-SUBMISSION_ONLY = ("--slurm", "--dry-run", "--slurm-signal", "--slurm-template", "--job-name", "--nodes",
-                   "--node-rank", "--master-addr", "--master-port", "--run-dir", "--name", "--resume",
+SUBMISSION_ONLY = ("--slurm", "--dry-run", "--slurm-signal", "--slurm-template", "--max-requeues", "--job-name",
+                   "--nodes", "--node-rank", "--master-addr", "--master-port", "--run-dir", "--name", "--resume",
                    *(f"--{o.replace('_', '-')}" for o in OPTIONS))
+
+
+MIN_WORK = 300  # seconds of training a start must have before the time limit's warning signal
+SBATCH_TIMEOUT = 60  # seconds sbatch may take to answer
 
 
 class SlurmError(Exception):
@@ -38,6 +42,35 @@ def parse_signal(text: str) -> tuple[str, int]:
     if not match or match.group(1) not in names or match.group(1) in ("KILL", "STOP"):
         raise SlurmError(f"--slurm-signal {text}: expected SIGNAL@SECONDS, e.g. USR2@120")
     return match.group(1), int(match.group(2))
+
+
+def parse_time(text: str) -> int | None:
+    """sbatch --time in seconds (minutes, M:S, H:M:S, D-H, D-H:M, D-H:M:S), None when unlimited."""
+    if text.strip().upper() in ("UNLIMITED", "INFINITE", "-1"):
+        return None
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
+        raise SlurmError(f"--time {text}: expected minutes, M:S, H:M:S, D-H, D-H:M or D-H:M:S")
+    days, *parts = match.groups()
+    parts = [int(x) for x in parts if x is not None]
+    if days is not None:  # D-H[:M[:S]]
+        h, m, sec = (parts + [0, 0])[:3]
+        return ((int(days) * 24 + h) * 60 + m) * 60 + sec
+    if len(parts) == 1:
+        return parts[0] * 60
+    if len(parts) == 2:
+        return parts[0] * 60 + parts[1]
+    return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+
+
+def check_time(time_limit: str, signal_spec: str) -> None:
+    """A time limit must leave each start minutes of training before Slurm's warning signal: else every start
+    is stopped during start-up and requeued, forever."""
+    seconds, (_, lead) = parse_time(time_limit), parse_signal(signal_spec)
+    if seconds is not None and seconds < lead + MIN_WORK:
+        raise SlurmError(f"--time {time_limit} leaves under {MIN_WORK // 60} minutes of training before Slurm's "
+                         f"warning signal ({signal_spec}: {lead} s before the limit) stops and requeues the job: "
+                         f"give a --time of at least {(lead + MIN_WORK + 59) // 60} minutes, or a shorter lead")
 
 
 def node_command(argv: list[str], recipe: str, options: dict) -> list[str]:
@@ -99,8 +132,8 @@ def render(plan: Plan, args, command: list[str], python: str, cwd: Path) -> str:
              for flag, option in OPTIONS.items() if getattr(args, flag) is not None]
     if plan.device == "cuda":
         lines.append(f"#SBATCH --gpus-per-node={plan.nproc}")
-    elif args.cpus_per_task is None:
-        lines.append(f"#SBATCH --cpus-per-task={plan.nproc}")  # a core for each process
+    if args.cpus_per_task is None:  # a core for each process, and one for each of its DataLoader workers
+        lines.append(f"#SBATCH --cpus-per-task={plan.nproc * (1 + plan.workers)}")
     values = {
         "script": _quote(run_dir / "slurm.sbatch", "--run-dir"),
         "job_name": _quote(args.job_name or plan.name, "--job-name"),
@@ -113,13 +146,26 @@ def render(plan: Plan, args, command: list[str], python: str, cwd: Path) -> str:
         # auto unless a checkpoint was named: the job finds the newest one when it starts, not now
         "resume": _quote(plan.resume if args.resume not in (None, "auto") else "auto", "--resume"),
         "python": _quote(python, "the Python path"),
+        "checkpoints": _quote(run_dir / "checkpoints", "--run-dir"),
+        "exit_codes": _quote(run_dir / "logs" / "exit-codes", "--run-dir"),
+        "max_requeues": str(args.max_requeues),
         "args": " ".join(_quote(part, "an argument") for part in [*command, "--run-dir", run_dir, "--name", plan.name]),
     }
     unknown = sorted(set(re.findall(r"\{\{(\w+)\}\}", text)) - set(values))
     if unknown:
         raise SlurmError(f"--slurm-template {template}: unknown placeholder {{{{{unknown[0]}}}}} (known: "
                          f"{', '.join(values)})")
-    return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], text)
+    for number, line in enumerate(text.splitlines(), 1):
+        quoted = re.search(r'"[^"]*\{\{(\w+)\}\}[^"]*"', line)
+        if quoted and not line.lstrip().startswith("#"):  # in "...", a value's $( ) would run
+            raise SlurmError(f"--slurm-template {template} line {number}: {{{{{quoted.group(1)}}}}} inside double "
+                             "quotes; the launcher quotes every value for the shell itself: remove the quotes")
+    script = re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], text)
+    checked = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+    if checked.returncode:
+        raise SlurmError(f"--slurm-template {template}: the script it gives is not valid bash: "
+                         f"{checked.stderr.strip().splitlines()[0]}")
+    return script
 
 
 def submit(script: str, secrets: dict[str, str]) -> str:
@@ -127,11 +173,18 @@ def submit(script: str, secrets: dict[str, str]) -> str:
     `secrets` added to the environment it passes on."""
     if not shutil.which("sbatch"):
         raise SlurmError("sbatch is not on PATH: submit from a Slurm login node, or use --dry-run for the script")
-    result = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True, timeout=60,
-                            env={**os.environ, **secrets})
-    if result.returncode != 0:
-        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
-        raise SlurmError(f"sbatch refused the job: {reason}")
+    # --test-only first: a request no node can satisfy (more nodes or CPUs than the partition has) would pend
+    # forever; Slurm says so now instead
+    for flags in (["--test-only"], ["--parsable"]):
+        try:
+            result = subprocess.run(["sbatch", *flags], input=script, capture_output=True, text=True,
+                                    timeout=SBATCH_TIMEOUT, env={**os.environ, **secrets})
+        except subprocess.TimeoutExpired:
+            raise SlurmError(f"sbatch did not answer within {SBATCH_TIMEOUT} s (is slurmctld reachable? `sinfo` "
+                             "tells); nothing was submitted") from None
+        if result.returncode != 0:
+            reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+            raise SlurmError(f"sbatch refused the job: {reason.removeprefix('sbatch: error: ')}")
     return result.stdout.strip().split(";")[0]
 
 

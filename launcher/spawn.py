@@ -121,8 +121,8 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ[PLAN_ENV] = plan.to_json()
     os.environ[PARENT_ENV] = str(os.getpid())
-    # N processes share the cores; torchrun would give each one thread
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.nproc)))
+    # N processes share the cores this task was given (a Slurm allocation, taskset), not the machine's
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores() // plan.nproc)))
     single = plan.nnodes == 1
     if single:  # the ranks talk over loopback, and nothing of the job listens on another interface
         loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
@@ -169,6 +169,12 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
     return 0
 
 
+def cores() -> int:
+    """The CPUs this process may run on: Slurm's CPUs per task where it says, else the affinity mask."""
+    given = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(given) if given.isdigit() else len(os.sched_getaffinity(0))
+
+
 def root_cause(failures: dict) -> tuple:
     """(rank, failure) that caused the others. The agent lists failures in the order it found them, then stops
     the other ranks itself: SIGTERM, and SIGKILL after a grace period of 30 s. So a rank that died of SIGTERM is
@@ -196,6 +202,9 @@ def _describe(rank: int, failure, run_dir: str) -> str:
         return f"error: {ours['text']}"
     if ours and ours["plain"]:
         return f"error: rank {rank}: {ours['text']}"
+    if ours and ours.get("peer"):  # every failure here follows another's: on another node, which tells the cause
+        return (f"rank {rank} lost another rank ({ours['text'].strip().splitlines()[0]}); the cause is in that "
+                "rank's output")
     message = failure.message
     if isinstance(message, dict):
         return f"rank {rank} failed: " + (message.get("extraInfo", {}).get("py_callstack") or message["message"])

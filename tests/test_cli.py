@@ -54,6 +54,10 @@ BAD = [
     pytest.param([DIGITS, "--cpu", "--master-port", "70000"], "is not a port", id="bad-port"),
     pytest.param([CIFAR, "--cpu", "--val-size", "-1"], "invalid hyperparameters: --val-size must be at least 0",
                  id="hparam-check"),
+    pytest.param([DIGITS, "--slurm", "--cpu", "--time", "1:00"], "--time 1:00 leaves under 5 minutes of training "
+                 "before Slurm's warning signal (USR2@120: 120 s before the limit)", id="slurm-time-too-short"),
+    pytest.param([DIGITS, "--slurm", "--cpu", "--time", "soon"], "--time soon: expected minutes, M:S, H:M:S",
+                 id="slurm-time-unreadable"),
     pytest.param([DIGITS, "--cpu", "--lr", "-1"], "--lr is a learning rate: a finite number of at least 0, not -1",
                  id="negative-lr"),
     pytest.param([DIGITS, "--cpu", "--procs", "2", "--lr", "inf"], "--lr is a learning rate", id="infinite-lr"),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import slurm_lab
-from launcher import slurm
+from launcher import cli, slurm, spawn
 from conftest import TINY, clean_env, launch, ok, records
 from test_checkpoint import assert_same
 from test_train import params
@@ -95,6 +95,54 @@ def test_a_signalled_job_checkpoints_requeues_and_ends_like_an_unsignalled_one(l
         assert_same(params(dump, rank), params(reference_dump, 0))
 
 
+def exit_code(lab, job: str) -> str:
+    """The job's ExitCode (code:signal), which Slurm keeps for a while after the job ends."""
+    out = subprocess.run(["scontrol", "show", "job", job, "-o"], env=lab.env, capture_output=True, text=True).stdout
+    return re.search(r"\bExitCode=(\S+)", out).group(1)
+
+
+def test_a_crashing_rank_fails_the_job_with_exit_1_and_its_traceback_once(lab, tmp_path):
+    """srun's --kill-on-bad-exit then SIGTERMs the other node's launcher (143), whose ranks meanwhile lose
+    their peers: neither is the job's exit code or a second traceback."""
+    job, run_dir, _ = submit(lab, tmp_path, "crash", *COMMON, "--wandb", "disabled", "--crash-at", "3")
+    lab.wait(job)
+    text = log(run_dir, job)
+    assert text.count("RuntimeError: planted crash at forward 3") == 1, text
+    assert "Traceback" not in text.split("RuntimeError: planted crash at forward 3", 1)[1], text
+    assert exit_code(lab, job) == "1:0", text
+
+
+def test_a_start_that_saves_nothing_is_not_requeued(lab, tmp_path):
+    """Slurm's warning arrives during start-up (as with a --time too short): no checkpoint, no requeue."""
+    job, run_dir, _ = submit(lab, tmp_path, "early", *COMMON, "--wandb", "disabled")
+    deadline = time.monotonic() + 60
+    while "start 1," not in (log(run_dir, job) if (run_dir / f"slurm-{job}.out").exists() else ""):
+        assert time.monotonic() < deadline, lab.logs()
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job], env=lab.env, check=True)
+    lab.wait(job)
+    text = log(run_dir, job)
+    assert "launch: no checkpoint newer than none was saved in this start: not requeueing a job that makes no " \
+           "progress (give it more --time)" in text, text
+    assert "start 2," not in text and "requeueing job" not in text
+
+
+def test_requeues_stop_at_max_requeues(lab, tmp_path):
+    job, run_dir, _ = submit(lab, tmp_path, "capped", *COMMON, "--wandb", "disabled", "--slow", "0.3",
+                             "--max-requeues", "0")
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and max((r["step"] for r in records(run_dir)), default=0) >= 3):
+        assert time.monotonic() < deadline, log(run_dir, job) if (run_dir / f"slurm-{job}.out").exists() else "no log"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job], env=lab.env, check=True)
+    lab.wait(job)
+    text = log(run_dir, job)
+    assert "launch: Slurm's warning: the time limit is 120 s away; saving a checkpoint to requeue" in text, text
+    assert f"launch: the job was requeued 0 times (--max-requeues): not again; continue it with sbatch " \
+           f"{run_dir / 'slurm.sbatch'}" in text, text
+    assert "start 2," not in text and list((run_dir / "checkpoints").glob("step-*"))
+
+
 def test_gpus_requested_but_not_visible_fail_the_job_with_a_message(lab, tmp_path):
     """The lab's nodes have two fake GPUs each: Slurm sets CUDA_VISIBLE_DEVICES, but CUDA sees none."""
     run_dir = tmp_path / "run"
@@ -126,14 +174,35 @@ def test_a_hand_written_job_that_would_hang_is_an_error(lab, tmp_path, allocatio
     assert not (tmp_path / "run").exists()
 
 
-def test_sbatch_refusing_the_job_is_one_line_and_exit_2(lab, tmp_path):
-    result = launch(TINY, "--slurm", "--cpu", "--partition", "nowhere", "--run-dir", tmp_path / "run",
+@pytest.mark.parametrize("flags,reason", [
+    (["--partition", "nowhere"], "invalid partition"),
+    (["--nodes", "4"], "requested node configuration is not available"),  # the lab has 3 nodes
+    (["--procs", "4"], "requested node configuration is not available"),  # 4 CPUs per task, 2 per node
+], ids=["no-such-partition", "more-nodes-than-there-are", "more-cpus-than-a-node-has"])
+def test_sbatch_refusing_the_job_is_one_line_and_exit_2(lab, tmp_path, flags, reason):
+    """A request no node can satisfy would pend forever: sbatch --test-only says so at submission."""
+    result = launch(TINY, "--slurm", "--cpu", *flags, "--run-dir", tmp_path / "run",
                     env=clean_env(SLURM_CONF=lab.env["SLURM_CONF"]))
     assert result.returncode == 2
     line = result.stderr.strip()
-    assert line.startswith("launch: error: sbatch refused the job: ") and "invalid partition" in line.lower() \
-        and "\n" not in line
+    assert line.startswith("launch: error: sbatch refused the job: ") and reason in line.lower() and "\n" not in line
     assert not tmp_path.joinpath("run").exists()  # nothing left that would block the next try
+
+
+def test_a_hanging_sbatch_is_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nsleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setattr(slurm, "SBATCH_TIMEOUT", 1)
+    run_dir = tmp_path / "runs" / "r"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([str(TINY), "--slurm", "--cpu", "--run-dir", str(run_dir)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("launch: error: sbatch did not answer within 1 s (is slurmctld reachable? "
+                                       "`sinfo` tells); nothing was submitted\n")
+    assert not (tmp_path / "runs").exists()  # the retry is not blocked
 
 
 def test_dry_run_renders_a_readable_script_with_every_value_quoted(tmp_path):
@@ -152,7 +221,7 @@ def test_dry_run_renders_a_readable_script_with_every_value_quoted(tmp_path):
     assert shlex.split(directives["partition"]) == ["gpu queue"]
     assert directives["nodes"] == "2" and directives["ntasks-per-node"] == "1"
     assert directives["cpus-per-task"] == "2" and directives["signal"] == "B:USR2@120" and "requeue" in directives
-    command = script.split("launch \\\n", 1)[1].split("&\n", 1)[0]
+    command = script.split('\n  "$codes" ', 1)[1].split("&\n", 1)[0]
     words = shlex.split(command.replace("\\\n", " "))
     assert Path(words[0]).parent == Path(os.sys.executable).parent  # the environment launch runs from
     assert words[1:5] == ["-P", "-m", "launcher", str(TINY)]  # -P: never a folder named launcher in the cwd
@@ -161,6 +230,18 @@ def test_dry_run_renders_a_readable_script_with_every_value_quoted(tmp_path):
     assert "\nresume=auto\n" in script  # the job looks for the newest checkpoint when it starts
     secret = ok(launch(TINY, "--slurm", "--cpu", "--api-token=SENTINEL", "--dry-run")).stdout
     assert "SENTINEL" not in secret and ' --api-token "${LAUNCH_SECRET_API_TOKEN:?is not set: ' in secret
+
+
+def test_a_gpu_job_asks_for_a_core_per_process_and_per_dataloader_worker():
+    script = ok(launch(TINY, "--slurm", "--gpus", "2", "--workers", "3", "--dry-run")).stdout
+    assert "#SBATCH --gpus-per-node=2\n#SBATCH --cpus-per-task=8\n" in script
+
+
+def test_threads_are_sized_from_the_cpus_the_task_was_given(monkeypatch):
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert spawn.cores() == 3
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert spawn.cores() == len(os.sched_getaffinity(0))
 
 
 def test_a_line_break_cannot_reach_the_script(tmp_path):
@@ -177,13 +258,23 @@ def test_a_site_template_is_rendered_and_a_wrong_placeholder_named(tmp_path):
                     .replace("{{python}} -P -m launcher", "launch"))  # as in a container image
     script = ok(launch(TINY, "--slurm", "--cpu", "--slurm-template", site, "--run-dir", tmp_path / "run",
                        "--dry-run")).stdout
-    assert "module load cuda/12\n" in script and f"' launch \\\n  launch {TINY} " in script and "{{" not in script
+    assert "module load cuda/12\n" in script and f'"$codes" launch {TINY} ' in script and "{{" not in script
     assert "--slurm-template" not in script
     site.write_text(site.read_text() + "echo {{partiton}}\n")
     result = launch(TINY, "--slurm", "--cpu", "--slurm-template", site, "--run-dir", tmp_path / "run", "--dry-run")
     assert result.returncode == 2
     assert result.stderr.startswith(f"launch: error: --slurm-template {site}: unknown placeholder {{{{partiton}}}} "
                                     "(known: script, job_name,")
+    last = len(slurm.TEMPLATE.read_text().splitlines())
+    for bad, message in (('echo "job {{job_name}} starts"\n', f" line {last + 1}: {{{{job_name}}}} inside double "
+                                                                "quotes; the launcher quotes every value for the "
+                                                                "shell itself: remove the quotes"),
+                         ("if true; then\n", f": the script it gives is not valid bash: bash: line {last + 2}: "
+                                             "syntax error")):
+        site.write_text(slurm.TEMPLATE.read_text() + bad)
+        result = launch(TINY, "--slurm", "--cpu", "--slurm-template", site, "--run-dir", tmp_path / "run",
+                        "--dry-run")
+        assert result.returncode == 2 and result.stderr.startswith(f"launch: error: --slurm-template {site}{message}")
     result = launch(TINY, "--slurm", "--cpu", "--slurm-template", tmp_path / "none", "--dry-run")
     assert result.returncode == 2
     assert result.stderr.strip() == f"launch: error: --slurm-template {tmp_path / 'none'}: No such file or directory"
