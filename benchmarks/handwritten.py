@@ -10,6 +10,7 @@ clipping, the recipe's optimizer and schedule (AdamW with warm-up + cosine where
 summed on the device and read every LOG_EVERY steps.
 name=value pairs override the recipe's hyperparameters. Prints one JSON line (rank 0): the wall-clock
 time of the first optimizer step and the seconds of each LOG_EVERY-step window.
+benchmarks/lm_speed.py imports `Loop` to run the same step beside the launcher's in one process.
 """
 
 import argparse
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import time
+from types import ModuleType
 
 import torch
 import torch.distributed as dist
@@ -26,84 +28,101 @@ from torch.utils.data import TensorDataset, default_collate
 
 from launcher.optim import default_optimizer
 
-ap = argparse.ArgumentParser()
-ap.add_argument("recipe")
-ap.add_argument("steps", type=int)
-ap.add_argument("log_every", type=int)
-ap.add_argument("--clip-grad", type=float, default=0.0)
-ap.add_argument("overrides", nargs="*", metavar="name=value")
-args = ap.parse_args()
-spec = importlib.util.spec_from_file_location("recipe", args.recipe)
-recipe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(recipe)
-hp = recipe.Hparams()
-for pair in args.overrides:
-    name, value = pair.split("=", 1)
-    hp = dataclasses.replace(hp, **{name: type(getattr(hp, name))(value)})
 
-world = int(os.environ.get("WORLD_SIZE", "1"))
-rank = int(os.environ.get("RANK", "0"))
-if world > 1:
-    dist.init_process_group("gloo")
-
-torch.manual_seed(0)
-splits = recipe.data(hp)
-train = splits.train
-model = recipe.model(hp)
-params = [p for p in model.parameters() if p.requires_grad]
-opt, sched = getattr(recipe, "optimizer", default_optimizer)(model, hp, args.steps)
-if world > 1:
-    model = torch.nn.parallel.DistributedDataParallel(model)
-loss_fn = recipe.loss(hp) if hasattr(recipe, "loss") else None
+def load(path: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("recipe", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    return recipe
 
 
-def batch_of(idx: torch.Tensor):
-    if isinstance(train, TensorDataset):
-        return tuple(t[idx] for t in train.tensors)
-    return default_collate([train[i] for i in idx.tolist()])
+class Loop:
+    """The recipe's model, data and optimizer, and one training step over them."""
 
+    def __init__(self, recipe: ModuleType, hp, steps: int, world: int, clip_grad: float):
+        self.recipe, self.hp, self.clip_grad = recipe, hp, clip_grad
+        torch.manual_seed(0)
+        self.splits = recipe.data(hp)
+        self.train = self.splits.train
+        self.model = recipe.model(hp)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt, self.sched = getattr(recipe, "optimizer", default_optimizer)(self.model, hp, steps)
+        if world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(self.model)
+        self.loss_fn = recipe.loss(hp) if hasattr(recipe, "loss") else None
 
-def loss_of(batch) -> torch.Tensor:
-    if not hasattr(recipe, "step"):
-        xb, yb = batch
-        return loss_fn(model(xb), yb)
-    out = recipe.step(model, batch, hp)
-    return out["loss"] if isinstance(out, dict) else out[0] if isinstance(out, tuple) else out
+    def batch_of(self, idx: torch.Tensor):
+        if isinstance(self.train, TensorDataset):
+            return tuple(t[idx] for t in self.train.tensors)
+        return default_collate([self.train[i] for i in idx.tolist()])
 
+    def loss_of(self, batch) -> torch.Tensor:
+        if not hasattr(self.recipe, "step"):
+            xb, yb = batch
+            return self.loss_fn(self.model(xb), yb)
+        out = self.recipe.step(self.model, batch, self.hp)
+        return out["loss"] if isinstance(out, dict) else out[0] if isinstance(out, tuple) else out
 
-steps_per_epoch, micro = len(train) // hp.batch_size, hp.batch_size // world
-step, first, windows = 0, None, []
-loss_sum = torch.zeros(())
-start = time.perf_counter()
-for epoch in range(math.ceil(args.steps / steps_per_epoch)):
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(epoch))
-    for i in range(steps_per_epoch):
-        batch = batch_of(order[i * hp.batch_size + rank * micro: i * hp.batch_size + (rank + 1) * micro])
-        if splits.augment:
-            batch = splits.augment(*batch)
-        loss = loss_of(batch)
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        batch = self.batch_of(idx)
+        if self.splits.augment:
+            batch = self.splits.augment(*batch)
+        loss = self.loss_of(batch)
         loss.backward()
-        if args.clip_grad:
-            torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-        step += 1
-        if first is None:
-            first = time.time()
-        if step % args.log_every == 0:
-            loss_sum.item()
-            loss_sum.zero_()
-            now = time.perf_counter()
-            windows.append(now - start)
-            start = now
+        if self.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("recipe")
+    ap.add_argument("steps", type=int)
+    ap.add_argument("log_every", type=int)
+    ap.add_argument("--clip-grad", type=float, default=0.0)
+    ap.add_argument("overrides", nargs="*", metavar="name=value")
+    args = ap.parse_args()
+    recipe = load(args.recipe)
+    hp = recipe.Hparams()
+    for pair in args.overrides:
+        name, value = pair.split("=", 1)
+        hp = dataclasses.replace(hp, **{name: type(getattr(hp, name))(value)})
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    loop = Loop(recipe, hp, args.steps, world, args.clip_grad)
+    steps_per_epoch, micro = len(loop.train) // hp.batch_size, hp.batch_size // world
+    step, first, windows = 0, None, []
+    loss_sum = torch.zeros(())
+    start = time.perf_counter()
+    for epoch in range(math.ceil(args.steps / steps_per_epoch)):
+        order = torch.randperm(len(loop.train), generator=torch.Generator().manual_seed(epoch))
+        for i in range(steps_per_epoch):
+            loss_sum += loop.step(order[i * hp.batch_size + rank * micro: i * hp.batch_size + (rank + 1) * micro])
+            step += 1
+            if first is None:
+                first = time.time()
+            if step % args.log_every == 0:
+                loss_sum.item()
+                loss_sum.zero_()
+                now = time.perf_counter()
+                windows.append(now - start)
+                start = now
+            if step == args.steps:
+                break
         if step == args.steps:
             break
-    if step == args.steps:
-        break
-if rank == 0:
-    print(json.dumps({"first_step": first, "windows": windows}))
-if world > 1:
-    dist.barrier()  # nobody tears the group down while a peer still talks
-    dist.destroy_process_group()
+    if rank == 0:
+        print(json.dumps({"first_step": first, "windows": windows}))
+    if world > 1:
+        dist.barrier()  # nobody tears the group down while a peer still talks
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,7 @@
 on the same model, data and optimizer (benchmarks/handwritten.py), on one process and on two.
 
     python benchmarks/lm_speed.py [--reps 3] [--steps 60] [name=value ...]   # recipe hyperparameters, both sides
+    python benchmarks/lm_speed.py --one-process [--reps 12] [--steps 10]   # both loops in one process
     python benchmarks/lm_speed.py --callgrind layers=1 dim=32 heads=2 context=16 batch_size=16   # about 45 min
 
 The launcher runs with --no-health: in runs this short its sampled checks would fall on every other step,
@@ -11,7 +12,10 @@ loop costs from what that setting saves. Every repetition is a fresh process, th
 WARMUP steps are left out. Nothing is asserted: the medians and their spread are printed as a table to paste
 into README. With --callgrind, it counts both sides' instructions per step on one process and one thread
 under valgrind instead: a figure this shared machine's drifting speed cannot blur (on a small model: valgrind
-runs some fifty times slower). (The Lightning peer of
+runs some fifty times slower). With --one-process, the launcher's trainer (built as `launch` builds it for one
+process) and the hand-written loop train side by side in this one process on one thread, --steps steps each
+in turn, and each side's CPU time per step is compared round by round: what the launcher's step itself
+costs, on a machine whose speed drifts by ±10 % from one process to the next. (The Lightning peer of
 benchmarks/overhead.py takes (x, y) batches and a loss function, not a step: it does not fit this recipe.)
 """
 
@@ -23,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from handwritten import Loop
 from overhead import (BIN, ROOT, alternate, callgrind_per_step, env, launcher_rate, median, ratio_cell, script_rate,
                       shown, table)
 
@@ -72,11 +77,59 @@ def instructions(hp: dict, tmp: Path) -> None:
            f"{ours / theirs:.4f} |"])
 
 
+def one_process(rounds: int, steps: int, hp: dict, tmp: Path) -> None:
+    import torch
+
+    from launcher import cli, engine, sinks, trainer, worker
+
+    torch.set_num_threads(1)
+    total = (rounds + 1) * steps  # the first round warms up
+    command = launch_cmd(1, total, tmp / "run", hp)
+    plan, recipe, rhp, _ = cli.parse([str(c) for c in command[1:]])
+    Path(plan.run_dir).mkdir()
+    sinks.write_json(Path(plan.run_dir) / "config.json", cli.record(plan))
+    worker.steady_host_memory()
+    ours = trainer.Trainer(plan, engine.accelerator(plan), recipe, rhp)
+    if ours.steps_per_epoch < total:
+        sys.exit(f"--one-process: {total} steps do not fit in one epoch of {ours.steps_per_epoch}")
+    batches = ours.epoch_batches(0, 0, total)
+    hand = Loop(recipe, rhp, total, 1, plan.clip_grad)
+    order = iter(torch.randperm(len(hand.train)).split(rhp.batch_size))
+
+    def launcher() -> None:
+        ours.train_step(batches)
+        ours.after_step()
+
+    def handwritten() -> None:
+        hand.step(next(order))
+
+    sides = {"launcher": launcher, "hand-written": handwritten}
+    seconds = {name: [] for name in sides}
+    for rnd in range(rounds + 1):
+        for name, fn in list(sides.items())[::-1 if rnd % 2 else 1]:
+            start = time.process_time()
+            for _ in range(steps):
+                fn()
+            if rnd:
+                seconds[name].append((time.process_time() - start) / steps)
+        if rnd:
+            print(f"  round {rnd}: " + ", ".join(f"{k} {v[-1] * 1e3:.1f} ms" for k, v in seconds.items()),
+                  file=sys.stderr)
+    tokens = rhp.batch_size * rhp.context
+    ours_rate, theirs_rate = ([tokens / s for s in seconds[k]] for k in ("launcher", "hand-written"))
+    print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}; "
+          f"{time.strftime('%Y-%m-%d')}; {rounds} rounds of {steps} steps per side, after one round to warm up; "
+          f"{tokens:,} tokens per step; the launcher's side: {shown(launch_cmd(1, total, Path('RUN'), hp))}")
+    table([], [f"| tokens per CPU second, one process, one thread, both loops in it | {median(ours_rate):,.0f} | "
+               f"{median(theirs_rate):,.0f} (hand-written) | {ratio_cell(ours_rate, theirs_rate)} |"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--callgrind", action="store_true", help="instructions per step instead of tokens/s")
+    ap.add_argument("--one-process", action="store_true", help="both loops in turn in this process, on one thread")
     ap.add_argument("overrides", nargs="*", metavar="name=value")
     args = ap.parse_args()
     hp = dict(pair.split("=", 1) for pair in args.overrides)
@@ -88,6 +141,8 @@ def main() -> None:
         tmp = Path(tmp)
         if args.callgrind:
             return instructions(hp, tmp)
+        if args.one_process:
+            return one_process(args.reps, args.steps, hp, tmp)
         for procs in (1, 2):
             print(f"{procs} process{'es' if procs > 1 else ''}: steps/s", file=sys.stderr)
             sides = alternate(args.reps, {
