@@ -1,7 +1,7 @@
 """The language-model recipe's tokens/s under the launcher, side by side with a hand-written nanoGPT-style loop
 on the same model, data and optimizer (benchmarks/handwritten.py), on one process and on two.
 
-    python benchmarks/lm_speed.py [--reps 3] [--steps 60] [name=value ...]   # recipe hyperparameters, both sides
+    python benchmarks/lm_speed.py [--reps 3] [--steps 60] [--procs 1 2] [name=value ...]   # hyperparameters, both
     python benchmarks/lm_speed.py --one-process [--reps 12] [--steps 10]   # both loops in one process
     python benchmarks/lm_speed.py --callgrind layers=1 dim=32 heads=2 context=16 batch_size=16   # about 45 min
 
@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--callgrind", action="store_true", help="instructions per step instead of tokens/s")
     ap.add_argument("--one-process", action="store_true", help="both loops in turn in this process, on one thread")
+    ap.add_argument("--procs", type=int, choices=(1, 2), nargs="+", default=[1, 2], help="process counts to time")
     ap.add_argument("overrides", nargs="*", metavar="name=value")
     args = ap.parse_args()
     hp = dict(pair.split("=", 1) for pair in args.overrides)
@@ -143,7 +144,7 @@ def main() -> None:
             return instructions(hp, tmp)
         if args.one_process:
             return one_process(args.reps, args.steps, hp, tmp)
-        for procs in (1, 2):
+        for procs in args.procs:
             print(f"{procs} process{'es' if procs > 1 else ''}: steps/s", file=sys.stderr)
             sides = alternate(args.reps, {
                 "hand-written": lambda rep, p=procs: script_rate(hand_cmd(p, args.steps, hp), EVERY, WARMUP, env()),

@@ -557,9 +557,8 @@ def main(argv: list[str] | None = None) -> None:
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
     if plan.node_rank == 0:  # and its record
         write_json(Path(plan.run_dir) / "config.json", record(plan))
-    print(describe(plan), flush=True)
     try:
-        code = spawn.launch(plan, sock)
+        code = spawn.launch(plan, sock, describe(plan))
     except KeyboardInterrupt:
         print("launch: interrupted", file=sys.stderr)
         code = 130

@@ -40,20 +40,31 @@ def rendezvous_socket(plan: Plan) -> socket.socket | None:
     return listen(plan.master_addr, plan.master_port)
 
 
-def launch(plan: Plan, sock: socket.socket | None) -> int:
-    """Run the plan; return the exit code. A stop signal ends it with one line saying which checkpoint there is:
-    the training loop saves one first (see stop.py); anywhere else (start-up, the final evaluation) the signal
-    ends the run at once, in this process through this handler, in the workers by their default action (torch's
-    agent takes this process's signals over once they start, raising the same exception)."""
+class Interrupted(BaseException):
+    """A stop signal outside the training loop. Like KeyboardInterrupt it is no Exception, so that no `except
+    Exception` on its way (around a recipe's import, say) takes it for a failure."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.sigval = signal.Signals(signum)
+
+
+def launch(plan: Plan, sock: socket.socket | None, banner: str) -> int:
+    """Print the banner and run the plan; return the exit code. A stop signal ends the run with one line saying
+    which checkpoint there is: the training loop saves one first (see stop.py); anywhere else (start-up, the
+    final evaluation) the signal ends it at once, in this process through this handler, in the workers by their
+    default action (torch's agent takes this process's signals over once they start, raising its own
+    SignalException)."""
     def stop(signum, frame):
-        raise SignalException(f"stopped by {signal.Signals(signum).name}", sigval=signal.Signals(signum))
+        raise Interrupted(signum)
 
     started = time.time()
     for s in SIGNALS:
         signal.signal(s, stop)
+    print(banner, flush=True)
     try:
         return _in_process(plan) if in_process(plan) else _local_group(plan, sock)
-    except SignalException as e:
+    except (Interrupted, SignalException) as e:
         _stopped(plan, e.sigval, started)
         return 128 + e.sigval
 
@@ -64,7 +75,7 @@ def _in_process(plan: Plan) -> int:
     try:
         worker.run(plan)
     except trainer.Stopped as stopped:
-        raise SignalException(str(stopped), sigval=signal.Signals(stopped.signum)) from None
+        raise Interrupted(stopped.signum) from None
     except Exception as e:
         known = worker.explain(e, plan)
         if not isinstance(known, worker.PLAIN):
