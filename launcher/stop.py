@@ -20,7 +20,6 @@ from .sinks import detach_terminal
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # a closed terminal or dropped ssh: save, as for TERM
 
 
-
 class Stop:
     def __init__(self, world: int):
         self.signal = 0
