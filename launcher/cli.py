@@ -540,17 +540,17 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(preflight.check_only(plan, module, hp))
             except recipes.RecipeError as e:
                 raise UsageError(str(e)) from None
-        if plan.node_rank == 0:  # node 0 owns the run directory: its lock, for as long as this process lives
-            try:
-                rundir.claim(Path(plan.run_dir))
-                checkpoint.clean(plan.run_dir)
-            except rundir.InUse as e:
-                raise UsageError(str(e)) from None
         try:
             sock = spawn.rendezvous_socket(plan)
         except OSError as e:
             raise UsageError(f"cannot host the rendezvous on {plan.master_addr}:{plan.master_port} "
                              f"({e.strerror or e}): {_port_advice(e)}") from None
+        if plan.node_rank == 0:  # node 0 owns the run directory: its lock, for as long as this process lives
+            try:  # the last check: the run directory is created only when everything else holds
+                rundir.claim(Path(plan.run_dir))
+                checkpoint.clean(plan.run_dir)
+            except rundir.InUse as e:
+                raise UsageError(str(e)) from None
     except UsageError as e:
         print(f"launch: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -146,8 +146,8 @@ def test_requeues_stop_at_max_requeues(lab, tmp_path):
 def test_gpus_requested_but_not_visible_fail_the_job_with_a_message(lab, tmp_path):
     """The lab's nodes have two fake GPUs each: Slurm sets CUDA_VISIBLE_DEVICES, but CUDA sees none."""
     run_dir = tmp_path / "run"
-    out = ok(launch(TINY, "--slurm", "--nodes", "1", "--gpus", "2", "--run-dir", run_dir,
-                    env=clean_env(SLURM_CONF=lab.env["SLURM_CONF"]))).stdout
+    out = ok(launch(TINY, "--slurm", "--nodes", "1", "--gpus", "2", "--workers", "0", "--run-dir", run_dir,
+                    env=clean_env(SLURM_CONF=lab.env["SLURM_CONF"]))).stdout  # 2 CPUs: the lab node's all
     job = re.search(r"submitted job (\d+)", out).group(1)
     lab.wait(job)
     assert ("launch: error: --gpus 2: no GPUs visible (CUDA_VISIBLE_DEVICES=0,1); use --cpu to run on the CPU"
