@@ -99,9 +99,8 @@ def save(target: Path, state: dict, meta: dict, rank: int, barrier: Callable[[],
         if not disk_full(e):
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # what fitted so far is space the next save needs
-        kept = step_dirs(target.parent.parent)
-        raise CheckpointError(f"saving checkpoint {target.name} failed: {full(target.parent)}; the newest complete "
-                              f"checkpoint is {kept[0] if kept else 'none'}") from None
+        raise CheckpointError(no_space(f"saving checkpoint {target.name}", target.parent,
+                                       target.parent.parent)) from None
     barrier()
     if rank == 0:
         files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
@@ -205,23 +204,28 @@ def _deepspeed_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def disk_full(e: BaseException | None) -> bool:
+def causes(e: BaseException | None):
+    """The exception and those it was raised from or during, innermost last."""
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def disk_full(e: BaseException) -> bool:
     """Whether a failure comes from a full disk or quota, however it was wrapped (torch.save raises a
     RuntimeError whose context is the OSError)."""
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+    return any(isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT) for c in causes(e))
 
 
-def full(path: Path) -> str:
-    """The filesystem that holds `path`, by its mount point, and what is free on it."""
+def no_space(what: str, path: Path, run_dir: str | Path) -> str:
+    """`what` failed for want of space: the filesystem holding `path` by its mount point, what is free on it,
+    and the checkpoint a resume would start from."""
     mount = Path(path).resolve()
     while not os.path.ismount(mount):
         mount = mount.parent
-    free = shutil.disk_usage(mount).free
-    return f"no space left on the filesystem at {mount} ({free / 2**20:.1f} MiB free)"
+    free, kept = shutil.disk_usage(mount).free, step_dirs(run_dir)
+    return (f"{what} failed: no space left on the filesystem at {mount} ({free / 2**20:.1f} MiB free); the newest "
+            f"complete checkpoint is {kept[0] if kept else 'none'}")
 
 
 def clean(run_dir: str | Path) -> None:

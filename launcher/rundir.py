@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO
 
 LOCK = ".lock"
+UNNAMED = "a run that has not said who it is yet"  # between taking the lock and writing into it
 _held: list[IO] = []  # open for the rest of this process's life: closing the file would release the lock
 
 
@@ -27,7 +28,7 @@ def holder(run_dir: Path) -> str | None:
             try:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return f.read().strip() or "a run that has not said who it is yet"
+                return f.read().strip() or UNNAMED
     except (FileNotFoundError, NotADirectoryError):
         pass
     return None
@@ -57,7 +58,7 @@ def claim(run_dir: Path) -> None:
         f.seek(0)
         who = f.read().strip()
         f.close()
-        raise InUse(busy(run_dir, who or "a run that has not said who it is yet")) from None
+        raise InUse(busy(run_dir, who or UNNAMED)) from None
     job = os.environ.get("SLURM_JOB_ID")
     f.truncate(0)
     f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"

@@ -101,12 +101,8 @@ def explain(e: Exception, plan: Plan) -> Exception:
     """Torch's errors whose cause is known, in plain words: a collective that timed out means another rank went
     silent; DDP's unfinished reduction, parameters without a gradient; a full disk, wherever it was met."""
     if checkpoint.disk_full(e) and not isinstance(e, CheckpointError):
-        kept = checkpoint.step_dirs(plan.run_dir)
-        written, cause = plan.run_dir, e
-        while cause is not None:  # the file, where the OSError names one
-            written, cause = getattr(cause, "filename", None) or written, cause.__cause__ or cause.__context__
-        return trainer.TrainingError(f"writing {written} failed: {checkpoint.full(Path(written).parent)}; the newest "
-                                     f"complete checkpoint is {kept[0] if kept else 'none'}")
+        written = next((c.filename for c in checkpoint.causes(e) if getattr(c, "filename", None)), plan.run_dir)
+        return trainer.TrainingError(checkpoint.no_space(f"writing {written}", Path(written).parent, plan.run_dir))
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if re.search(r"timed out waiting|collective operation timeout", text, re.I):
         return trainer.TrainingError(
