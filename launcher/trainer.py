@@ -35,7 +35,7 @@ from types import ModuleType
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from . import checkpoint, data, health, preflight, steps
+from . import checkpoint, data, hang, health, preflight, steps
 from . import engine as engines
 from .optim import default_optimizer
 from .plan import Plan
@@ -250,6 +250,7 @@ class Trainer:
     def train_step(self, batches) -> None:
         plan, engine, model, K = self.plan, self.engine, self.engine.model, self.plan.grad_accum
         step_loss, step_count = None, 0  # this rank's: the sum of the micro-steps' losses (× count, with counts)
+        hang.beat(self.step + 1)
         sampled = self.watch is not None and (self.step + 1) % self.every == 0
         for k in range(K):
             t = time.perf_counter()
@@ -508,6 +509,7 @@ class Trainer:
         return checkpoint.folder(self.plan.run_dir) / f"step-{self.step:08d}"
 
     def save(self, target: Path) -> None:
+        hang.beat()
         t = time.perf_counter()
         plan = self.plan
         scale = None if self.count_scale is None else self.count_scale.item()
@@ -617,6 +619,7 @@ def evaluate(engine, loader: data.Loader, step, metrics: dict, split: str, batch
     with inference(engine) as model:
         totals = torch.zeros(2, dtype=torch.float64, device=loader.device)  # sum of loss × count, counts
         for found, real in loader.eval_batches(batch, world, rank, limit):
+            hang.beat()
             out = step(model, found)  # every rank runs the same number of forwards, a padding one included
             if real:
                 totals[0] += out.loss.double() * out.count

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, engine, recipe, trainer
+from . import checkpoint, engine, hang, recipe, trainer
 from .checkpoint import CheckpointError
 from .plan import PARENT_ENV, Plan
 
@@ -57,6 +57,7 @@ def die_with_launcher() -> None:
 def run(plan: Plan) -> dict:
     steady_host_memory()
     acc = engine.accelerator(plan)  # joins the process group and checks the world size
+    hang.start(plan.run_dir, acc.process_index, acc.num_processes, plan.timeout, acc.device)
     try:
         module = recipe.load(plan.recipe)
         hp = recipe.hparams(module.Hparams, plan.hparams)
@@ -64,6 +65,7 @@ def run(plan: Plan) -> dict:
             torch.autograd.set_detect_anomaly(True)
         return trainer.Trainer(plan, acc, module, hp).fit()
     finally:
+        hang.stop()
         if torch.distributed.is_initialized():
             # DDP's reducer keeps gloo work objects that hold tensors; left to interpreter shutdown, their
             # destructors abort the process ("terminate called without an active exception"), so free them
@@ -107,7 +109,8 @@ def explain(e: Exception, plan: Plan) -> Exception:
     if re.search(r"timed out waiting|collective operation timeout", text, re.I):
         return trainer.TrainingError(
             f"a collective waited {plan.timeout:g} s (--timeout) for a rank that stopped responding ({text}); "
-            f"the silent rank's output is under {plan.run_dir}/logs")
+            + (hang.silent(plan.run_dir, plan.world_size, plan.timeout)
+               or f"the silent rank's output is under {plan.run_dir}/logs"))
     if "Expected to have finished reduction in the prior iteration" in text:  # DDP, a step after the first
         return recipe.RecipeError(
             "some parameters got no gradient in a step, which DDP cannot reduce: set find_unused_parameters = True "

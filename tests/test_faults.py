@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LAUNCH, TINY, clean_env, launch, ok, records
+from conftest import LAUNCH, TINY, clean_env, launch, ok, records, train_records
 from test_checkpoint import assert_same, tiny
 from test_train import params
+
+from launcher import hang
 
 TAG = "LAUNCHER_TEST_TAG"
 
@@ -87,6 +89,17 @@ def test_a_silent_rank_fails_the_job_after_the_collective_timeout(tmp_path):
     out, err = process.communicate(timeout=180)
     assert process.returncode == 1
     assert "launch: error: rank 0: a collective waited 10 s (--timeout) for a rank that stopped responding" in err
+    stacks = folder / "run" / "logs" / "stacks"
+    # the silent rank, named with where it hung, and every rank's stack where the message says
+    joined = re.search(r"; rank 1 was silent, in forward \(tiny\.py:\d+\) during step 3: it had joined (\d+) "
+                       r"collectives, the others (\d+); every rank's stack: " + re.escape(f"{stacks}/rank-*.txt"), err)
+    assert joined and int(joined[1]) < int(joined[2]), err
+    silent, waiting = (stacks / "rank-1.txt").read_text(), (stacks / "rank-0.txt").read_text()
+    assert "time.sleep(3600)" in silent and silent.startswith("rank 1 "), silent
+    # rank 0 waited in the backward, where DDP all-reduces
+    assert re.match(r"rank 0 .* during step 3, \d+ collectives joined; in backward \(engine\.py:\d+\)", waiting), \
+        waiting
+    assert "Warning" not in err
     # the timeout, then up to 30 s for torch's agent to give up on the silent rank and kill it
     assert time.monotonic() - start_time < 75
     assert tagged(tag) == []
@@ -356,3 +369,36 @@ def test_a_full_disk_during_a_save_is_one_line_naming_it_and_the_checkpoint_kept
                         "--max-steps", "10", "--eval-epochs", "0"))
     assert "resumed from" in resumed.stdout and "step-00000004 at step 4" in resumed.stdout
     assert not list((run / "checkpoints").glob(".*"))  # cleaned at the start
+
+
+def stall(run_dir: Path, joined: dict[int, int], monkeypatch) -> None:
+    """Each rank's watchdog (in this process), stalled at step 3 until it wrote its stacks."""
+    for rank, count in joined.items():
+        monkeypatch.setattr(hang, "collectives", lambda device, count=count: count)
+        dog = hang.Watchdog(str(run_dir), rank, timeout=0.2, device=torch.device("cpu"))
+        dog.beat(3)
+        while not dog.written:
+            time.sleep(0.01)
+        dog.stop()
+
+
+@pytest.mark.parametrize("joined,world,expected", [
+    ({0: 8, 1: 7, 2: 8}, 3, r"rank 1 was silent, in stall \(test_faults\.py:\d+\) during step 3: it had joined 7 "
+                            r"collectives, the others 8; every rank's stack: .*/logs/stacks/rank-\*\.txt"),
+    ({0: 9, 1: 7, 2: 8}, 3, r"rank 1 was silent, .*: it had joined 7 collectives, the others 8/9; every rank's stack: "
+                            r".*"),
+    ({0: 8, 1: 8}, 2, r"every rank had joined 8 collectives: they waited for one another; every rank's stack: .*"),
+    ({0: 8}, 2, r"rank 1 wrote no stack \(stuck without releasing Python's lock, or its node was lost\); every "
+                r"rank's stack: .*"),
+    ({}, 2, r""),  # no watchdog wrote: the caller says where the logs are instead
+], ids=["one-behind", "uneven", "all-waiting", "one-missing", "none"])
+def test_the_silent_rank_is_the_one_that_joined_the_fewest_collectives(tmp_path, monkeypatch, joined, world, expected):
+    stall(tmp_path, joined, monkeypatch)
+    assert re.fullmatch(expected, hang.silent(str(tmp_path), world, timeout=10))
+
+
+def test_a_stack_from_an_earlier_stall_is_not_taken_for_this_one(tmp_path, monkeypatch):
+    stall(tmp_path, {0: 8, 1: 7}, monkeypatch)
+    old = time.time() - 60
+    os.utime(hang.folder(tmp_path) / "rank-1.txt", (old, old))
+    assert hang.silent(str(tmp_path), 2, timeout=10).startswith("rank 1 wrote no stack")
