@@ -112,6 +112,14 @@ class Monitor:
                 warnings.append(text(new))
         return warn
 
+    def state(self) -> dict:
+        """What a checkpoint keeps, so that a resumed run judges the whole run: plain values only."""
+        return {"first_norms": self.first_norms, "ratios": self.ratios, "warned": sorted(map(list, self.warned))}
+
+    def restore(self, state: dict) -> None:
+        self.first_norms, self.ratios = dict(state["first_norms"]), {n: list(v) for n, v in state["ratios"].items()}
+        self.warned = {tuple(w) for w in state["warned"]}
+
     def ratio_findings(self, steps: int) -> tuple[list[str], list[str]]:
         """(layers whose median update-to-weight ratio over the run lies outside the healthy range; what a run of
         `steps` optimizer steps is too short to judge)."""

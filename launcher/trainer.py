@@ -128,21 +128,21 @@ class Trainer:
         self.count_scale = None  # with counts: c, a device tensor (see the module's docstring)
         self.saved_at = self.validated_at = -1
         self.last_val = {}
-        if start:
-            self.load(start)
-            self.settle_buckets()
-
+        self.history = {"train": [], "val": []}  # (step, loss) of the whole run, resumes included: for the verdict
         self.loss_sum = torch.zeros((), device=device)  # of the micro-steps' mean losses; with counts, loss × count
         self.count_sum = torch.zeros((), dtype=torch.float64, device=device)  # with counts: the whole job's
         self.window = [time.perf_counter(), 0, 0, 0.0]  # start, steps, steps whose loss counts, s waiting for data
-        self.norm = self.lr = 0.0
-        self.peak = peak_flops(device)  # per device; None where unknown: no MFU
         # rank zero's sampled checks, where it holds whole gradients (DDP, one process)
         whole = isinstance(self.engine, engines.Engine) and not self.engine.fsdp
         self.watch = health.Monitor(self.engine.module) \
             if self.main and plan.health and whole and not plan.find_lr else None
+        if start:
+            self.load(start)
+            self.settle_buckets()
+
+        self.norm = self.lr = 0.0
+        self.peak = peak_flops(device)  # per device; None where unknown: no MFU
         self.every = max(1, self.total // 25)
-        self.history = {"train": [], "val": []}  # (step, loss) on rank zero, for the verdict
         self.flops = None  # per optimizer step, all ranks together: counted in the first step
         self.print_every = 1 if plan.debug else plan.log_every * math.ceil(self.total / 20 / plan.log_every)
         self.printed_eval = -self.print_every
@@ -513,8 +513,11 @@ class Trainer:
         t = time.perf_counter()
         plan = self.plan
         scale = None if self.count_scale is None else self.count_scale.item()
+        window = self.open_window()
         state = {**self.engine.state_dict(), "progress": {"count_scale": scale,
-            "step": self.step, "best": self.best, "bad_evals": self.bad_evals, "skipped": self.skipped}}
+            "step": self.step, "best": self.best, "bad_evals": self.bad_evals, "skipped": self.skipped,
+            "history": self.history, "initial": self.initial, "window": window,
+            "health": self.watch.state() if self.watch else None}}
         meta = {"step": self.step, "engine": plan.engine, "world_size": self.world, "seed": plan.seed,
                 "grad_accum": plan.grad_accum,
                 "hparams": plan.public_hparams()}
@@ -525,6 +528,16 @@ class Trainer:
             if self.main:
                 checkpoint.prune(plan.run_dir, plan.keep)
         self.window[0] += time.perf_counter() - t
+
+    def open_window(self) -> dict:
+        """The log window a checkpoint between two log steps cuts: each rank's loss sum so far and the steps in it,
+        so that the first record after a resume averages the same steps, in the same order, as an unstopped run's."""
+        sums = [self.loss_sum]
+        if self.world > 1:
+            sums = [torch.empty_like(self.loss_sum) for _ in range(self.world)]
+            torch.distributed.all_gather(sums, self.loss_sum)
+        return {"loss_sums": torch.stack(sums).tolist(), "count": self.count_sum.item(), "kept": self.window[2],
+                "grad_accum": self.plan.grad_accum}
 
     def settle_buckets(self) -> None:
         """DDP reduces its first backward in one bucket in parameter order, and later ones in buckets
@@ -576,12 +589,27 @@ class Trainer:
         if progress.get("count_scale") is not None:
             self.count_scale = torch.tensor(progress["count_scale"], dtype=torch.float64, device=self.acc.device)
         self.saved_at = self.validated_at = self.step
+        self.restore_judgement(progress)
         rng = checkpoint.load_rng(path, self.rank)
         if rng:
             checkpoint.set_rng_state(rng)
         elif self.main:
             print(f"launch: warning: {path} has no random-generator state for rank {self.rank} (it was saved by "
                   "fewer processes): the data order continues exactly, augmentation draws do not", file=sys.stderr)
+
+    def restore_judgement(self, progress: dict) -> None:
+        """What the verdict and the log records judge from (checkpoints from before they were saved have none): the
+        losses logged so far, the pre-flight's initial loss, the sampled health history, and the open log window,
+        where the processes and accumulation steps that filled it are the same again."""
+        self.history = progress.get("history", self.history)
+        self.initial = progress.get("initial")
+        if self.watch and progress.get("health"):
+            self.watch.restore(progress["health"])
+        window = progress.get("window")
+        if window and len(window["loss_sums"]) == self.world and window["grad_accum"] == self.plan.grad_accum:
+            self.loss_sum.fill_(window["loss_sums"][self.rank])
+            self.count_sum.fill_(window["count"])
+            self.window[2] = window["kept"]
 
 
 # dense bf16/fp16 tensor peaks in TFLOP/s, the usual denominator of MFU; the first name contained in the

@@ -109,10 +109,10 @@ def test_a_silent_rank_fails_the_job_after_the_collective_timeout(tmp_path):
                                          (signal.SIGHUP, 2), (signal.SIGHUP, 1)],
                          ids=["sigterm-2-procs", "sigint-2-procs", "sigint-1-proc", "sighup-2-procs", "sighup-1-proc"])
 def test_a_signal_saves_a_checkpoint_that_resume_continues_exactly(tmp_path, signum, procs):
-    common = ("--max-steps", "16", "--noise", "0.1")
-    straight, _ = tiny(tmp_path, "straight", *common, procs=procs)
-    process, tag, folder = start(tmp_path, "signalled", *common, "--slow", "0.2", "--log-every", "1", procs=procs)
-    wait_for_step(folder, 3)
+    common = ("--max-steps", "16", "--noise", "0.1", "--log-every", "4")
+    straight, unstopped = tiny(tmp_path, "straight", *common, procs=procs)
+    process, tag, folder = start(tmp_path, "signalled", *common, "--slow", "0.2", procs=procs)
+    wait_for_step(folder, 4)
     process.send_signal(signum)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signum, err
@@ -122,9 +122,24 @@ def test_a_signal_saves_a_checkpoint_that_resume_continues_exactly(tmp_path, sig
     assert err.strip().splitlines()[-1] == (
         f"launch: stopped by {signal.Signals(signum).name} at step {int(saved[0][5:])}: saved checkpoint "
         f"{folder / 'run' / 'checkpoints' / saved[0]}; continue with --resume auto --run-dir {folder / 'run'}")
-    tiny(tmp_path, "signalled", *common, "--resume", "auto", procs=procs)
+    _, resumed = tiny(tmp_path, "signalled", *common, "--resume", "auto", procs=procs)
     for rank in range(procs):
         assert_same(params(folder, rank), params(straight, 0))
+    # the log and the verdict of the stopped-and-resumed run are the unstopped run's, the window cut by the stop too
+    assert losses(folder / "run") == losses(straight / "run")
+    assert judged(resumed.stdout) == judged(unstopped.stdout)
+
+
+def losses(run: Path) -> dict:
+    return {step: r["train/loss"] for step, r in train_records(run).items()}
+
+
+def judged(out: str) -> list[str]:
+    """The verdict's lines (its findings, and its notes): what the health checks concluded of a whole run."""
+    lines = [line for line in out.splitlines() if line.startswith(("verdict:", "warning:"))
+             and not line.startswith("warning: step ")]
+    assert any(line.startswith("verdict:") for line in lines), out
+    return lines
 
 
 def test_max_restarts_recovers_from_a_crash_with_the_uninterrupted_parameters(tmp_path):
