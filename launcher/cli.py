@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import checkpoint
 from . import recipe as recipes
-from . import rundir, slurm, spawn, zero
+from . import health, rundir, slurm, spawn, zero
 from .plan import Plan
 from .sinks import warn, write_json
 
@@ -104,7 +104,8 @@ def base_parser(add_help: bool) -> Parser:
                         "forward passes and a hash of every split on rank zero, then one step in 25)")
     g.add_argument("--overfit-batches", type=int, default=0, metavar="N",
                    help="train on N fixed batches without augmentation, weight decay, dropout or label smoothing "
-                        "(50·N steps unless --max-steps) and fail unless the loss falls below a tenth of its start")
+                        f"until the loss is below a tenth of its start (at most {health.OVERFIT_STEPS}·N steps, or "
+                        "--max-steps), else fail")
     g.add_argument("--find-lr", action="store_true",
                    help="a learning-rate range test instead of training: --max-steps (default 100) steps from 1e-7 "
                         "to 10, stopped at divergence; suggests a rate and draws RUN_DIR/lr_find.png")

@@ -80,7 +80,7 @@ class Trainer:
         self.augment = splits.augment
         size = self.train_data.size
         if size is None:  # a stream without a length: one epoch, as long as the run
-            self.steps_per_epoch = plan.max_steps or 50 * plan.overfit_batches or 100 * plan.find_lr
+            self.steps_per_epoch = plan.max_steps or health.OVERFIT_STEPS * plan.overfit_batches or 100 * plan.find_lr
             if not self.steps_per_epoch:
                 raise RecipeError("the training split is a stream without a length: give --max-steps N, or define "
                                   "__len__ on it (the samples of one epoch)")
@@ -94,7 +94,7 @@ class Trainer:
                 raise TrainingError(f"--overfit-batches {plan.overfit_batches}: the training set holds only "
                                     f"{self.steps_per_epoch} batches of {plan.batch_size}")
             self.steps_per_epoch, self.augment, self.evals = plan.overfit_batches, None, {}
-            self.total = plan.max_steps or 50 * plan.overfit_batches
+            self.total = plan.max_steps or health.OVERFIT_STEPS * plan.overfit_batches
         if plan.find_lr:
             self.total = plan.max_steps or 100
         if plan.early_stop and "val" not in self.evals:
@@ -364,10 +364,13 @@ class Trainer:
                              f"{loss:.4g}); step skipped ({self.skipped} so far)")
 
     def after_step(self) -> bool:
-        """Logs, evaluations and saves due after this step; True when early stopping ends training."""
+        """Logs, evaluations and saves due after this step; True when training ends early: patience ran out, or
+        the batches of --overfit-batches are memorised (on every rank alike: the logged loss is all ranks' mean)."""
         plan, step, spe = self.plan, self.step, self.steps_per_epoch
         if step % plan.log_every == 0 or step == self.total:
             self.log()
+        if plan.overfit_batches and step % plan.overfit_batches == 0:
+            return health.memorised([loss for _, loss in self.history["train"]], plan.overfit_batches)[2]
         epoch_end = step % spe == 0 and plan.eval_epochs and (step // spe) % plan.eval_epochs == 0
         validate = (plan.eval_every and step % plan.eval_every == 0) or epoch_end
         if "val" in self.evals and validate and self.validate():
@@ -397,12 +400,11 @@ class Trainer:
 
     def overfit_report(self) -> None:
         """--overfit-batches: did the loss on the fixed batches go near zero? The run fails when it did not."""
-        losses = [loss for _, loss in self.history["train"]]
-        first, last = losses[0], losses[-1]
         n, off = self.plan.overfit_batches, ", ".join(self.unregularised) or "nothing to turn off"
+        first, last, passed = health.memorised([loss for _, loss in self.history["train"]], n)
         what = (f"the training loss on {n} fixed batch{'es' if n > 1 else ''} went from {first:.4g} to {last:.4g} in "
                 f"{self.step} steps ({100 * last / first:.1f} % of its start; without augmentation, {off})")
-        if not last < health.OVERFIT_GOAL * first:
+        if not passed:
             raise TrainingError(f"overfit: {what}, not near zero. A model that cannot memorise a few batches has a "
                                 "bug: check that the labels belong to the inputs, the loss, the learning rate "
                                 "(--find-lr), and that every layer gets gradients")
