@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import stat
 import sys
 import time
@@ -69,11 +70,18 @@ def start_wandb(plan: Plan, config: dict):
              f"continuing with local logs in {Path(plan.run_dir) / 'metrics.jsonl'}")
         return None
     if plan.wandb == "offline":
-        print(f"W&B: offline run in {Path(run.dir).parent}; upload it with `wandb sync {Path(run.dir).parent}`",
-              flush=True)
+        print(f"W&B: offline run in {Path(run.dir).parent}; {upload(plan)}", flush=True)
     else:
         print(f"W&B: {run.url}", flush=True)
     return run
+
+
+def upload(plan: Plan) -> str:
+    """How to upload an offline run: every start of it (a resume or a requeue makes a folder each) with one
+    command, which wandb syncs as one run in the order they started and skips the starts it synced before."""
+    starts = len(list((Path(plan.run_dir) / "wandb").glob(f"offline-run-*-{plan.wandb_id}")))
+    return (f"upload {'all ' + str(starts) + ' starts of ' if starts > 1 else ''}this run with "
+            f"`wandb sync {shlex.quote(str(Path(plan.run_dir) / 'wandb'))}`")
 
 
 def terminal_lost(e: OSError) -> None:
@@ -96,6 +104,7 @@ class Sinks:
             lines = metrics.read_text().splitlines(keepends=True)
             write_text(metrics, "".join(line for line in lines if json.loads(line)["step"] <= start_step))
         self.file = open(metrics, "a", buffering=1)
+        self.plan = plan
         self.texts: dict[str, list] = {}  # name → [step, text] rows, for W&B tables
         self.wandb = start_wandb(plan, config)
         # disable=None: drawn only when stderr is a terminal, never into log files
@@ -151,3 +160,5 @@ class Sinks:
         self.file.close()
         if self.wandb:
             self.wandb.finish(exit_code=0 if ok else 1)
+            if self.plan.wandb == "offline":  # at the end, where a requeued job's log is read
+                self.print(f"W&B: {upload(self.plan)}")

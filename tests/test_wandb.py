@@ -1,6 +1,7 @@
 """W&B with its real client: offline runs read back with `wandb leet inspect --json`."""
 
 import json
+import shlex
 import subprocess
 import sys
 from collections import defaultdict
@@ -111,3 +112,20 @@ def test_the_api_key_and_secret_hyperparameters_are_written_nowhere(tmp_path):
     assert any(f.suffix == ".wandb" for f in files) and any(f.name == "config.json" for f in files)
     for f in files:
         assert sentinel.encode() not in f.read_bytes(), f
+
+
+def test_every_start_of_a_resumed_offline_run_is_uploaded_by_the_one_command_printed_at_the_end(tmp_path):
+    run_dir = tmp_path / "a run"  # a space: the printed command is pasted into a shell as it is
+    common = (TINY, "--cpu", "--wandb", "offline", "--run-dir", run_dir, "--save-every", "4")
+    ok(launch(*common, "--max-steps", "8", cwd=tmp_path))
+    last = ok(launch(*common, "--max-steps", "16", "--resume", "auto", cwd=tmp_path)).stdout.splitlines()[-1]
+    starts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(starts) == 2 and len({s.name.rsplit("-", 1)[1] for s in starts}) == 1  # one run id
+    assert last == f"W&B: upload all 2 starts of this run with `wandb sync '{run_dir / 'wandb'}'`"
+    command = shlex.split(last.split("`")[1])
+    listed = subprocess.run([str(WANDB), *command[1:], "--dry-run"], capture_output=True, text=True, timeout=60,
+                            env=clean_env(HOME=str(tmp_path)), cwd=tmp_path).stderr
+    assert "Would sync 2 run(s)" in listed, listed
+    # the two starts hold the whole run between them
+    steps = sorted(step for start in starts for step, item in history(start).items() if "train/loss" in item)
+    assert steps == [r["step"] for r in records(run_dir) if "train/loss" in r] and steps[-1] == 16
