@@ -28,8 +28,19 @@ import time
 from pathlib import Path
 
 from handwritten import Loop
-from overhead import (BIN, ROOT, alternate, callgrind_per_step, env, launcher_rate, median, ratio_cell, script_rate,
-                      shown, table)
+from overhead import (
+    BIN,
+    ROOT,
+    alternate,
+    callgrind_per_step,
+    env,
+    launcher_rate,
+    median,
+    ratio_cell,
+    script_rate,
+    shown,
+    table,
+)
 
 LM = ROOT / "recipes" / "lm.py"
 HAND = Path(__file__).resolve().parent / "handwritten.py"

@@ -19,9 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import checkpoint
+from . import checkpoint, health, rundir, slurm, spawn, zero
 from . import recipe as recipes
-from . import health, rundir, slurm, spawn, zero
 from .plan import Plan
 from .sinks import warn, write_json
 

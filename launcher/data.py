@@ -38,7 +38,6 @@ from torch.utils.data._utils.collate import default_collate_fn_map
 
 from .recipe import RecipeError, Splits
 
-
 # ---------------------------------------------------------------- batches as trees
 
 

@@ -144,8 +144,11 @@ class Engine:
     def state_dict(self) -> dict:
         """Whole (unsharded) tensors on the CPU; with FSDP every rank must call it, rank 0 gets them."""
         if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                                 get_optimizer_state_dict)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
             whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
             model = get_model_state_dict(self.module, options=whole)
             optimizer = get_optimizer_state_dict(self.module, self.optimizer, options=whole)
@@ -156,8 +159,11 @@ class Engine:
 
     def load_state_dict(self, state: dict) -> None:
         if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
             whole = StateDictOptions(full_state_dict=True)  # every rank holds the whole state: keep its shard
             set_model_state_dict(self.module, state["model"], options=whole)
             set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"], options=whole)

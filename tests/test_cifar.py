@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from PIL import Image
 
+from conftest import ROOT
 from launcher import recipe
 
 cifar = recipe.load(ROOT / "recipes" / "cifar.py")

@@ -4,8 +4,8 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, launch, ok
 
+from conftest import ROOT, launch, ok
 from launcher import cli
 
 DIGITS = ROOT / "recipes" / "digits.py"

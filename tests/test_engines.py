@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher import export
 from conftest import ROOT, TINY, eval_record, launch, ok, train_records
+from launcher import export
 from test_checkpoint import assert_same, tiny
 from test_train import cifar_source, params
 

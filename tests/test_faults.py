@@ -20,10 +20,9 @@ import pytest
 import torch
 
 from conftest import LAUNCH, TINY, clean_env, launch, ok, records, train_records
+from launcher import hang
 from test_checkpoint import assert_same, tiny
 from test_train import params
-
-from launcher import hang
 
 TAG = "LAUNCHER_TEST_TAG"
 

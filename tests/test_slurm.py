@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import slurm_lab
-from launcher import cli, slurm, spawn
 from conftest import TINY, clean_env, launch, ok, records
+from launcher import cli, slurm, spawn
 from test_checkpoint import assert_same
 from test_train import params
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, clean_env, eval_record, launch, ok, train_records
 
+from conftest import ROOT, TINY, clean_env, eval_record, launch, ok, train_records
 from launcher.plan import PLAN_ENV, Plan
 
 

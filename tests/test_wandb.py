@@ -8,8 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import TINY, clean_env, launch, ok, records
 
+from conftest import TINY, clean_env, launch, ok, records
 from launcher import cli
 
 WANDB = Path(sys.executable).parent / "wandb"
