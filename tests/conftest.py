@@ -34,6 +34,20 @@ def train_records(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in records(run_dir) if "train/loss" in r}
 
 
+def refused(capsys, *argv) -> str:
+    """`launch ARGV` in this process, which must refuse it before starting anything: exit 2 and one line on
+    stderr, which this returns."""
+    import pytest
+
+    from launcher import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and err.startswith("launch: error: "), err
+    return err.strip()
+
+
 def eval_record(run_dir: Path, split: str) -> dict:
     """The last evaluation of a split, without its prefix."""
     found = [r for r in records(run_dir) if f"{split}/loss" in r]

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, launch, ok
+from conftest import ROOT, launch, ok, refused
 from launcher import cli
 
 DIGITS = ROOT / "recipes" / "digits.py"
@@ -69,67 +69,74 @@ BAD = [
 
 
 @pytest.mark.parametrize("args,message", BAD)
-def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, monkeypatch, capsys):
+    """In this process: what `launch` does with argv up to the point it would start anything."""
     run_dir = tmp_path / "run"
-    result = launch(*args, "--run-dir", run_dir, cwd=ROOT) if args else launch(cwd=ROOT)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("launch: error: "), result.stderr
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*map(str, args), "--run-dir", str(run_dir)] if args else [])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launch: error: "), err
     assert message in lines[0]
-    assert not run_dir.exists() and "processes" not in result.stdout  # nothing was set up or spawned
+    assert not run_dir.exists() and "processes" not in out  # nothing was set up or spawned
 
 
-def test_nodes_need_a_run_directory_they_share(tmp_path):
-    result = launch(DIGITS, "--cpu", "--nodes", "2", "--master-addr", "127.0.0.1", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "--nodes 2 needs --run-dir or --name: every node must use the same run directory" in result.stderr
+@pytest.mark.parametrize("args", [[DIGITS, "--bach-size", "32"], [DIGITS, "--cpu", "--procs", "2", "--lr", "inf"]],
+                         ids=["parser", "checks"])
+def test_bad_input_is_one_line_and_exit_2_from_the_command(args, tmp_path):
+    """The table above, end to end for one error of the parser and one of the checks: the installed command."""
+    run_dir = tmp_path / "run"
+    result = launch(*args, "--run-dir", run_dir, cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("launch: error: "), result.stderr
+    assert not run_dir.exists() and result.stdout == ""
+
+
+def test_nodes_need_a_run_directory_they_share(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    err = refused(capsys, DIGITS, "--cpu", "--nodes", "2", "--master-addr", "127.0.0.1")
+    assert "--nodes 2 needs --run-dir or --name: every node must use the same run directory" in err
     assert not (tmp_path / "runs").exists()
 
 
-def test_recipe_that_fails_to_import(tmp_path):
+def test_recipe_that_fails_to_import(tmp_path, capsys):
     recipe = tmp_path / "broken.py"
     recipe.write_text("import torch\n\nimport no_such_module\n")
-    result = launch(recipe)
-    assert result.returncode == 2
-    assert result.stderr.strip() == (f"launch: error: recipe {recipe} failed to import: "
-                                     "ModuleNotFoundError: No module named 'no_such_module' (line 3)")
+    assert refused(capsys, recipe) == (f"launch: error: recipe {recipe} failed to import: "
+                                       "ModuleNotFoundError: No module named 'no_such_module' (line 3)")
 
 
-def test_recipe_without_the_contract(tmp_path):
+def test_recipe_without_the_contract(tmp_path, capsys):
     recipe = tmp_path / "partial.py"
     recipe.write_text("def data(hp):\n    pass\n")
-    result = launch(recipe)
-    assert result.returncode == 2
-    assert "lacks Hparams, model, loss" in result.stderr
+    assert "lacks Hparams, model, loss" in refused(capsys, recipe)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_gpus_without_a_gpu():
-    result = launch(DIGITS, "--gpus", "1")
-    assert result.returncode == 2
-    assert result.stderr.strip() == "launch: error: --gpus 1: no GPUs visible; use --cpu to run on the CPU"
+def test_gpus_without_a_gpu(capsys):
+    assert refused(capsys, DIGITS, "--gpus", "1") == ("launch: error: --gpus 1: no GPUs visible; use --cpu to run on "
+                                                      "the CPU")
 
 
-def test_a_run_directory_is_never_reused(tmp_path):
+def test_a_run_directory_is_never_reused(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
-    result = launch(DIGITS, "--cpu", "--run-dir", tmp_path)
-    assert result.returncode == 2
-    assert "already holds a run; continue it with --resume auto" in result.stderr
+    err = refused(capsys, DIGITS, "--cpu", "--run-dir", tmp_path)
+    assert "already holds a run; continue it with --resume auto" in err
 
 
-def test_a_run_directory_that_is_a_file_is_one_line_and_exit_2(tmp_path):
+def test_a_run_directory_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsys):
     file = tmp_path / "file"
     file.write_text("not a directory")
     for run_dir, slurm in ((file, []), (file / "sub", []), (file, ["--slurm"])):
-        result = launch(DIGITS, "--cpu", "--run-dir", run_dir, *slurm)
-        assert result.returncode == 2
-        assert result.stderr == f"launch: error: --run-dir {run_dir}: {file} is a file, not a directory\n"
+        assert refused(capsys, DIGITS, "--cpu", "--run-dir", run_dir, *slurm) == (
+            f"launch: error: --run-dir {run_dir}: {file} is a file, not a directory")
 
 
-def test_resume_auto_needs_a_run_to_continue(tmp_path):
-    result = launch(DIGITS, "--cpu", "--resume", "auto", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "--resume auto needs --run-dir or --name" in result.stderr
+def test_resume_auto_needs_a_run_to_continue(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert "--resume auto needs --run-dir or --name" in refused(capsys, DIGITS, "--cpu", "--resume", "auto")
 
 
 def test_bad_input_fails_fast():

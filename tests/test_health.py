@@ -9,24 +9,28 @@ import torch
 from torch import nn
 
 from conftest import ROOT, TINY, launch, ok, records
-from launcher import FocalLoss, class_weights, freeze, param_groups
+from launcher import FocalLoss, class_weights, cli, freeze, param_groups
 
 
-def check(*flags, recipe=TINY):
-    return launch(recipe, "--cpu", "--check", *flags)
+def check(capsys, *flags, recipe=TINY) -> tuple[int, str]:
+    """`launch RECIPE --cpu --check FLAGS`, in this process: (exit code, what it printed)."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main([str(recipe), "--cpu", "--check", *flags])
+    out, err = capsys.readouterr()
+    return exited.value.code, out + err
 
 
-def warnings_of(result) -> list[str]:
-    return [line for line in result.stdout.splitlines() if line.startswith("warning: ")]
+def warnings_of(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("warning: ")]
 
 
 @pytest.mark.parametrize("recipe", [TINY, ROOT / "recipes" / "digits.py"])
-def test_a_healthy_recipe_raises_no_warning(recipe):
-    result = check(recipe=recipe)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert warnings_of(result) == [] and result.stdout.endswith("check  pre-flight: no warning\n")
+def test_a_healthy_recipe_raises_no_warning(recipe, capsys):
+    code, out = check(capsys, recipe=recipe)
+    assert code == 0, out
+    assert warnings_of(out) == [] and out.endswith("check  pre-flight: no warning\n")
     for what in ("inputs", "loss", "labels", "splits", "model"):
-        assert f"check  {what} " in result.stdout
+        assert f"check  {what} " in out
 
 
 @pytest.mark.parametrize("flags,warning", [
@@ -36,10 +40,10 @@ def test_a_healthy_recipe_raises_no_warning(recipe):
     (("--imbalance",), "the classes are imbalanced (2 classes, 10 … 86 training samples each (imbalance 8.6:1))"),
     (("--zero-layer",), "0.weight is initialised to all zeros"),
 ], ids=["inputs-x1000", "leak", "imbalance", "zero-layer"])
-def test_each_planted_fault_is_named(flags, warning):
-    result = check(*flags)
-    assert result.returncode == 1, result.stdout + result.stderr
-    found = warnings_of(result)
+def test_each_planted_fault_is_named(flags, warning, capsys):
+    code, out = check(capsys, *flags)
+    assert code == 1, out
+    found = warnings_of(out)
     assert any(warning in w for w in found), found
     assert len(found) == 1, found  # named once, and nothing else cried (tanh keeps the ×1000 loss near ln 3)
 
