@@ -34,17 +34,29 @@ def train_records(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in records(run_dir) if "train/loss" in r}
 
 
-def refused(capsys, *argv) -> str:
-    """`launch ARGV` in this process, which must refuse it before starting anything: exit 2 and one line on
-    stderr, which this returns."""
+def in_process(capsys, *argv) -> tuple[int, str, str]:
+    """`launch ARGV` in this process, for what ends before any training starts (a refusal, --check, a Slurm
+    dry run or submission): (exit code, stdout, stderr)."""
     import pytest
 
     from launcher import cli
 
     with pytest.raises(SystemExit) as exited:
         cli.main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert exited.value.code == 2 and err.count("\n") == 1 and err.startswith("launch: error: "), err
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err
+
+
+def refused(capsys, *argv) -> str:
+    """`launch ARGV` in this process, which must refuse it before starting anything: exit 2 and one line on
+    stderr, which this returns. No warning either: the installed command would print it above that line."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        code, _, err = in_process(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("launch: error: "), err
+    assert not warned, [str(w.message) for w in warned]
     return err.strip()
 
 

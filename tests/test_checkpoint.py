@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, eval_record, launch, ok, records
+from conftest import TINY, eval_record, launch, ok, records, refused
 from test_train import params
 
 
@@ -79,40 +79,39 @@ class Exploit:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path):
+def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, capsys):
     folder, _ = tiny(tmp_path, "victim", "--max-steps", "2", dump=False)
     checkpoint = folder / "run" / "checkpoints" / "step-00000002"
     marker = tmp_path / "pwned"
     with open(checkpoint / "state.pt", "wb") as f:
         torch.save({"model": Exploit(marker)}, f, pickle_protocol=pickle.HIGHEST_PROTOCOL)
     rehash(checkpoint)
-    result = launch(TINY, "--cpu", "--wandb", "disabled", "--run-dir", tmp_path / "next", "--resume", checkpoint)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
+    assert refused(capsys, TINY, "--cpu", "--wandb", "disabled", "--run-dir", tmp_path / "next", "--resume",
+                   checkpoint) == (
         f"launch: error: --resume: {checkpoint / 'state.pt'} cannot be loaded safely: it refers to posix.system, "
         "which is neither a tensor nor plain data (a crafted or foreign file?); nothing in it was run")
     assert not marker.exists()
 
 
-def test_resuming_from_another_run_never_writes_over_a_third(tmp_path):
+def test_resuming_from_another_run_never_writes_over_a_third(tmp_path, capsys):
     folder, _ = tiny(tmp_path, "source", "--max-steps", "2", dump=False)
-    tiny(tmp_path, "other", "--max-steps", "2", dump=False)
-    result = launch(TINY, "--cpu", "--wandb", "disabled", "--run-dir", tmp_path / "other" / "run", "--resume",
-                    folder / "run" / "checkpoints" / "step-00000002")
-    assert result.returncode == 2 and "already holds a run" in result.stderr
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")  # a run directory that holds a run
+    assert "already holds a run" in refused(capsys, TINY, "--cpu", "--wandb", "disabled", "--run-dir",
+                                            tmp_path / "other", "--resume",
+                                            folder / "run" / "checkpoints" / "step-00000002")
 
 
-def test_a_truncated_checkpoint_is_named_and_auto_resume_falls_back(tmp_path):
+def test_a_truncated_checkpoint_is_named_and_auto_resume_falls_back(tmp_path, capsys):
     common = ("--max-steps", "8", "--save-every", "2", "--keep", "0")
     folder, _ = tiny(tmp_path, "run", *common, "--max-steps", "6", dump=False)
     newest = folder / "run" / "checkpoints" / "step-00000006"
     data = (newest / "state.pt").read_bytes()
     (newest / "state.pt").write_bytes(data[: len(data) // 2])
 
-    result = launch(TINY, "--cpu", "--wandb", "disabled", "--run-dir", tmp_path / "other", "--resume", newest)
-    assert result.returncode == 2
-    assert result.stderr.strip() == (f"launch: error: --resume: {newest / 'state.pt'} is truncated or damaged: "
-                                     f"{len(data) // 2} bytes, the manifest says {len(data)}")
+    assert refused(capsys, TINY, "--cpu", "--wandb", "disabled", "--run-dir", tmp_path / "other", "--resume",
+                   newest) == (f"launch: error: --resume: {newest / 'state.pt'} is truncated or damaged: "
+                               f"{len(data) // 2} bytes, the manifest says {len(data)}")
 
     _, resumed = tiny(tmp_path, "run", *common, "--resume", "auto", dump=False)
     assert f"{newest / 'state.pt'} is truncated or damaged" in resumed.stderr

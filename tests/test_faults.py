@@ -104,12 +104,27 @@ def test_a_silent_rank_fails_the_job_after_the_collective_timeout(tmp_path):
     assert tagged(tag) == []
 
 
+UNSTOPPED = ("--max-steps", "16", "--noise", "0.1", "--log-every", "4")
+
+
+@pytest.fixture(scope="module")
+def unstopped(tmp_path_factory):
+    """The run the signal tests stop and resume, unstopped, on 1 or 2 processes: (folder, result), made once each."""
+    made = {}
+
+    def run(procs: int):
+        if procs not in made:
+            made[procs] = tiny(tmp_path_factory.mktemp(f"unstopped-{procs}"), "straight", *UNSTOPPED, procs=procs)
+        return made[procs]
+    return run
+
+
 @pytest.mark.parametrize("signum,procs", [(signal.SIGTERM, 2), (signal.SIGINT, 2), (signal.SIGINT, 1),
                                          (signal.SIGHUP, 2), (signal.SIGHUP, 1)],
                          ids=["sigterm-2-procs", "sigint-2-procs", "sigint-1-proc", "sighup-2-procs", "sighup-1-proc"])
-def test_a_signal_saves_a_checkpoint_that_resume_continues_exactly(tmp_path, signum, procs):
-    common = ("--max-steps", "16", "--noise", "0.1", "--log-every", "4")
-    straight, unstopped = tiny(tmp_path, "straight", *common, procs=procs)
+def test_a_signal_saves_a_checkpoint_that_resume_continues_exactly(tmp_path, unstopped, signum, procs):
+    common = UNSTOPPED
+    straight, reference = unstopped(procs)
     process, tag, folder = start(tmp_path, "signalled", *common, "--slow", "0.2", procs=procs)
     wait_for_step(folder, 4)
     process.send_signal(signum)
@@ -126,7 +141,7 @@ def test_a_signal_saves_a_checkpoint_that_resume_continues_exactly(tmp_path, sig
         assert_same(params(folder, rank), params(straight, 0))
     # the log and the verdict of the stopped-and-resumed run are the unstopped run's, the window cut by the stop too
     assert losses(folder / "run") == losses(straight / "run")
-    assert judged(resumed.stdout) == judged(unstopped.stdout)
+    assert judged(resumed.stdout) == judged(reference.stdout)
 
 
 def losses(run: Path) -> dict:
@@ -141,10 +156,10 @@ def judged(out: str) -> list[str]:
     return lines
 
 
-def test_max_restarts_recovers_from_a_crash_with_the_uninterrupted_parameters(tmp_path):
-    common = ("--max-steps", "16", "--noise", "0.1", "--save-every", "4")
-    straight, _ = tiny(tmp_path, "straight", *common, procs=2)
-    folder, result = tiny(tmp_path, "restarted", *common, "--crash-at", "10", "--max-restarts", "1", procs=2)
+def test_max_restarts_recovers_from_a_crash_with_the_uninterrupted_parameters(tmp_path, unstopped):
+    straight, _ = unstopped(2)  # how often a run saves or logs does not change its parameters
+    folder, result = tiny(tmp_path, "restarted", *UNSTOPPED, "--save-every", "4", "--crash-at", "10",
+                          "--max-restarts", "1", procs=2)
     assert (folder / "crashed").exists() and "resumed from" in result.stdout
     assert "step-00000008 at step 8" in result.stdout
     for rank in (0, 1):

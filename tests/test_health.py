@@ -8,16 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, TINY, launch, ok, records
-from launcher import FocalLoss, class_weights, cli, freeze, param_groups
+from conftest import ROOT, TINY, in_process, launch, ok, records
+from launcher import FocalLoss, class_weights, freeze, param_groups
 
 
 def check(capsys, *flags, recipe=TINY) -> tuple[int, str]:
     """`launch RECIPE --cpu --check FLAGS`, in this process: (exit code, what it printed)."""
-    with pytest.raises(SystemExit) as exited:
-        cli.main([str(recipe), "--cpu", "--check", *flags])
-    out, err = capsys.readouterr()
-    return exited.value.code, out + err
+    code, out, err = in_process(capsys, recipe, "--cpu", "--check", *flags)
+    return code, out + err
 
 
 def warnings_of(out: str) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import slurm_lab
-from conftest import TINY, clean_env, launch, ok, records
+from conftest import TINY, clean_env, in_process, launch, ok, records, refused
 from launcher import cli, slurm, spawn
 from test_checkpoint import assert_same
 from test_train import params
@@ -179,13 +179,11 @@ def test_a_hand_written_job_that_would_hang_is_an_error(lab, tmp_path, allocatio
     (["--nodes", "4"], "requested node configuration is not available"),  # the lab has 3 nodes
     (["--procs", "4"], "requested node configuration is not available"),  # 4 CPUs per task, 2 per node
 ], ids=["no-such-partition", "more-nodes-than-there-are", "more-cpus-than-a-node-has"])
-def test_sbatch_refusing_the_job_is_one_line_and_exit_2(lab, tmp_path, flags, reason):
+def test_sbatch_refusing_the_job_is_one_line_and_exit_2(lab, tmp_path, monkeypatch, capsys, flags, reason):
     """A request no node can satisfy would pend forever: sbatch --test-only says so at submission."""
-    result = launch(TINY, "--slurm", "--cpu", *flags, "--run-dir", tmp_path / "run",
-                    env=clean_env(SLURM_CONF=lab.env["SLURM_CONF"]))
-    assert result.returncode == 2
-    line = result.stderr.strip()
-    assert line.startswith("launch: error: sbatch refused the job: ") and reason in line.lower() and "\n" not in line
+    monkeypatch.setenv("SLURM_CONF", lab.env["SLURM_CONF"])
+    line = refused(capsys, TINY, "--slurm", "--cpu", *flags, "--run-dir", tmp_path / "run")
+    assert line.startswith("launch: error: sbatch refused the job: ") and reason in line.lower()
     assert not tmp_path.joinpath("run").exists()  # nothing left that would block the next try
 
 
@@ -205,14 +203,21 @@ def test_a_hanging_sbatch_is_one_line_and_leaves_nothing_behind(tmp_path, monkey
     assert not (tmp_path / "runs").exists()  # the retry is not blocked
 
 
-def test_dry_run_renders_a_readable_script_with_every_value_quoted(tmp_path):
+def dry_run(capsys, *flags) -> str:
+    """The script `launch TINY --slurm FLAGS --dry-run` prints, in this process."""
+    code, script, err = in_process(capsys, TINY, "--slurm", *flags, "--dry-run")
+    assert code == 0, err
+    return script
+
+
+def test_dry_run_renders_a_readable_script_with_every_value_quoted(tmp_path, monkeypatch, capsys):
     """No cluster needed: the script is printed, nothing is written or submitted."""
     name = "a b'c\"d $(touch MARKER) `id`"
     dump = tmp_path / "dump dir; rm -rf ~"
-    result = ok(launch(TINY, "--slurm", "--nodes", "2", "--cpu", "--procs", "2", "--partition", "gpu queue",
-                       "--time", "1:00:00", "--job-name", name, "--run-dir", tmp_path / "run", "--dump-dir", dump,
-                       "--dry-run", env=clean_env(WANDB_API_KEY="SENTINEL" + "0" * 32), cwd=tmp_path))
-    script = result.stdout
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_API_KEY", "SENTINEL" + "0" * 32)
+    script = dry_run(capsys, "--nodes", "2", "--cpu", "--procs", "2", "--partition", "gpu queue", "--time", "1:00:00",
+                     "--job-name", name, "--run-dir", tmp_path / "run", "--dump-dir", dump)
     assert not (tmp_path / "run").exists() and "SENTINEL" not in script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # valid bash
     directives = {key: value for key, _, value in (line[len("#SBATCH --"):].partition("=")
@@ -228,12 +233,12 @@ def test_dry_run_renders_a_readable_script_with_every_value_quoted(tmp_path):
     assert words[words.index("--dump-dir") + 1] == str(dump)
     assert "--slurm" not in words and "--partition" not in words and "--job-name" not in words
     assert "\nresume=auto\n" in script  # the job looks for the newest checkpoint when it starts
-    secret = ok(launch(TINY, "--slurm", "--cpu", "--api-token=SENTINEL", "--dry-run")).stdout
+    secret = dry_run(capsys, "--cpu", "--api-token=SENTINEL")
     assert "SENTINEL" not in secret and ' --api-token "${LAUNCH_SECRET_API_TOKEN:?is not set: ' in secret
 
 
-def test_a_gpu_job_asks_for_a_core_per_process_and_per_dataloader_worker():
-    script = ok(launch(TINY, "--slurm", "--gpus", "2", "--workers", "3", "--dry-run")).stdout
+def test_a_gpu_job_asks_for_a_core_per_process_and_per_dataloader_worker(capsys):
+    script = dry_run(capsys, "--gpus", "2", "--workers", "3")
     assert "#SBATCH --gpus-per-node=2\n#SBATCH --cpus-per-task=8\n" in script
 
 
@@ -244,27 +249,24 @@ def test_threads_are_sized_from_the_cpus_the_task_was_given(monkeypatch):
     assert spawn.cores() == len(os.sched_getaffinity(0))
 
 
-def test_a_line_break_cannot_reach_the_script(tmp_path):
-    result = launch(TINY, "--slurm", "--cpu", "--job-name", "x\nrm -rf ~", "--run-dir", tmp_path / "run",
-                    "--dry-run")
-    assert result.returncode == 2
-    assert result.stderr.strip() == ("launch: error: --job-name contains a line break, which cannot go into a "
-                                     "batch script")
+def test_a_line_break_cannot_reach_the_script(tmp_path, capsys):
+    err = refused(capsys, TINY, "--slurm", "--cpu", "--job-name", "x\nrm -rf ~", "--run-dir", tmp_path / "run",
+                  "--dry-run")
+    assert err == "launch: error: --job-name contains a line break, which cannot go into a batch script"
 
 
-def test_a_site_template_is_rendered_and_a_wrong_placeholder_named(tmp_path):
+def test_a_site_template_is_rendered_and_a_wrong_placeholder_named(tmp_path, capsys):
     site = tmp_path / "site.sbatch"
     site.write_text(slurm.TEMPLATE.read_text().replace("set -uo pipefail", "set -uo pipefail\nmodule load cuda/12")
                     .replace("{{python}} -P -m launcher", "launch"))  # as in a container image
-    script = ok(launch(TINY, "--slurm", "--cpu", "--slurm-template", site, "--run-dir", tmp_path / "run",
-                       "--dry-run")).stdout
+    script = dry_run(capsys, "--cpu", "--slurm-template", site, "--run-dir", tmp_path / "run")
     assert "module load cuda/12\n" in script and f'"$codes" launch {TINY} ' in script and "{{" not in script
     assert "--slurm-template" not in script
     site.write_text(site.read_text() + "echo {{partiton}}\n")
-    result = launch(TINY, "--slurm", "--cpu", "--slurm-template", site, "--run-dir", tmp_path / "run", "--dry-run")
-    assert result.returncode == 2
-    assert result.stderr.startswith(f"launch: error: --slurm-template {site}: unknown placeholder {{{{partiton}}}} "
-                                    "(known: script, job_name,")
+    err = refused(capsys, TINY, "--slurm", "--cpu", "--slurm-template", site, "--run-dir", tmp_path / "run",
+                  "--dry-run")
+    assert err.startswith(f"launch: error: --slurm-template {site}: unknown placeholder {{{{partiton}}}} "
+                          "(known: script, job_name,")
     last = len(slurm.TEMPLATE.read_text().splitlines())
     for bad, message in (('echo "job {{job_name}} starts"\n', f" line {last + 1}: {{{{job_name}}}} inside double "
                                                                 "quotes; the launcher quotes every value for the "
@@ -272,9 +274,8 @@ def test_a_site_template_is_rendered_and_a_wrong_placeholder_named(tmp_path):
                          ("if true; then\n", f": the script it gives is not valid bash: bash: line {last + 2}: "
                                              "syntax error")):
         site.write_text(slurm.TEMPLATE.read_text() + bad)
-        result = launch(TINY, "--slurm", "--cpu", "--slurm-template", site, "--run-dir", tmp_path / "run",
-                        "--dry-run")
-        assert result.returncode == 2 and result.stderr.startswith(f"launch: error: --slurm-template {site}{message}")
-    result = launch(TINY, "--slurm", "--cpu", "--slurm-template", tmp_path / "none", "--dry-run")
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"launch: error: --slurm-template {tmp_path / 'none'}: No such file or directory"
+        err = refused(capsys, TINY, "--slurm", "--cpu", "--slurm-template", site, "--run-dir", tmp_path / "run",
+                      "--dry-run")
+        assert err.startswith(f"launch: error: --slurm-template {site}{message}")
+    assert refused(capsys, TINY, "--slurm", "--cpu", "--slurm-template", tmp_path / "none", "--dry-run") == (
+        f"launch: error: --slurm-template {tmp_path / 'none'}: No such file or directory")
