@@ -2,11 +2,15 @@ import json
 import os
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "recipes" / "tiny.py"
 LAUNCH = Path(sys.executable).parent / "launch"  # the installed console script, as a user runs it
+WANDB = Path(sys.executable).parent / "wandb"
 
 
 def clean_env(**extra) -> dict:
@@ -65,3 +69,50 @@ def eval_record(run_dir: Path, split: str) -> dict:
     found = [r for r in records(run_dir) if f"{split}/loss" in r]
     assert found, f"no {split} evaluation in {run_dir}/metrics.jsonl"
     return {k.split("/", 1)[1]: v for k, v in found[-1].items() if k.startswith(split + "/")}
+
+
+# ---------------------------------------------------------------- runs and what they leave
+
+
+def tiny(tmp_path: Path, name: str, *flags, procs: int = 1, check: bool = True, dump: bool = True):
+    """Run the tiny recipe in tmp_path/name (its run directory is name/run); return (folder, result)."""
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    where = ["--cpu", "--procs", procs] if procs > 1 else ["--cpu"]
+    dumping = ["--dump-dir", folder] if dump else []
+    result = launch(TINY, *where, "--wandb", "disabled", "--run-dir", folder / "run", *dumping, *flags)
+    return folder, ok(result) if check else result
+
+
+def params(dump_dir: Path, rank: int, tag: str = "final") -> dict[str, torch.Tensor]:
+    return torch.load(dump_dir / f"rank{rank}-{tag}.pt", weights_only=True)
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def assert_close(a: dict, b: dict, rtol: float, atol: float = 1e-7) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def history(run: Path) -> dict[int, dict]:
+    """Every value W&B recorded, merged per step."""
+    out = subprocess.run([str(WANDB), "leet", "inspect", "--json", str(run)], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    steps = defaultdict(dict)
+    for line in out.splitlines():
+        record = json.loads(line)
+        if record["type"] == "history":
+            item = record["history"]["item"]
+            steps[item["_step"]].update(item)
+    return dict(steps)
+
+
+def cifar_source() -> Path | None:
+    where = os.environ.get("CIFAR10_DIR")
+    return Path(where) if where and Path(where).exists() else None

@@ -10,24 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, eval_record, launch, ok, records, refused
-from test_train import params
-
-
-def tiny(tmp_path: Path, name: str, *flags, procs: int = 1, check: bool = True, dump: bool = True):
-    """Run the tiny recipe in tmp_path/name (its run directory is name/run); return (folder, result)."""
-    folder = tmp_path / name
-    folder.mkdir(exist_ok=True)
-    where = ["--cpu", "--procs", procs] if procs > 1 else ["--cpu"]
-    dumping = ["--dump-dir", folder] if dump else []
-    result = launch(TINY, *where, "--wandb", "disabled", "--run-dir", folder / "run", *dumping, *flags)
-    return folder, ok(result) if check else result
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+from conftest import TINY, assert_same, eval_record, params, records, refused, tiny
 
 
 @pytest.mark.parametrize("procs", [1, 2])

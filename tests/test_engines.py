@@ -8,10 +8,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, eval_record, launch, ok, refused, train_records
+from conftest import (
+    ROOT,
+    TINY,
+    assert_same,
+    cifar_source,
+    eval_record,
+    launch,
+    ok,
+    params,
+    refused,
+    tiny,
+    train_records,
+)
 from launcher import export
-from test_checkpoint import assert_same, tiny
-from test_train import cifar_source, params
 
 COMMON = ("--max-steps", "12", "--noise", "0.1", "--log-every", "1", "--grad-accum", "2", "--clip-grad", "0.5",
           "--batch-size", "16")

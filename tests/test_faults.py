@@ -19,10 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LAUNCH, TINY, clean_env, launch, ok, records, train_records
+from conftest import LAUNCH, TINY, assert_same, clean_env, launch, ok, params, records, tiny, train_records
 from launcher import hang
-from test_checkpoint import assert_same, tiny
-from test_train import params
 
 TAG = "LAUNCHER_TEST_TAG"
 

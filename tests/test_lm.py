@@ -9,10 +9,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT, eval_record, launch, ok, records, train_records
+from conftest import ROOT, assert_same, eval_record, history, launch, ok, records, train_records
 from launcher import cli, export, recipe
-from test_checkpoint import assert_same
-from test_wandb import history
 
 LM = ROOT / "recipes" / "lm.py"
 lm = recipe.load(LM)

@@ -6,8 +6,7 @@ import time
 
 import torch
 
-from conftest import LAUNCH, TINY, clean_env, launch, ok, records
-from test_train import params
+from conftest import LAUNCH, TINY, clean_env, launch, ok, params, records
 
 
 def free_port() -> int:

@@ -12,10 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from conftest import ROOT, eval_record, launch, ok, records, train_records
+from conftest import ROOT, assert_close, assert_same, eval_record, launch, ok, params, records, train_records
 from launcher import cli, data, export, steps
-from test_checkpoint import assert_same
-from test_train import assert_close, params
 
 TOKENS = ROOT / "tests" / "recipes" / "tokens.py"
 SPLIT = ("--cpu", "--procs", "2", "--grad-accum", "2")  # 4 micro-batches of 4 sequences per step of 16

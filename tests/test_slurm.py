@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 
 import slurm_lab
-from conftest import TINY, clean_env, in_process, launch, ok, records, refused
+from conftest import TINY, assert_same, clean_env, in_process, launch, ok, params, records, refused
 from launcher import cli, slurm, spawn
-from test_checkpoint import assert_same
-from test_train import params
 
 WHY_NOT = slurm_lab.unavailable()
 

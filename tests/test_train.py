@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -11,18 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, clean_env, eval_record, launch, ok, train_records
+from conftest import (
+    ROOT,
+    TINY,
+    assert_close,
+    cifar_source,
+    clean_env,
+    eval_record,
+    launch,
+    ok,
+    params,
+    train_records,
+)
 from launcher.plan import PLAN_ENV, Plan
-
-
-def params(dump_dir: Path, rank: int, tag: str = "final") -> dict[str, torch.Tensor]:
-    return torch.load(dump_dir / f"rank{rank}-{tag}.pt", weights_only=True)
-
-
-def assert_close(a: dict, b: dict, rtol: float, atol: float = 1e-7) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def train_tiny(tmp_path: Path, name: str, *flags, procs: int = 1) -> Path:
@@ -140,11 +140,6 @@ def test_the_embedded_recipe_learns(tmp_path):
     assert eval_record(run, "test")["acc"] >= 0.95
     assert "check  pre-flight: no warning" in out.stdout and "verdict: no sign of trouble" in out.stdout
     assert "warning" not in out.stdout.replace("pre-flight: no warning", "")
-
-
-def cifar_source() -> Path | None:
-    where = os.environ.get("CIFAR10_DIR")
-    return Path(where) if where and Path(where).exists() else None
 
 
 @pytest.mark.skipif(cifar_source() is None, reason="CIFAR10_DIR does not point at CIFAR-10 (.ci/run sets it to "

@@ -3,29 +3,13 @@
 import json
 import shlex
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY, clean_env, launch, ok, records
+from conftest import TINY, WANDB, clean_env, history, launch, ok, records
 from launcher import cli
-
-WANDB = Path(sys.executable).parent / "wandb"
-
-
-def history(run: Path) -> dict[int, dict]:
-    """Every value W&B recorded, merged per step."""
-    out = subprocess.run([str(WANDB), "leet", "inspect", "--json", str(run)], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
-    steps = defaultdict(dict)
-    for line in out.splitlines():
-        record = json.loads(line)
-        if record["type"] == "history":
-            item = record["history"]["item"]
-            steps[item["_step"]].update(item)
-    return dict(steps)
 
 
 def config(run: Path) -> dict:
