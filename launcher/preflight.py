@@ -26,7 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import data, steps
-from .engine import buffers_kept
+from .modules import buffers_kept
 from .recipe import RecipeError
 
 SAMPLE_BATCHES = 4

@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from . import checkpoint, data, hang, health, preflight, steps
 from . import engine as engines
+from .modules import buffers_kept
 from .optim import default_optimizer
 from .plan import Plan
 from .recipe import RecipeError
@@ -133,9 +134,8 @@ class Trainer:
         self.count_sum = torch.zeros((), dtype=torch.float64, device=device)  # with counts: the whole job's
         self.window = [time.perf_counter(), 0, 0, 0.0]  # start, steps, steps whose loss counts, s waiting for data
         # rank zero's sampled checks, where it holds whole gradients (DDP, one process)
-        whole = isinstance(self.engine, engines.Engine) and not self.engine.fsdp
         self.watch = health.Monitor(self.engine.module) \
-            if self.main and plan.health and whole and not plan.find_lr else None
+            if self.main and plan.health and self.engine.whole_gradients and not plan.find_lr else None
         if start:
             self.load(start)
             self.settle_buckets()
@@ -276,7 +276,7 @@ class Trainer:
             part = out.loss.detach() * out.count if out.counted else out.loss.detach()
             step_loss = part if step_loss is None else step_loss + part
             step_count = step_count + out.count
-        if self.step == 0 and engine.ddp:
+        if self.step == 0 and engine.buckets:
             self.check_unused()
         rescale, total = None, step_count
         if self.counted:  # the count of the whole global batch, N: the gradient becomes Σ loss·count / N
@@ -547,12 +547,12 @@ class Trainer:
         resumed run would take its first step in the first layout where the run it continues used the
         second, and drift from it in the last bits. One backward without an update (random generators and
         buffers such as batch-norm statistics put back) gives it the layout of the run it continues."""
-        if not self.engine.ddp or self.step >= self.total:
+        if not self.engine.buckets or self.step >= self.total:
             return
         epoch, offset = divmod(self.step, self.steps_per_epoch)
         batch = next(self.epoch_batches(epoch, offset, offset + 1))
         rng = checkpoint.rng_state()
-        with engines.buffers_kept(self.engine.module):
+        with buffers_kept(self.engine.module):
             self.step_fn(self.engine.model, batch).loss.backward()
         self.engine.optimizer.zero_grad(set_to_none=True)
         checkpoint.set_rng_state(rng)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, engine, hang, recipe, trainer
+from . import checkpoint, group, hang, recipe, trainer
 from .checkpoint import CheckpointError
 from .plan import PARENT_ENV, Plan
 
@@ -56,7 +56,7 @@ def die_with_launcher() -> None:
 
 def run(plan: Plan) -> dict:
     steady_host_memory()
-    acc = engine.accelerator(plan)  # joins the process group and checks the world size
+    acc = group.accelerator(plan)  # joins the process group and checks the world size
     hang.start(plan.run_dir, acc.process_index, acc.num_processes, plan.timeout, acc.device)
     try:
         module = recipe.load(plan.recipe)

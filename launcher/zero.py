@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .engine import autocast, broadcast_buffers
+from .modules import autocast, broadcast_buffers
 from .plan import Plan
 
 TAG = "zero"  # the one checkpoint tag inside a launcher checkpoint's deepspeed/ folder
@@ -121,14 +121,15 @@ def build(plan: Plan, module: nn.Module, make_optimizer) -> Zero:
 
 @dataclass
 class Zero:
-    """The per-step operations of trainer.py on a DeepSpeed engine."""
+    """The per-step operations of trainer.py (engine.Engine) on a DeepSpeed engine."""
 
     model: nn.Module  # the DeepSpeedEngine: what training calls
     module: nn.Module  # the recipe's module (ZeRO-3: parameters gathered by hooks in each forward)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler = None
-    ddp = False
+    scaler = None  # DeepSpeed runs fp32 under autocast: no fp16 loss scaler
+    whole_gradients = False  # they live in DeepSpeed's partitioned buffers
+    buckets = False
 
     def sync(self, enabled: bool) -> None:
         """DeepSpeed counts micro-steps itself and reduces at the boundary."""

@@ -5,7 +5,7 @@ import copy
 import torch
 from torch import nn
 
-from launcher.engine import Engine
+from launcher.ddp import Ddp
 
 
 def test_the_loss_scaler_path_gives_the_plain_update():
@@ -18,7 +18,7 @@ def test_the_loss_scaler_path_gives_the_plain_update():
     norms = []
     for model, scaler in ((plain_model, None), (scaled_model, torch.amp.GradScaler("cpu", init_scale=2.0**12))):
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        engine = Engine(model, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 2, scaler)
+        engine = Ddp(model, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 2, scaler)
         for k in range(2):
             engine.sync(k == 1)
             engine.backward(nn.functional.cross_entropy(model(x[k]), y[k]))

@@ -94,7 +94,7 @@ def test_a_silent_rank_fails_the_job_after_the_collective_timeout(tmp_path):
     silent, waiting = (stacks / "rank-1.txt").read_text(), (stacks / "rank-0.txt").read_text()
     assert "time.sleep(3600)" in silent and silent.startswith("rank 1 "), silent
     # rank 0 waited in the backward, where DDP all-reduces
-    assert re.match(r"rank 0 .* during step 3, \d+ collectives joined; in backward \(engine\.py:\d+\)", waiting), \
+    assert re.match(r"rank 0 .* during step 3, \d+ collectives joined; in backward \(ddp\.py:\d+\)", waiting), \
         waiting
     assert "Warning" not in err
     # the timeout, then up to 30 s for torch's agent to give up on the silent rank and kill it
