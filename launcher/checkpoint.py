@@ -29,11 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import CheckpointError
+
 STEP_DIR = re.compile(r"step-(\d+)")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message names the file and what is wrong with it."""
 
 
 def folder(run_dir: str | Path) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import checkpoint, health, rundir, slurm, spawn, zero
 from . import recipe as recipes
+from .errors import CheckpointError, RecipeError
 from .plan import Plan
 from .sinks import warn, write_json
 
@@ -166,7 +167,7 @@ def parse(argv: list[str]) -> tuple[Plan, object, object, argparse.Namespace]:
         parser = base_parser(add_help=True)
         recipes.add_flags(parser, module.Hparams, Path(known.recipe))
         _recipe_defaults(parser, module, Path(known.recipe))
-    except recipes.RecipeError as e:
+    except RecipeError as e:
         raise UsageError(str(e)) from None
     args, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -174,7 +175,7 @@ def parse(argv: list[str]) -> tuple[Plan, object, object, argparse.Namespace]:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(module.Hparams)}
     try:
         hp = recipes.hparams(module.Hparams, values)
-    except recipes.RecipeError as e:
+    except RecipeError as e:
         raise UsageError(str(e)) from None
     if getattr(module, "find_unused_parameters", False):
         args.find_unused_parameters = True
@@ -188,13 +189,13 @@ def _recipe_defaults(parser: argparse.ArgumentParser, module, path: Path) -> Non
     for name, value in defaults.items():
         action = launcher.get(name)
         if action is None:
-            raise recipes.RecipeError(f"recipe {path}: defaults names {name!r}, which is no launcher flag (its "
+            raise RecipeError(f"recipe {path}: defaults names {name!r}, which is no launcher flag (its "
                                       "flags by their argparse names, e.g. clip_grad for --clip-grad)")
         kind = action.type or (bool if action.nargs == 0 else str)
         fits = value in action.choices if action.choices is not None else \
             isinstance(value, kind) or (kind is float and isinstance(value, int))
         if not fits or isinstance(value, bool) and kind is not bool:
-            raise recipes.RecipeError(f"recipe {path}: defaults gives {name} {value!r}, which "
+            raise RecipeError(f"recipe {path}: defaults gives {name} {value!r}, which "
                                       f"{action.option_strings[0]} does not take")
     parser.set_defaults(**defaults)
 
@@ -403,7 +404,7 @@ def _run_dir(args: argparse.Namespace, stem: str) -> tuple[Path, str, Path | Non
     if resume:
         try:
             manifest = checkpoint.check(resume)
-        except checkpoint.CheckpointError as e:
+        except CheckpointError as e:
             raise UsageError(f"--resume: {e}") from None
     return run_dir, name, resume, manifest
 
@@ -538,7 +539,7 @@ def main(argv: list[str] | None = None) -> None:
 
             try:
                 sys.exit(preflight.check_only(plan, module, hp))
-            except recipes.RecipeError as e:
+            except RecipeError as e:
                 raise UsageError(str(e)) from None
         try:
             sock = spawn.rendezvous_socket(plan)

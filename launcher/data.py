@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from torch.utils.data._utils.collate import collate as torch_collate
 from torch.utils.data._utils.collate import default_collate_fn_map
 
-from .recipe import RecipeError, Splits
+from .errors import RecipeError
+from .recipe import Splits
 
 # ---------------------------------------------------------------- batches as trees
 

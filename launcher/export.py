@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from . import checkpoint
+from .errors import CheckpointError
 
 
 class ExportError(Exception):
@@ -40,7 +41,7 @@ def export(source: Path, out: Path | None) -> Path:
     try:
         manifest = checkpoint.check(path)  # verified and readable without running code, before anything loads it
         tensors = weights(path)
-    except checkpoint.CheckpointError as e:
+    except CheckpointError as e:
         raise ExportError(str(e)) from None
     from safetensors.torch import save_file
 

@@ -26,8 +26,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import data, steps
+from .errors import RecipeError
 from .modules import buffers_kept
-from .recipe import RecipeError
 
 SAMPLE_BATCHES = 4
 LABEL_SAMPLE = 2_000  # samples read for the class balance when the dataset holds no label tensor

@@ -43,6 +43,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from .errors import RecipeError
+
 REQUIRED = ("Hparams", "data", "model")
 LEARNING_RATE = re.compile(r"lr|\w*_lr|learning_rate")
 # every function of the contract, with the arguments the launcher calls it with
@@ -54,10 +56,6 @@ REQUIRED_FIELDS = {"batch_size": int, "epochs": int}
 # other trainers' hooks: a recipe defining one expects it to be called, and it would not be
 FOREIGN = re.compile(r"(training|validation|evaluation|test|predict|train|val)_step|compute_loss|configure_\w+|"
                      r"\w+_dataloader")
-
-
-class RecipeError(Exception):
-    """A recipe that cannot be used as written; the CLI shows it as one line and exits 2."""
 
 
 @dataclass

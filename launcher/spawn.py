@@ -14,8 +14,8 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing import SignalException
 
 from . import checkpoint
+from .errors import PLAIN, RecipeError, Stopped
 from .plan import PARENT_ENV, PLAN_ENV, Plan
-from .recipe import RecipeError
 from .sinks import detach_terminal
 from .stop import SIGNALS
 
@@ -70,15 +70,15 @@ def launch(plan: Plan, sock: socket.socket | None, banner: str) -> int:
 
 
 def _in_process(plan: Plan) -> int:
-    from . import trainer, worker
+    from . import worker
 
     try:
         worker.run(plan)
-    except trainer.Stopped as stopped:
+    except Stopped as stopped:
         raise Interrupted(stopped.signum) from None
     except Exception as e:
         known = worker.explain(e, plan)
-        if not isinstance(known, worker.PLAIN):
+        if not isinstance(known, PLAIN):
             raise
         print(f"launch: error: {known}", file=sys.stderr, flush=True)
         return 2 if isinstance(known, RecipeError) else 1

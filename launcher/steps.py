@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .data import describe, size
-from .recipe import RecipeError
+from .errors import RecipeError
 
 
 @dataclass

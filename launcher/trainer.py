@@ -37,10 +37,10 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from . import checkpoint, data, hang, health, preflight, steps
 from . import engine as engines
+from .errors import RecipeError, Stopped, TrainingError
 from .modules import buffers_kept
 from .optim import default_optimizer
 from .plan import Plan
-from .recipe import RecipeError
 from .sinks import Sinks
 from .stop import Stop
 
@@ -55,18 +55,6 @@ CPU_ATTENTION = {
 }
 METRICS_NEED = ("metrics(hp) needs the step's predictions: return {'loss': ..., 'preds': ..., 'target': ...} from the "
                 "step (metric.update(preds, target) receives them)")
-
-
-class TrainingError(Exception):
-    """A failure the user reads as one plain line (no traceback): what happened and what to do."""
-
-
-class Stopped(Exception):
-    """Every rank stopped on a signal, after saving a checkpoint."""
-
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"stopped by signal {signum} at step {step}")
-        self.signum, self.step = signum, step
 
 
 class Trainer:

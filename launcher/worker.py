@@ -16,11 +16,9 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, group, hang, recipe, trainer
-from .checkpoint import CheckpointError
+from .errors import PLAIN, CheckpointError, RecipeError, Stopped, TrainingError
 from .plan import PARENT_ENV, Plan
 
-# failures that explain themselves in one line; anything else is shown with its traceback
-PLAIN = (trainer.TrainingError, CheckpointError, recipe.RecipeError)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
 # errors that follow from another rank's failure (spawn.root_cause looks further)
 LOST_PEER = re.compile(r"connection (closed|reset|refused)|broken pipe|by peer|remote process exited|timed out|"
@@ -89,7 +87,7 @@ def record(e: BaseException, path: str) -> None:
         "message": {"message": f"{type(e).__name__}: {e}",
                     "extraInfo": {"py_callstack": traceback.format_exc()[-RESERVED // 2:],
                                   "timestamp": str(int(now))}},
-        "launcher": {"time": now, "plain": isinstance(e, PLAIN), "usage": isinstance(e, recipe.RecipeError),
+        "launcher": {"time": now, "plain": isinstance(e, PLAIN), "usage": isinstance(e, RecipeError),
                      "text": str(e), "peer": bool(LOST_PEER.search(str(e)))},
     }
     text = json.dumps(data).encode()
@@ -104,15 +102,15 @@ def explain(e: Exception, plan: Plan) -> Exception:
     silent; DDP's unfinished reduction, parameters without a gradient; a full disk, wherever it was met."""
     if checkpoint.disk_full(e) and not isinstance(e, CheckpointError):
         written = next((c.filename for c in checkpoint.causes(e) if getattr(c, "filename", None)), plan.run_dir)
-        return trainer.TrainingError(checkpoint.no_space(f"writing {written}", Path(written).parent, plan.run_dir))
+        return TrainingError(checkpoint.no_space(f"writing {written}", Path(written).parent, plan.run_dir))
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if re.search(r"timed out waiting|collective operation timeout", text, re.I):
-        return trainer.TrainingError(
+        return TrainingError(
             f"a collective waited {plan.timeout:g} s (--timeout) for a rank that stopped responding ({text}); "
             + (hang.silent(plan.run_dir, plan.world_size, plan.timeout)
                or f"the silent rank's output is under {plan.run_dir}/logs"))
     if "Expected to have finished reduction in the prior iteration" in text:  # DDP, a step after the first
-        return recipe.RecipeError(
+        return RecipeError(
             "some parameters got no gradient in a step, which DDP cannot reduce: set find_unused_parameters = True "
             "in the recipe (or pass --find-unused-parameters) when parameters take part only in some steps")
     return e
@@ -128,7 +126,7 @@ def main() -> None:
         reserve(error_file)
     try:
         run(plan)
-    except trainer.Stopped as stopped:
+    except Stopped as stopped:
         sys.exit(128 + stopped.signum)
     except Exception as e:
         if not error_file:
