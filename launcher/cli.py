@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import checkpoint, health, rundir, slurm, spawn, zero
+from . import checkpoint, debugging, rundir, slurm, spawn, zero
 from . import recipe as recipes
 from .errors import CheckpointError, RecipeError
 from .plan import Plan
@@ -104,7 +104,7 @@ def base_parser(add_help: bool) -> Parser:
                         "forward passes and a hash of every split on rank zero, then one step in 25)")
     g.add_argument("--overfit-batches", type=int, default=0, metavar="N",
                    help="train on N fixed batches without augmentation, weight decay, dropout or label smoothing "
-                        f"until the loss is below a tenth of its start (at most {health.OVERFIT_STEPS}·N steps, or "
+                        f"until the loss is below a tenth of its start (at most {debugging.OVERFIT_STEPS}·N steps, or "
                         "--max-steps), else fail")
     g.add_argument("--find-lr", action="store_true",
                    help="a learning-rate range test instead of training: --max-steps (default 100) steps from 1e-7 "

@@ -2,9 +2,9 @@
 wide on purpose, so that a healthy recipe raises no warning (the pre-flight checks are preflight.py's).
 
 During training (Monitor), on sampled steps: per-layer gradient norms, update-to-weight ratios, dead ReLUs.
-At the end, a verdict from the loss curves that knows when a run is too short or too noisy to judge. And the
-two debugging modes' arithmetic: --overfit-batches' regularisation switch, --find-lr's sweep, stop and
-suggestion. Every warning says in plain words what looks wrong, with the numbers and what to do.
+At the end, a verdict from the loss curves that knows when a run is too short or too noisy to judge (the
+debugging modes are debugging.py's). Every warning says in plain words what looks wrong, with the numbers
+and what to do.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from itertools import accumulate
-from pathlib import Path
 
 from torch import nn
 
@@ -206,102 +205,3 @@ def verdict_text(findings: list[str], unjudged: list[str], train: list[tuple[int
     first, end, _ = ends(losses, initial)
     return (f"verdict: no sign of trouble (training loss {first:.4g} → {end:.4g})"
             + "".join(f"; {u}" for u in unjudged))
-
-
-# ---------------------------------------------------------------- debugging modes
-
-OVERFIT_GOAL = 0.1  # --overfit-batches passes once a pass's mean loss is below this fraction of the first pass's
-# --overfit-batches' budget of steps per batch, under the recipe's schedule stretched over it: the run ends as soon as
-# the batches are memorised, so a long budget costs a healthy model nothing and keeps its learning rate near the peak
-# while it memorises (squeezed into 50 steps, CIFAR's warm-up and decay left it at 19 % of its start)
-OVERFIT_STEPS = 300
-SWEEP = (1e-7, 10.0)  # --find-lr's range of learning rates
-SMOOTHING = 0.9  # --find-lr: the exponential moving average of the loss
-
-
-def without_regularisation(module: nn.Module, optimizer, loss_fn) -> list[str]:
-    """--overfit-batches: weight decay, dropout and label smoothing off; says what it turned off."""
-    off = []
-    if any(g.get("weight_decay") for g in optimizer.param_groups):
-        for g in optimizer.param_groups:
-            g["weight_decay"] = 0.0
-        off.append("weight decay")
-    dropouts = [m for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
-    for m in dropouts:
-        m.p = 0.0
-    if dropouts:
-        off.append("dropout")
-    if getattr(loss_fn, "label_smoothing", 0):
-        loss_fn.label_smoothing = 0.0
-        off.append("label smoothing")
-    return off
-
-
-def memorised(losses: list[float], batches: int) -> tuple[float, float, bool]:
-    """--overfit-batches: (the mean loss of the first pass over the batches, of the last whole pass, whether the
-    last is below OVERFIT_GOAL × the first). Each pass sees every batch once: the means compare like with like."""
-    whole = len(losses) // batches * batches
-    first, last = statistics.fmean(losses[:batches]), statistics.fmean(losses[whole - batches:whole])
-    return first, last, whole > batches and last < OVERFIT_GOAL * first
-
-
-def sweep(steps: int) -> list[float]:
-    low, high = SWEEP
-    return [low * (high / low) ** (t / max(1, steps - 1)) for t in range(steps)]
-
-
-def smoothed(losses: list[float]) -> list[float]:
-    out, average = [], 0.0
-    for t, loss in enumerate(losses, start=1):
-        average = SMOOTHING * average + (1 - SMOOTHING) * loss
-        out.append(average / (1 - SMOOTHING ** t))  # bias-corrected: the first values are not pulled to 0
-    return out
-
-
-def diverged(tried: list[tuple[float, float]]) -> bool:
-    """The sweep stops once the smoothed loss is not finite or 4 × its lowest value."""
-    if not math.isfinite(tried[-1][1]):
-        return True
-    curve = smoothed([loss for _, loss in tried])
-    return len(curve) > 5 and curve[-1] > 4 * min(curve)
-
-
-def lr_finding(tried: list[tuple[float, float]], path: Path) -> dict:
-    """The suggested learning rate (where the smoothed loss falls fastest against log lr, before its
-    minimum), the curve drawn into `path`, and the event's values and line."""
-    tried = [(lr, loss) for lr, loss in tried if math.isfinite(loss)]
-    lrs, curve = [lr for lr, _ in tried], smoothed([loss for _, loss in tried])
-    lowest = min(range(len(curve)), key=curve.__getitem__) if curve else 0
-    slopes = [(curve[i + 1] - curve[i - 1]) / math.log(lrs[i + 1] / lrs[i - 1]) for i in range(1, lowest)]
-    suggested = lrs[1 + min(range(len(slopes)), key=slopes.__getitem__)] if slopes else None
-    plot_lr(lrs, [loss for _, loss in tried], curve, suggested, path)
-    values = {"suggested_lr": suggested, "min_loss_lr": lrs[lowest] if lrs else None, "lrs": lrs,
-              "losses": [loss for _, loss in tried]}
-    if suggested is None:
-        line = (f"find-lr: no suggestion: the loss did not fall over {len(lrs)} steps from {SWEEP[0]:g}; run more "
-                f"steps (--max-steps) or check the model with --overfit-batches → {path}")
-    else:
-        line = (f"find-lr: suggested learning rate {suggested:.2g} (the smoothed loss falls fastest there; its "
-                f"minimum is at {lrs[lowest]:.2g}, usually ten times too high to train at) → {path}")
-    return {"values": values, "line": line}
-
-
-def plot_lr(lrs, losses, curve, suggested, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    ax.plot(lrs, losses, color="0.75", linewidth=1, label="loss")
-    ax.plot(lrs, curve, color="C0", linewidth=2, label="smoothed")
-    if suggested:
-        ax.axvline(suggested, color="C3", linestyle="--", label=f"suggested {suggested:.2g}")
-    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="learning-rate range test")
-    finite = [v for v in curve if math.isfinite(v)]
-    if finite:
-        ax.set_ylim(min(finite) * 0.9, min(max(finite), 4 * min(finite)) * 1.1)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

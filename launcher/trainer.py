@@ -35,7 +35,7 @@ from types import ModuleType
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from . import checkpoint, data, hang, health, preflight, steps
+from . import checkpoint, data, debugging, hang, health, preflight, steps
 from . import engine as engines
 from .errors import RecipeError, Stopped, TrainingError
 from .modules import buffers_kept
@@ -69,7 +69,8 @@ class Trainer:
         self.augment = splits.augment
         size = self.train_data.size
         if size is None:  # a stream without a length: one epoch, as long as the run
-            self.steps_per_epoch = plan.max_steps or health.OVERFIT_STEPS * plan.overfit_batches or 100 * plan.find_lr
+            self.steps_per_epoch = (plan.max_steps or debugging.OVERFIT_STEPS * plan.overfit_batches
+                                    or 100 * plan.find_lr)
             if not self.steps_per_epoch:
                 raise RecipeError("the training split is a stream without a length: give --max-steps N, or define "
                                   "__len__ on it (the samples of one epoch)")
@@ -83,7 +84,7 @@ class Trainer:
                 raise TrainingError(f"--overfit-batches {plan.overfit_batches}: the training set holds only "
                                     f"{self.steps_per_epoch} batches of {plan.batch_size}")
             self.steps_per_epoch, self.augment, self.evals = plan.overfit_batches, None, {}
-            self.total = plan.max_steps or health.OVERFIT_STEPS * plan.overfit_batches
+            self.total = plan.max_steps or debugging.OVERFIT_STEPS * plan.overfit_batches
         if plan.find_lr:
             self.total = plan.max_steps or 100
         if plan.early_stop and "val" not in self.evals:
@@ -104,7 +105,7 @@ class Trainer:
         self.initial = report.values.get("initial_loss") if report else None  # where the verdict's curve starts
         make_optimizer = getattr(recipe, "optimizer", default_optimizer)
         self.engine = engines.build(acc, plan, module, lambda m: make_optimizer(m, hp, self.total))
-        self.unregularised = health.without_regularisation(module, self.engine.optimizer, self.loss_fn) \
+        self.unregularised = debugging.without_regularisation(module, self.engine.optimizer, self.loss_fn) \
             if plan.overfit_batches else []
         self.metrics = {k: m.to(device) for k, m in recipe.metrics(hp).items()} if hasattr(recipe, "metrics") else {}
         self.monitor, self.mode = getattr(recipe, "best", ("val/loss", "min"))
@@ -186,7 +187,7 @@ class Trainer:
         spe, plan = self.steps_per_epoch, self.plan
         self.window[0] = time.perf_counter()
         if plan.find_lr:
-            return self.lr_range_test()
+            return debugging.find_lr(self)
         with Stop(self.world) as stop:
             for epoch in range(self.step // spe, math.ceil(self.total / spe)):
                 first, last = self.step - epoch * spe, min(spe, self.total - epoch * spe)
@@ -207,33 +208,6 @@ class Trainer:
         order = 0 if plan.overfit_batches else epoch  # overfitting: epoch 0's first batches, every epoch
         return self.train_data.train_epoch(plan.seed, order, first, last, plan.batch_size, plan.grad_accum,
                                            self.world, self.rank)
-
-    def lr_range_test(self) -> dict:
-        """--find-lr: every optimizer step at a learning rate growing geometrically from 1e-7 to 10 (each param
-        group keeping its ratio to the largest), until the smoothed loss diverges; rank zero then suggests a
-        rate and draws the curve. Nothing is evaluated or saved."""
-        groups = self.engine.optimizer.param_groups
-        bases = [g["lr"] for g in groups]
-        top, tried = max(bases), []
-        for t, lr in enumerate(health.sweep(self.total)):
-            if t % self.steps_per_epoch == 0:
-                batches = self.epoch_batches(t // self.steps_per_epoch, 0, self.steps_per_epoch)
-            for g, base in zip(groups, bases, strict=True):
-                g["lr"] = lr * base / top
-            self.train_step(batches)
-            self.log()  # the loss, averaged over the ranks: every rank stops at the same point
-            tried.append((lr, self.history["train"][-1][1]))
-            if self.skipped or health.diverged(tried):
-                break
-        if self.sinks:
-            path = Path(self.plan.run_dir) / "lr_find.png"
-            found = health.lr_finding(tried, path)
-            if self.sinks.wandb:
-                import wandb
-
-                self.sinks.wandb.log({"lr_find": wandb.Image(str(path))})
-            self.sinks.event(self.step, "find_lr", found["values"], found["line"])
-        return {}
 
     def train_step(self, batches) -> None:
         plan, engine, model, K = self.plan, self.engine, self.engine.model, self.plan.grad_accum
@@ -358,7 +332,7 @@ class Trainer:
         if step % plan.log_every == 0 or step == self.total:
             self.log()
         if plan.overfit_batches and step % plan.overfit_batches == 0:
-            return health.memorised([loss for _, loss in self.history["train"]], plan.overfit_batches)[2]
+            return debugging.memorised([loss for _, loss in self.history["train"]], plan.overfit_batches)[2]
         epoch_end = step % spe == 0 and plan.eval_epochs and (step // spe) % plan.eval_epochs == 0
         validate = (plan.eval_every and step % plan.eval_every == 0) or epoch_end
         if "val" in self.evals and validate and self.validate():
@@ -377,7 +351,7 @@ class Trainer:
             final.update(self.evaluate("test"))
         self.engine.sync_buffers()  # every rank ends with the same model, buffers included
         if self.plan.overfit_batches:
-            self.overfit_report()
+            debugging.overfit_report(self)
         elif self.sinks and self.plan.health:
             findings, unjudged = health.verdict(self.history["train"], self.history["val"], self.watch, self.initial)
             self.sinks.event(self.step, "verdict", {"findings": findings, "not_judged": unjudged},
@@ -385,20 +359,6 @@ class Trainer:
         if self.saved_at != self.step:
             self.save(self.step_dir())
         return final
-
-    def overfit_report(self) -> None:
-        """--overfit-batches: did the loss on the fixed batches go near zero? The run fails when it did not."""
-        n, off = self.plan.overfit_batches, ", ".join(self.unregularised) or "nothing to turn off"
-        first, last, passed = health.memorised([loss for _, loss in self.history["train"]], n)
-        what = (f"the training loss on {n} fixed batch{'es' if n > 1 else ''} went from {first:.4g} to {last:.4g} in "
-                f"{self.step} steps ({100 * last / first:.1f} % of its start; without augmentation, {off})")
-        if not passed:
-            raise TrainingError(f"overfit: {what}, not near zero. A model that cannot memorise a few batches has a "
-                                "bug: check that the labels belong to the inputs, the loss, the learning rate "
-                                "(--find-lr), and that every layer gets gradients")
-        if self.sinks:
-            self.sinks.event(self.step, "overfit", {"first_loss": first, "last_loss": last, "passed": True},
-                             f"overfit: passed: {what}. The model, loss and labels can learn: now train on all data")
 
     # ------------------------------------------------------------------ logging and evaluation
 
