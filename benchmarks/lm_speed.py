@@ -91,14 +91,14 @@ def instructions(hp: dict, tmp: Path) -> None:
 def one_process(rounds: int, steps: int, hp: dict, tmp: Path) -> None:
     import torch
 
-    from launcher import cli, group, sinks, trainer, worker
+    from launcher import cli, group, record, sinks, trainer, worker
 
     torch.set_num_threads(1)
     total = (rounds + 1) * steps  # the first round warms up
     command = launch_cmd(1, total, tmp / "run", hp)
     plan, recipe, rhp, _ = cli.parse([str(c) for c in command[1:]])
     Path(plan.run_dir).mkdir()
-    sinks.write_json(Path(plan.run_dir) / "config.json", cli.record(plan))
+    sinks.write_json(Path(plan.run_dir) / "config.json", record.record(plan))
     worker.steady_host_memory()
     ours = trainer.Trainer(plan, group.accelerator(plan), recipe, rhp)
     if ours.steps_per_epoch < total:

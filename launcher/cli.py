@@ -6,31 +6,22 @@ import argparse
 import dataclasses
 import difflib
 import errno
-import importlib.metadata
 import json
 import math
 import netrc
 import os
-import platform
 import secrets
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from . import checkpoint, debugging, rundir, slurm, spawn, zero
+from . import checkpoint, debugging, record, rundir, slurm, spawn, zero
 from . import recipe as recipes
-from .errors import CheckpointError, RecipeError
+from .errors import RecipeError, UsageError
 from .plan import Plan
-from .sinks import warn, write_json
+from .sinks import write_json
 
 USAGE = "launch RECIPE [launcher flags] [recipe hyperparameter flags]"
 DEBUG_STEPS = 30
-
-
-class UsageError(Exception):
-    pass
 
 
 class Parser(argparse.ArgumentParser):
@@ -357,58 +348,6 @@ def _where(args: argparse.Namespace) -> tuple[str, int]:
     return device, nproc
 
 
-def _run_dir(args: argparse.Namespace, stem: str) -> tuple[Path, str, Path | None, dict]:
-    """(run directory, run name, checkpoint to resume from, its manifest)."""
-    resume = None
-    if args.resume and args.resume != "auto":
-        given = Path(args.resume).resolve()
-        if not given.exists():
-            raise UsageError(f"--resume {args.resume}: no such checkpoint or run directory")
-        resume = given
-        if (given / "checkpoints").is_dir():  # a run directory: its newest complete checkpoint
-            resume = checkpoint.latest(given, warn)
-            if resume is None:
-                raise UsageError(f"--resume {args.resume}: the run directory holds no complete checkpoint")
-    if args.resume == "auto" and not (args.name or args.run_dir):
-        raise UsageError("--resume auto needs --run-dir or --name: the run to continue (each run without them gets "
-                         "a new directory)")
-    if args.nodes > 1 and not (args.name or args.run_dir) and not args.slurm:
-        raise UsageError(f"--nodes {args.nodes} needs --run-dir or --name: every node must use the same run "
-                         "directory, on a filesystem they share")
-    if args.name:
-        name = args.name
-    elif args.run_dir:
-        name = Path(args.run_dir).resolve().name
-    elif resume and resume.parent.name == "checkpoints":
-        name = resume.parent.parent.name
-    else:
-        name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.run_dir:
-        run_dir = Path(args.run_dir).resolve()
-    elif resume and resume.parent.name == "checkpoints" and not args.name:
-        run_dir = resume.parent.parent  # continue the run the checkpoint belongs to
-    else:
-        run_dir = (Path("runs") / name).resolve()
-    live = rundir.holder(run_dir) if args.node_rank == 0 else None
-    if live:
-        raise UsageError(rundir.busy(run_dir, live))
-    continuing = args.resume == "auto" or (resume is not None and run_dir in resume.parents)
-    if not continuing and args.node_rank == 0 and (run_dir / "config.json").exists():
-        raise UsageError(f"run directory {run_dir} already holds a run; continue it with --resume auto, or choose "
-                         "another --run-dir or --name")
-    if args.resume == "auto":
-        resume = checkpoint.latest(run_dir, warn)
-        if resume is None and args.node_rank == 0 and (run_dir / "config.json").exists():
-            print(f"launch: no checkpoint in {run_dir}: starting fresh", flush=True)
-    manifest = {}
-    if resume:
-        try:
-            manifest = checkpoint.check(resume)
-        except CheckpointError as e:
-            raise UsageError(f"--resume: {e}") from None
-    return run_dir, name, resume, manifest
-
-
 def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
     _check_numbers(args)
     _check_slurm(args)
@@ -421,7 +360,7 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
                          f"accumulation step(s) = {world * accum}: it is the global batch of one optimizer step")
     if hp.epochs < 1 and args.max_steps is None:
         raise UsageError(f"--epochs must be at least 1, not {hp.epochs}")
-    run_dir, name, resume, manifest = _run_dir(args, recipe_path.stem)
+    run_dir, name, resume, manifest = rundir.choose(args, recipe_path.stem)
     previous = run_dir / "config.json"
     try:
         wandb_id = json.loads(previous.read_text())["plan"].get("wandb_id") if previous.exists() else None
@@ -457,7 +396,7 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
         except zero.ConfigError as e:
             raise UsageError(str(e)) from None
     if manifest:
-        _compare(plan, manifest)
+        rundir.compare(plan, manifest)
     return plan
 
 
@@ -476,47 +415,6 @@ def default_wandb_mode() -> str:
         return "offline"
 
 
-def record(plan: Plan) -> dict:
-    """config.json: the plan with secret-looking hyperparameters masked, the code's commit, the versions."""
-    return {"plan": {**dataclasses.asdict(plan), "hparams": plan.public_hparams()},
-            "git": _git(Path(plan.recipe).parent),
-            "versions": _versions()}
-
-
-def _git(where: Path) -> dict | None:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
-    try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for pkg in ("launcher", "torch", "accelerate", "deepspeed", "wandb", "torchmetrics", "numpy"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return versions
-
-
-def describe(plan: Plan) -> str:
-    where = (f"{plan.nproc} GPU process{'es' if plan.nproc > 1 else ''} (nccl)" if plan.device == "cuda"
-             else f"{plan.nproc} CPU process{'es' if plan.nproc > 1 else ''}{' (gloo)' if plan.nproc > 1 else ''}")
-    if plan.nnodes > 1:
-        where += f" on node {plan.node_rank} of {plan.nnodes}"
-    resume = f" · resuming from {plan.resume}" if plan.resume else ""
-    if plan.engine == "fsdp":
-        where += f" · FSDP2 {plan.sharding}{' with CPU offload' if plan.offload != 'none' else ''}"
-    if plan.engine == "deepspeed":
-        where += f" · DeepSpeed ZeRO-{plan.zero}{f' offload {plan.offload}' if plan.offload != 'none' else ''}"
-    return (f"launch: {Path(plan.recipe).name}{' (debug)' if plan.debug else ''} · {where} · {plan.precision}"
-            f" · W&B {plan.wandb} · run dir {plan.run_dir}{resume}")
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
@@ -527,7 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         plan, module, hp, args = parse(argv)
         if args.slurm:
-            sys.exit(submit(plan, args, argv))
+            options = {o: a.nargs != 0 for a in base_parser(add_help=False)._actions for o in a.option_strings}
+            sys.exit(slurm.submit_run(plan, args, argv, options))
         if hasattr(module, "prepare"):
             try:
                 module.prepare(hp)  # once per node, before any process starts: downloads, caches
@@ -547,59 +446,20 @@ def main(argv: list[str] | None = None) -> None:
             raise UsageError(f"cannot host the rendezvous on {plan.master_addr}:{plan.master_port} "
                              f"({e.strerror or e}): {_port_advice(e)}") from None
         if plan.node_rank == 0:  # node 0 owns the run directory: its lock, for as long as this process lives
-            try:  # the last check: the run directory is created only when everything else holds
-                rundir.claim(Path(plan.run_dir))
-                checkpoint.clean(plan.run_dir)
-            except rundir.InUse as e:
-                raise UsageError(str(e)) from None
+            rundir.claim(Path(plan.run_dir))  # the last check: the directory is made only when all else holds
+            checkpoint.clean(plan.run_dir)
     except UsageError as e:
         print(f"launch: error: {e}", file=sys.stderr)
         sys.exit(2)
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
     if plan.node_rank == 0:  # and its record
-        write_json(Path(plan.run_dir) / "config.json", record(plan))
+        write_json(Path(plan.run_dir) / "config.json", record.record(plan))
     try:
-        code = spawn.launch(plan, sock, describe(plan))
+        code = spawn.launch(plan, sock, record.banner(plan))
     except KeyboardInterrupt:
         print("launch: interrupted", file=sys.stderr)
         code = 130
     sys.exit(code)
-
-
-def submit(plan: Plan, args: argparse.Namespace, argv: list[str]) -> int:
-    """--slurm: the batch script for this run; printed with --dry-run, else written and submitted."""
-    options = {o: a.nargs != 0 for a in base_parser(add_help=False)._actions for o in a.option_strings}
-    try:
-        secret = {"--" + k.replace("_", "-") for k in plan.secret_hparams() if not isinstance(plan.hparams[k], bool)}
-        command, secrets = slurm.hide_secrets(slurm.node_command(argv, args.recipe, options), secret)
-        script = slurm.render(plan, args, command, sys.executable, Path.cwd())
-        if args.dry_run:
-            print(script, end="")
-            return 0
-        run_dir = Path(plan.run_dir)
-        created = [p for p in (*reversed(run_dir.parents), run_dir) if not p.exists()]
-        rundir.make(run_dir)
-        if not (run_dir / "config.json").exists():  # marks the directory taken until the job writes its own
-            created.append(run_dir / "config.json")
-            write_json(run_dir / "config.json", record(plan))
-        try:
-            job = slurm.submit(script, secrets)
-        except slurm.SlurmError:
-            for path in reversed(created):  # a refused job leaves nothing that would block the next try
-                path.rmdir() if path.is_dir() else path.unlink()
-            raise
-        (run_dir / "slurm.sbatch").write_text(script)  # what was submitted, to submit again by hand
-    except (slurm.SlurmError, rundir.InUse) as e:
-        raise UsageError(str(e)) from None
-    where = f"{plan.nproc} GPU{'s' if plan.nproc > 1 else ''}" if plan.device == "cuda" else \
-        f"{plan.nproc} CPU process{'es' if plan.nproc > 1 else ''}"
-    print(f"launch: submitted job {job}: {plan.nnodes} node{'s' if plan.nnodes > 1 else ''} × {where}, "
-          f"run dir {run_dir}\n"
-          f"  script:  {shlex.quote(str(run_dir / 'slurm.sbatch'))}\n"
-          f"  follow:  tail -f {shlex.quote(str(run_dir / f'slurm-{job}.out'))}\n"
-          f"  status:  squeue -j {job}\n"
-          f"  cancel:  scancel {job}", flush=True)
-    return 0
 
 
 def _port_advice(e: OSError) -> str:
@@ -608,21 +468,3 @@ def _port_advice(e: OSError) -> str:
     if e.errno == errno.EADDRNOTAVAIL:
         return "that is not an address of this machine; run node 0 on --master-addr"
     return "check --master-addr and --master-port"
-
-
-def _compare(plan: Plan, manifest: dict) -> None:
-    """Refuse a checkpoint another engine wrote (each keeps its state its own way); warn when the run resumes
-    with other settings than its checkpoint was trained with."""
-    engine = manifest.get("engine", "ddp")
-    if engine != plan.engine:
-        raise UsageError(f"{plan.resume} was written by --engine {engine}: resume it with that engine, or take its "
-                         f"weights with `launch export {plan.resume}`")
-    if engine == "deepspeed" and manifest.get("world_size") != plan.world_size:
-        raise UsageError(f"{plan.resume} holds DeepSpeed partitions for {manifest.get('world_size')} processes: "
-                         f"resume it on as many, not {plan.world_size}")
-    saved = {**manifest.get("hparams", {}), "seed": manifest.get("seed"), "grad_accum": manifest.get("grad_accum")}
-    now = {**plan.hparams, "seed": plan.seed, "grad_accum": plan.grad_accum}
-    secret = plan.secret_hparams()
-    changed = [f"{k} {saved[k]!r} → {now[k]!r}" for k in now if k in saved and saved[k] != now[k] and k not in secret]
-    if changed:
-        warn(f"resuming with other settings than the checkpoint was saved with: {', '.join(changed)}")

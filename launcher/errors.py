@@ -2,6 +2,10 @@
 the code that reports it (worker.py, spawn.py, cli.py) need not import each other."""
 
 
+class UsageError(Exception):
+    """Bad input, told before anything starts: one line, exit 2."""
+
+
 class RecipeError(Exception):
     """A recipe that cannot be used as written; the CLI shows it as one line and exits 2."""
 

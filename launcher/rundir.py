@@ -1,4 +1,5 @@
-"""One live run per run directory: node 0's launcher holds an exclusive lock on RUN_DIR/.lock for as long as
+"""The run directory: which one a launch writes to and what it resumes from (choose), and one live run per
+run directory: node 0's launcher holds an exclusive lock on RUN_DIR/.lock for as long as
 it lives, and writes who it is into the file. The kernel releases the lock when that process ends, however it
 ends (its workers die with it), so a dead run never leaves it behind; a second launch, or a Slurm job
 resubmitted while the first still runs, is refused and told which run holds the directory."""
@@ -12,13 +13,14 @@ import time
 from pathlib import Path
 from typing import IO
 
+from . import checkpoint
+from .errors import CheckpointError, UsageError
+from .plan import Plan
+from .sinks import warn
+
 LOCK = ".lock"
 UNNAMED = "a run that has not said who it is yet"  # between taking the lock and writing into it
 _held: list[IO] = []  # open for the rest of this process's life: closing the file would release the lock
-
-
-class InUse(Exception):
-    """The run directory is held by a live run (or cannot be made ours): one line, exit 2."""
 
 
 def holder(run_dir: Path) -> str | None:
@@ -38,11 +40,11 @@ def make(run_dir: Path) -> None:
     """Create the run directory if need be, or say in one line why it cannot be."""
     blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
     if blocking:
-        raise InUse(f"--run-dir {run_dir}: {blocking} is a file, not a directory")
+        raise UsageError(f"--run-dir {run_dir}: {blocking} is a file, not a directory")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise InUse(f"--run-dir {run_dir} cannot be created: {e.strerror or e}") from None
+        raise UsageError(f"--run-dir {run_dir} cannot be created: {e.strerror or e}") from None
 
 
 def claim(run_dir: Path) -> None:
@@ -51,14 +53,14 @@ def claim(run_dir: Path) -> None:
     try:
         f = open(run_dir / LOCK, "a+")
     except OSError as e:
-        raise InUse(f"--run-dir {run_dir} cannot be written: {e.strerror or e}") from None
+        raise UsageError(f"--run-dir {run_dir} cannot be written: {e.strerror or e}") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         who = f.read().strip()
         f.close()
-        raise InUse(busy(run_dir, who or UNNAMED)) from None
+        raise UsageError(busy(run_dir, who or UNNAMED)) from None
     job = os.environ.get("SLURM_JOB_ID")
     f.truncate(0)
     f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
@@ -70,3 +72,74 @@ def claim(run_dir: Path) -> None:
 def busy(run_dir: Path, who: str) -> str:
     return (f"run directory {run_dir} is in use by a live run ({who}): wait for it to end, stop it, or choose "
             "another --run-dir or --name")
+
+
+def choose(args, stem: str) -> tuple[Path, str, Path | None, dict]:
+    """(run directory, run name, checkpoint to resume from, its manifest) from the flags: --run-dir, --name,
+    --resume (a checkpoint, a run directory, or auto), or a new directory under runs/ named after `stem`."""
+    resume = None
+    if args.resume and args.resume != "auto":
+        given = Path(args.resume).resolve()
+        if not given.exists():
+            raise UsageError(f"--resume {args.resume}: no such checkpoint or run directory")
+        resume = given
+        if (given / "checkpoints").is_dir():  # a run directory: its newest complete checkpoint
+            resume = checkpoint.latest(given, warn)
+            if resume is None:
+                raise UsageError(f"--resume {args.resume}: the run directory holds no complete checkpoint")
+    if args.resume == "auto" and not (args.name or args.run_dir):
+        raise UsageError("--resume auto needs --run-dir or --name: the run to continue (each run without them gets "
+                         "a new directory)")
+    if args.nodes > 1 and not (args.name or args.run_dir) and not args.slurm:
+        raise UsageError(f"--nodes {args.nodes} needs --run-dir or --name: every node must use the same run "
+                         "directory, on a filesystem they share")
+    if args.name:
+        name = args.name
+    elif args.run_dir:
+        name = Path(args.run_dir).resolve().name
+    elif resume and resume.parent.name == "checkpoints":
+        name = resume.parent.parent.name
+    else:
+        name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.run_dir:
+        run_dir = Path(args.run_dir).resolve()
+    elif resume and resume.parent.name == "checkpoints" and not args.name:
+        run_dir = resume.parent.parent  # continue the run the checkpoint belongs to
+    else:
+        run_dir = (Path("runs") / name).resolve()
+    live = holder(run_dir) if args.node_rank == 0 else None
+    if live:
+        raise UsageError(busy(run_dir, live))
+    continuing = args.resume == "auto" or (resume is not None and run_dir in resume.parents)
+    if not continuing and args.node_rank == 0 and (run_dir / "config.json").exists():
+        raise UsageError(f"run directory {run_dir} already holds a run; continue it with --resume auto, or choose "
+                         "another --run-dir or --name")
+    if args.resume == "auto":
+        resume = checkpoint.latest(run_dir, warn)
+        if resume is None and args.node_rank == 0 and (run_dir / "config.json").exists():
+            print(f"launch: no checkpoint in {run_dir}: starting fresh", flush=True)
+    manifest = {}
+    if resume:
+        try:
+            manifest = checkpoint.check(resume)
+        except CheckpointError as e:
+            raise UsageError(f"--resume: {e}") from None
+    return run_dir, name, resume, manifest
+
+
+def compare(plan: Plan, manifest: dict) -> None:
+    """Refuse a checkpoint another engine wrote (each keeps its state its own way); warn when the run resumes
+    with other settings than its checkpoint was trained with."""
+    engine = manifest.get("engine", "ddp")
+    if engine != plan.engine:
+        raise UsageError(f"{plan.resume} was written by --engine {engine}: resume it with that engine, or take its "
+                         f"weights with `launch export {plan.resume}`")
+    if engine == "deepspeed" and manifest.get("world_size") != plan.world_size:
+        raise UsageError(f"{plan.resume} holds DeepSpeed partitions for {manifest.get('world_size')} processes: "
+                         f"resume it on as many, not {plan.world_size}")
+    saved = {**manifest.get("hparams", {}), "seed": manifest.get("seed"), "grad_accum": manifest.get("grad_accum")}
+    now = {**plan.hparams, "seed": plan.seed, "grad_accum": plan.grad_accum}
+    secret = plan.secret_hparams()
+    changed = [f"{k} {saved[k]!r} → {now[k]!r}" for k in now if k in saved and saved[k] != now[k] and k not in secret]
+    if changed:
+        warn(f"resuming with other settings than the checkpoint was saved with: {', '.join(changed)}")

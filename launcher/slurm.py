@@ -13,9 +13,13 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
+from . import record, rundir
+from .errors import UsageError
 from .plan import Plan
+from .sinks import write_json
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "launch.sbatch"
 # sbatch options: flag → #SBATCH option
@@ -204,3 +208,39 @@ def check_step(env: dict, nodes: int, node_rank: int) -> None:
     slurm_rank = int(env.get("SLURM_NODEID", "0"))
     if slurm_rank != node_rank:
         raise SlurmError(f"--node-rank {node_rank}, but Slurm runs this task on node {slurm_rank}")
+
+
+def submit_run(plan: Plan, args, argv: list[str], options: dict[str, bool]) -> int:
+    """--slurm: the batch script for this run; printed with --dry-run, else written and submitted. `options`:
+    the launcher's flags, and whether each takes a value (what node_command keeps of argv)."""
+    try:
+        secret = {"--" + k.replace("_", "-") for k in plan.secret_hparams() if not isinstance(plan.hparams[k], bool)}
+        command, secrets = hide_secrets(node_command(argv, args.recipe, options), secret)
+        script = render(plan, args, command, sys.executable, Path.cwd())
+        if args.dry_run:
+            print(script, end="")
+            return 0
+        run_dir = Path(plan.run_dir)
+        created = [p for p in (*reversed(run_dir.parents), run_dir) if not p.exists()]
+        rundir.make(run_dir)
+        if not (run_dir / "config.json").exists():  # marks the directory taken until the job writes its own
+            created.append(run_dir / "config.json")
+            write_json(run_dir / "config.json", record.record(plan))
+        try:
+            job = submit(script, secrets)
+        except SlurmError:
+            for path in reversed(created):  # a refused job leaves nothing that would block the next try
+                path.rmdir() if path.is_dir() else path.unlink()
+            raise
+        (run_dir / "slurm.sbatch").write_text(script)  # what was submitted, to submit again by hand
+    except SlurmError as e:
+        raise UsageError(str(e)) from None
+    where = f"{plan.nproc} GPU{'s' if plan.nproc > 1 else ''}" if plan.device == "cuda" else \
+        f"{plan.nproc} CPU process{'es' if plan.nproc > 1 else ''}"
+    print(f"launch: submitted job {job}: {plan.nnodes} node{'s' if plan.nnodes > 1 else ''} × {where}, "
+          f"run dir {run_dir}\n"
+          f"  script:  {shlex.quote(str(run_dir / 'slurm.sbatch'))}\n"
+          f"  follow:  tail -f {shlex.quote(str(run_dir / f'slurm-{job}.out'))}\n"
+          f"  status:  squeue -j {job}\n"
+          f"  cancel:  scancel {job}", flush=True)
+    return 0

@@ -7,6 +7,7 @@ import torch
 
 from conftest import ROOT, launch, ok, refused
 from launcher import cli
+from launcher import record as run_record
 
 DIGITS = ROOT / "recipes" / "digits.py"
 CIFAR = ROOT / "recipes" / "cifar.py"
@@ -187,6 +188,6 @@ def test_secrets_stay_out_of_the_run_record(tmp_path):
     recipe.write_text(TYPES_RECIPE + "\n@dataclass\nclass Hparams(Hparams):\n    hub_token: str = ''\n")
     plan, _, _, _ = cli.parse([str(recipe), "--cpu", "--depth", "1", "--hub-token", "SENTINEL-7f3a"])
     assert plan.hparams["hub_token"] == "SENTINEL-7f3a"  # the workers get it
-    record = cli.record(plan)
+    record = run_record.record(plan)
     assert record["plan"]["hparams"]["hub_token"] == "<redacted>"
     assert "SENTINEL" not in str(record)
