@@ -46,6 +46,9 @@ def base_parser(add_help: bool) -> Parser:
     g.add_argument("--master-addr", metavar="HOST", help="with --nodes: node 0's address, reachable from every node")
     g.add_argument("--master-port", type=int, metavar="PORT",
                    help="the rendezvous port on node 0 (default: 29500 with --nodes, else any free port)")
+    g.add_argument("--rendezvous-timeout", type=int, default=60, metavar="SECONDS",
+                   help="with --nodes: how long node 0 waits for every node to join (default 60); the others try to "
+                        "reach it twice, for half as long each")
     g.add_argument("--workers", type=int, metavar="N",
                    help="DataLoader workers per process for per-sample datasets (default: 0 on CPU, 4 on GPU)")
     g.add_argument("--device-data", action=argparse.BooleanOptionalAction, default=True,
@@ -209,7 +212,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
               (args.workers, 0, "--workers"), (args.seed, 0, "--seed"), (args.clip_grad, 0, "--clip-grad"),
               (args.save_every, 0, "--save-every"), (args.keep, 0, "--keep"), (args.early_stop, 0, "--early-stop"),
               (args.max_restarts, 0, "--max-restarts"), (args.nodes, 1, "--nodes"), (args.node_rank, 0, "--node-rank"),
-              (args.master_port, 1, "--master-port"), (args.overfit_batches, 0, "--overfit-batches"))
+              (args.master_port, 1, "--master-port"), (args.overfit_batches, 0, "--overfit-batches"),
+              (args.rendezvous_timeout, 2, "--rendezvous-timeout"))
     for value, low, flag in bounds:
         if value is not None and not value >= low:
             raise UsageError(f"{flag} must be at least {low}, not {value}")
@@ -385,7 +389,7 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
         save_every=args.save_every, keep=args.keep, resume=str(resume) if resume else None,
         max_restarts=args.max_restarts, skip_nonfinite=args.skip_nonfinite or args.find_lr,
         early_stop=args.early_stop, overfit_batches=args.overfit_batches, find_lr=args.find_lr,
-        timeout=args.timeout, debug=args.debug,
+        timeout=args.timeout, rendezvous_timeout=args.rendezvous_timeout, debug=args.debug,
         wandb=args.wandb or ("disabled" if args.debug else default_wandb_mode()),
         wandb_project=args.wandb_project or recipe_path.stem, wandb_entity=args.wandb_entity,
         wandb_id=wandb_id or secrets.token_hex(4),

@@ -20,8 +20,6 @@ from .sinks import detach_terminal
 from .stop import SIGNALS
 
 RENDEZVOUS = "launcher-static"
-RENDEZVOUS_TIMEOUT = 60  # seconds node 0 waits for every other node to join
-CONNECT_TIMEOUT = 30  # per attempt of another node to reach node 0 (torch tries twice, with a pause)
 SHUTDOWN_TIMEOUT = 120  # seconds the workers get to save a checkpoint after SIGTERM / SIGINT
 # the agent SIGKILLs a rank 30 s after it SIGTERMed it: a SIGKILL sooner after the first failure came from outside
 OUTSIDE_KILL = 10
@@ -141,7 +139,8 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
             os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
     port = sock.getsockname()[1] if sock else plan.master_port
-    rendezvous = {"rank": plan.node_rank, "timeout": RENDEZVOUS_TIMEOUT if sock else CONNECT_TIMEOUT}
+    # node 0 waits for every node; another node's attempt to reach it lasts half that (torch tries twice)
+    rendezvous = {"rank": plan.node_rank, "timeout": plan.rendezvous_timeout if sock else plan.rendezvous_timeout // 2}
     if sock:
         rendezvous["listen_fd"] = sock.detach()  # the store owns it from here
     logs = Path(plan.run_dir) / "logs" if single else Path(plan.run_dir) / "logs" / f"node-{plan.node_rank}"

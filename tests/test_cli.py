@@ -53,6 +53,8 @@ BAD = [
     pytest.param([DIGITS, "--cpu", "--nodes", "2", "--node-rank", "2", "--master-addr", "h"],
                  "--node-rank 2 must be below --nodes 2", id="node-rank"),
     pytest.param([DIGITS, "--cpu", "--master-port", "70000"], "is not a port", id="bad-port"),
+    pytest.param([DIGITS, "--cpu", "--rendezvous-timeout", "0"], "--rendezvous-timeout must be at least 2, not 0",
+                 id="rendezvous-timeout"),
     pytest.param([CIFAR, "--cpu", "--val-size", "-1"], "invalid hyperparameters: --val-size must be at least 0",
                  id="hparam-check"),
     pytest.param([DIGITS, "--slurm", "--cpu", "--time", "1:00"], "--time 1:00 leaves under 5 minutes of training "
