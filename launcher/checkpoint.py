@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
+from .text import first_line
 
 STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -169,7 +170,7 @@ def unsafe(file: Path, e: Exception) -> CheckpointError:
     if foreign:
         return CheckpointError(f"{file} cannot be loaded safely: it refers to {foreign}, which is neither a tensor nor "
                                "plain data (a crafted or foreign file?); nothing in it was run")
-    return CheckpointError(f"{file} cannot be loaded safely ({type(e).__name__}: {str(e).strip().splitlines()[0]})")
+    return CheckpointError(f"{file} cannot be loaded safely ({type(e).__name__}: {first_line(e)})")
 
 
 def referenced_globals(file: Path) -> list[str]:

@@ -19,6 +19,7 @@ from . import recipe as recipes
 from .errors import RecipeError, UsageError
 from .plan import Plan
 from .sinks import write_json
+from .text import count
 
 USAGE = "launch RECIPE [launcher flags] [recipe hyperparameter flags]"
 DEBUG_STEPS = 30
@@ -231,8 +232,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--master-port {args.master_port} is not a port (1-65535)")
     cores = len(os.sched_getaffinity(0))
     if args.procs and args.procs > cores and not args.slurm:  # the job's nodes are another matter
-        raise UsageError(f"--procs {args.procs}: this machine gives this command {cores} CPU core"
-                         f"{'s' if cores != 1 else ''}, and each process needs one")
+        raise UsageError(f"--procs {args.procs}: this machine gives this command {count(cores, 'CPU core')}, and "
+                         "each process needs one")
 
 
 def _float(text: str) -> float:

@@ -38,6 +38,7 @@ from torch.utils.data._utils.collate import default_collate_fn_map
 
 from .errors import RecipeError
 from .recipe import Splits
+from .text import first_line
 
 # ---------------------------------------------------------------- batches as trees
 
@@ -137,7 +138,7 @@ def default_collate(samples: list, split: str):
     try:
         return collate(samples)
     except (RuntimeError, TypeError) as e:
-        reason = str(e).strip().splitlines()[0]
+        reason = first_line(e)
         raise RecipeError(f"the {split} split's samples cannot be batched by torch's default_collate ({reason}): "
                           "samples of different shapes need a collate function that pads them, "
                           "Splits(collate_fn=...)") from None

@@ -11,6 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import TrainingError
+from .text import count
 
 OVERFIT_GOAL = 0.1  # --overfit-batches passes once a pass's mean loss is below this fraction of the first pass's
 # --overfit-batches' budget of steps per batch, under the recipe's schedule stretched over it: the run ends as soon as
@@ -116,7 +117,7 @@ def overfit_report(trainer) -> None:
     """--overfit-batches: did the loss on the fixed batches go near zero? The run fails when it did not."""
     n, off = trainer.plan.overfit_batches, ", ".join(trainer.unregularised) or "nothing to turn off"
     first, last, passed = memorised([loss for _, loss in trainer.history["train"]], n)
-    what = (f"the training loss on {n} fixed batch{'es' if n > 1 else ''} went from {first:.4g} to {last:.4g} in "
+    what = (f"the training loss on {count(n, 'fixed batch')} went from {first:.4g} to {last:.4g} in "
             f"{trainer.step} steps ({100 * last / first:.1f} % of its start; without augmentation, {off})")
     if not passed:
         raise TrainingError(f"overfit: {what}, not near zero. A model that cannot memorise a few batches has a "

@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from . import data, steps
 from .errors import RecipeError
 from .modules import buffers_kept
+from .text import count, first_line
 
 SAMPLE_BATCHES = 4
 LABEL_SAMPLE = 2_000  # samples read for the class balance when the dataset holds no label tensor
@@ -78,7 +79,7 @@ def checked(report: Report, what: str, check: Callable[[], None]) -> None:
     except RecipeError:
         raise
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        reason = first_line(e)
         report.lines.append(f"{what:<8} not checked ({type(e).__name__}: {reason})")
 
 
@@ -141,8 +142,7 @@ def classes_fit(name: str, args: dict) -> None:
     valid = target[target != args["ignore_index"]]
     if valid.numel() and (int(valid.max()) >= classes or int(valid.min()) < 0):
         bad = int(valid.max()) if int(valid.max()) >= classes else int(valid.min())
-        plural = "es" if classes != 1 else ""
-        raise RecipeError(f"the model scores {classes} class{plural} (its output is {tuple(scores.shape)}), but a "
+        raise RecipeError(f"the model scores {count(classes, 'class')} (its output is {tuple(scores.shape)}), but a "
                           f"training label is {bad}: labels are class indices 0 … {classes - 1}; make the model's last "
                           "layer output one score per class, or check the labels that data() gives")
 
@@ -202,7 +202,7 @@ def input_stats(firsts: list, report: Report) -> None:
     low, high = flat.min().item(), flat.max().item()
     report.values["inputs"] = {"channels": len(mean), "mean_min": mean.min().item(), "mean_max": mean.max().item(),
                                "std_min": std.min().item(), "std_max": std.max().item(), "min": low, "max": high}
-    what = (f"{len(mean)} channel{'s' if len(mean) > 1 else ''} into {name or 'the model'} "
+    what = (f"{count(len(mean), 'channel')} into {name or 'the model'} "
             f"({type(layer).__name__}): mean {mean.min():.3g} … {mean.max():.3g}"
             f"  std {std.min():.3g} … {std.max():.3g}  min {low:.3g}  max {high:.3g}")
     report.lines.append(f"inputs   {what}")

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 from .plan import Plan
+from .text import count
 
 
 def record(plan: Plan) -> dict:
@@ -40,8 +41,8 @@ def _versions() -> dict:
 
 
 def banner(plan: Plan) -> str:
-    where = (f"{plan.nproc} GPU process{'es' if plan.nproc > 1 else ''} (nccl)" if plan.device == "cuda"
-             else f"{plan.nproc} CPU process{'es' if plan.nproc > 1 else ''}{' (gloo)' if plan.nproc > 1 else ''}")
+    where = (f"{count(plan.nproc, 'GPU process')} (nccl)" if plan.device == "cuda"
+             else f"{count(plan.nproc, 'CPU process')}{' (gloo)' if plan.nproc > 1 else ''}")
     if plan.nnodes > 1:
         where += f" on node {plan.node_rank} of {plan.nnodes}"
     resume = f" · resuming from {plan.resume}" if plan.resume else ""

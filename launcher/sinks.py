@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .plan import Plan
+from .text import first_line
 
 
 def write_text(path: Path, text: str) -> None:
@@ -65,7 +66,7 @@ def start_wandb(plan: Plan, config: dict):
             settings=wandb.Settings(init_timeout=30, silent=True, console="off"),
         )
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        reason = first_line(e)
         warn(f"W&B could not start ({type(e).__name__}: {reason}); "
              f"continuing with local logs in {Path(plan.run_dir) / 'metrics.jsonl'}")
         return None

@@ -20,6 +20,7 @@ from . import record, rundir
 from .errors import UsageError
 from .plan import Plan
 from .sinks import write_json
+from .text import count, first_line
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "launch.sbatch"
 # sbatch options: flag → #SBATCH option
@@ -168,7 +169,7 @@ def render(plan: Plan, args, command: list[str], python: str, cwd: Path) -> str:
     checked = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
     if checked.returncode:
         raise SlurmError(f"--slurm-template {template}: the script it gives is not valid bash: "
-                         f"{checked.stderr.strip().splitlines()[0]}")
+                         f"{first_line(checked.stderr)}")
     return script
 
 
@@ -235,9 +236,8 @@ def submit_run(plan: Plan, args, argv: list[str], options: dict[str, bool]) -> i
         (run_dir / "slurm.sbatch").write_text(script)  # what was submitted, to submit again by hand
     except SlurmError as e:
         raise UsageError(str(e)) from None
-    where = f"{plan.nproc} GPU{'s' if plan.nproc > 1 else ''}" if plan.device == "cuda" else \
-        f"{plan.nproc} CPU process{'es' if plan.nproc > 1 else ''}"
-    print(f"launch: submitted job {job}: {plan.nnodes} node{'s' if plan.nnodes > 1 else ''} × {where}, "
+    where = count(plan.nproc, "GPU" if plan.device == "cuda" else "CPU process")
+    print(f"launch: submitted job {job}: {count(plan.nnodes, 'node')} × {where}, "
           f"run dir {run_dir}\n"
           f"  script:  {shlex.quote(str(run_dir / 'slurm.sbatch'))}\n"
           f"  follow:  tail -f {shlex.quote(str(run_dir / f'slurm-{job}.out'))}\n"

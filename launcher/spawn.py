@@ -18,6 +18,7 @@ from .errors import PLAIN, RecipeError, Stopped
 from .plan import PARENT_ENV, PLAN_ENV, Plan
 from .sinks import detach_terminal
 from .stop import SIGNALS
+from .text import count, first_line
 
 RENDEZVOUS = "launcher-static"
 SHUTDOWN_TIMEOUT = 120  # seconds the workers get to save a checkpoint after SIGTERM / SIGINT
@@ -159,7 +160,7 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
         # local rank 0 talks to this console; the others write to files under logs/
         logs_specs=DefaultLogsSpecs(log_dir=str(logs), redirects={r: Std.ALL for r in range(1, plan.nproc)}),
     )
-    print(f"launch: {plan.nproc} process{'es' if plan.nproc > 1 else ''}"
+    print(f"launch: {count(plan.nproc, 'process')}"
           f"{f' on node {plan.node_rank} of {plan.nnodes}' if not single else ''}, rendezvous on "
           f"{plan.master_addr}:{port}{f', up to {plan.max_restarts} restarts' if plan.max_restarts else ''}",
           flush=True)
@@ -171,7 +172,7 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
         print(f"launch: {_describe(rank, failure, plan.run_dir)}", file=sys.stderr, flush=True)
         return 2 if failure.error_file_data.get("launcher", {}).get("usage") else 1
     except DistError as e:  # the agents' rendezvous: a node that never came, or node 0 out of reach
-        reason = str(e).strip().splitlines()[0]
+        reason = first_line(e)
         print(f"launch: error: the {plan.nnodes} nodes did not meet at "
               f"{plan.master_addr}:{port} ({reason}); start every node with the same --nodes, --master-addr and "
               "--master-port", file=sys.stderr, flush=True)
@@ -213,7 +214,7 @@ def _describe(rank: int, failure, run_dir: str) -> str:
     if ours and ours["plain"]:
         return f"error: rank {rank}: {ours['text']}"
     if ours and ours.get("peer"):  # every failure here follows another's: on another node, which tells the cause
-        return (f"rank {rank} lost another rank ({ours['text'].strip().splitlines()[0]}); the cause is in that "
+        return (f"rank {rank} lost another rank ({first_line(ours['text'])}); the cause is in that "
                 "rank's output")
     message = failure.message
     if isinstance(message, dict):

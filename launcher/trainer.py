@@ -43,6 +43,7 @@ from .optim import default_optimizer
 from .plan import Plan
 from .sinks import Sinks
 from .stop import Stop
+from .text import count
 
 END = object()  # what next(batches, END) gives when a stream has run dry
 # torch 2.13 counts the attention kernels of GPUs, not the CPU's: the same formulas for it (full T×T, as torch
@@ -143,8 +144,8 @@ class Trainer:
             shown = ", ".join(f"{k} {'stream' if v is None else f'{v:,}'}" for k, v in sizes.items())
             self.sinks.print(
                 f"data: {shown} samples · {self.steps_per_epoch} "
-                f"steps/epoch · {self.total} optimizer steps · batch {plan.batch_size} = {self.world} process"
-                f"{'es' if self.world > 1 else ''} × {plan.grad_accum} accumulation × {plan.micro_batch} per device")
+                f"steps/epoch · {self.total} optimizer steps · batch {plan.batch_size} = {count(self.world, 'process')}"
+                f" × {plan.grad_accum} accumulation × {plan.micro_batch} per device")
             if start:
                 self.sinks.print(f"resumed from {start} at step {self.step}")
             if report:
@@ -172,8 +173,7 @@ class Trainer:
         if self.sinks:
             if final is not None:  # None: the run had already finished
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in final.items())
-                plural = "s" if self.skipped > 1 else ""
-                skipped = f"  ({self.skipped} step{plural} skipped: non-finite)" if self.skipped else ""
+                skipped = f"  ({count(self.skipped, 'step')} skipped: non-finite)" if self.skipped else ""
                 self.sinks.print(f"done: {self.step} steps{'  ' + shown if shown else ''}{skipped}  → "
                                  f"{self.plan.run_dir}")
             self.sinks.close(ok=True)

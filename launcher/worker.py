@@ -18,6 +18,7 @@ import torch
 from . import checkpoint, group, hang, recipe, trainer
 from .errors import PLAIN, CheckpointError, RecipeError, Stopped, TrainingError
 from .plan import PARENT_ENV, Plan
+from .text import first_line
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
 # errors that follow from another rank's failure (spawn.root_cause looks further)
@@ -103,7 +104,7 @@ def explain(e: Exception, plan: Plan) -> Exception:
     if checkpoint.disk_full(e) and not isinstance(e, CheckpointError):
         written = next((c.filename for c in checkpoint.causes(e) if getattr(c, "filename", None)), plan.run_dir)
         return TrainingError(checkpoint.no_space(f"writing {written}", Path(written).parent, plan.run_dir))
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = first_line(e)
     if re.search(r"timed out waiting|collective operation timeout", text, re.I):
         return TrainingError(
             f"a collective waited {plan.timeout:g} s (--timeout) for a rank that stopped responding ({text}); "
