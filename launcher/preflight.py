@@ -92,14 +92,8 @@ def shown(report: Report) -> list[str]:
 def check_only(plan, recipe, hp) -> int:
     """`launch RECIPE --check`: the pre-flight report in this process, nothing trained or written; exit 1 when
     something looks wrong."""
-    device = torch.device(plan.device)
-    torch.manual_seed(plan.seed)
-    splits = recipe.data(hp)
-    train, evals = data.loaders(splits, device, 0, plan.device_data)
-    torch.manual_seed(plan.seed)
-    module = steps.model(recipe, hp, device)
-    step, _, _ = steps.steps(recipe, hp, device)
-    report = preflight(module, train, evals, step, splits.augment, plan.micro_batch, plan.seed)
+    parts = steps.build(recipe, hp, plan.seed, torch.device(plan.device), 0, plan.device_data)
+    report = preflight(parts.module, parts.train, parts.evals, parts.step, parts.augment, plan.micro_batch, plan.seed)
     print("\n".join(shown(report)), flush=True)
     return 1 if report.warnings else 0
 

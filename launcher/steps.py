@@ -1,4 +1,5 @@
-"""The step: one batch in, its loss out, with what the loss averages over and what the metrics need.
+"""The step: one batch in, its loss out, with what the loss averages over and what the metrics need; and the
+recipe's parts built the one way --check and training both use (`build`).
 
 A recipe may define `step(model, batch, hp)` (and `eval_step`, for evaluation only) returning
 
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import data
 from .data import describe, size
 from .errors import RecipeError
 
@@ -123,3 +125,26 @@ def model(recipe: ModuleType, hp, device: torch.device) -> nn.Module:
                               "float32 (no .double() / .half() / dtype=...) and choose the precision with "
                               "--precision bf16|fp16")
     return module.to(device)
+
+
+@dataclass
+class Parts:
+    """A recipe made real on a device, as --check and every training process build it."""
+
+    train: data.Loader
+    evals: dict  # split name → data.Loader
+    augment: Callable | None
+    module: nn.Module
+    step: Callable  # (model, batch) -> Output
+    evaluate: Callable
+    loss: Any  # loss(hp), or None
+
+
+def build(recipe: ModuleType, hp, seed: int, device: torch.device, workers: int, device_data: str) -> Parts:
+    """The data, then the model from the same seed on every process whatever data() drew, then the steps."""
+    torch.manual_seed(seed)
+    splits = recipe.data(hp)
+    train, evals = data.loaders(splits, device, workers, device_data)
+    torch.manual_seed(seed)
+    module = model(recipe, hp, device)
+    return Parts(train, evals, splits.augment, module, *steps(recipe, hp, device))

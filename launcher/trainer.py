@@ -64,10 +64,9 @@ class Trainer:
         self.rank, self.world, device = acc.process_index, acc.num_processes, acc.device
         self.main = acc.is_main_process
 
-        torch.manual_seed(plan.seed)
-        splits = recipe.data(hp)
-        self.train_data, self.evals = data.loaders(splits, device, plan.workers, plan.device_data)
-        self.augment = splits.augment
+        parts = steps.build(recipe, hp, plan.seed, device, plan.workers, plan.device_data)
+        self.train_data, self.evals, self.augment = parts.train, parts.evals, parts.augment
+        module, self.step_fn, self.eval_fn, self.loss_fn = parts.module, parts.step, parts.evaluate, parts.loss
         size = self.train_data.size
         if size is None:  # a stream without a length: one epoch, as long as the run
             self.steps_per_epoch = (plan.max_steps or debugging.OVERFIT_STEPS * plan.overfit_batches
@@ -91,9 +90,6 @@ class Trainer:
         if plan.early_stop and "val" not in self.evals:
             raise TrainingError("--early-stop watches the validation split, and the recipe's data() returns none")
 
-        torch.manual_seed(plan.seed)  # the same initial weights on every rank, whatever data() drew
-        module = steps.model(recipe, hp, device)
-        self.step_fn, self.eval_fn, self.loss_fn = steps.steps(recipe, hp, device)
         self.sampler = getattr(recipe, "sample", None)
         self.hp = hp
         self.unit = getattr(recipe, "counts", None)  # what the step's counts count, for throughput
