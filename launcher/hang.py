@@ -55,7 +55,10 @@ class Watchdog:
             idle = time.monotonic() - self.last
             if idle >= self.after and not self.written:
                 self.written = True
-                self.write(idle)
+                try:
+                    self.write(idle)
+                except OSError:  # a full or read-only disk: the stacks are a help, never a new failure
+                    pass
 
     def write(self, idle: float) -> None:
         frames = sys._current_frames()
@@ -65,9 +68,10 @@ class Watchdog:
         where = f"{own[-1].name} ({Path(own[-1].filename).name}:{own[-1].lineno})" if own else "?"
         lines = [f"rank {self.rank} (pid {os.getpid()} on {socket.gethostname()}), no progress for {idle:.0f} s: "
                  f"during step {self.step}, {collectives(self.device)} collectives joined; in {where}\n"]
+        names = {t.ident: t.name for t in threading.enumerate()}
         for ident, frame in frames.items():
             if ident != threading.get_ident():
-                name = "main thread" if ident == main else f"thread {ident:#x}"
+                name = "main thread" if ident == main else f"thread {names.get(ident, hex(ident))}"
                 lines += [f"\n{name} (most recent call last):\n", *traceback.format_stack(frame)]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(lines))

@@ -429,3 +429,17 @@ def test_a_stack_from_an_earlier_stall_is_not_taken_for_this_one(tmp_path, monke
     old = time.time() - 60
     os.utime(hang.folder(tmp_path) / "rank-1.txt", (old, old))
     assert hang.silent(str(tmp_path), 2, timeout=10).startswith("rank 1 wrote no stack")
+
+
+def test_a_watchdog_on_a_full_disk_writes_nothing_and_says_nothing(small_disk, capsys, monkeypatch):
+    """The stacks help when there is room for them; a full disk makes no second failure out of them."""
+    raised = []
+    monkeypatch.setattr(threading, "excepthook", raised.append)
+    dog = hang.Watchdog(str(small_disk), 0, timeout=0.2, device=torch.device("cpu"))
+    fill(small_disk)
+    while not dog.written:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert dog.thread.is_alive() and raised == []  # it watches on, for the next stall
+    dog.stop()
+    assert not (hang.folder(small_disk) / "rank-0.txt").exists() and capsys.readouterr() == ("", "")
