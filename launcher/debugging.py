@@ -123,9 +123,8 @@ def overfit_report(trainer) -> None:
         raise TrainingError(f"overfit: {what}, not near zero. A model that cannot memorise a few batches has a "
                             "bug: check that the labels belong to the inputs, the loss, the learning rate "
                             "(--find-lr), and that every layer gets gradients")
-    if trainer.sinks:
-        trainer.sinks.event(trainer.step, "overfit", {"first_loss": first, "last_loss": last, "passed": True},
-                            f"overfit: passed: {what}. The model, loss and labels can learn: now train on all data")
+    trainer.sinks.event(trainer.step, "overfit", {"first_loss": first, "last_loss": last, "passed": True},
+                        f"overfit: passed: {what}. The model, loss and labels can learn: now train on all data")
 
 
 def find_lr(trainer) -> dict:
@@ -145,7 +144,7 @@ def find_lr(trainer) -> dict:
         tried.append((lr, trainer.history["train"][-1][1]))
         if trainer.skipped or diverged(tried):
             break
-    if trainer.sinks:
+    if trainer.main:  # the suggestion and the curve, from the ranks' common losses
         path = Path(trainer.plan.run_dir) / "lr_find.png"
         found = lr_finding(tried, path)
         if trainer.sinks.wandb:

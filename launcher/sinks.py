@@ -93,7 +93,33 @@ def terminal_lost(e: OSError) -> None:
     detach_terminal()
 
 
+class Silent:
+    """The sinks of every rank but zero: the same calls, nothing written, so that the loop needs no rank guards."""
+
+    wandb = None
+
+    def advance(self) -> None:
+        pass
+
+    def print(self, text: str) -> None:
+        pass
+
+    def log(self, step: int, values: dict, line: str | None = None) -> None:
+        pass
+
+    def event(self, step: int, name: str, values: dict, line: str | None) -> None:
+        pass
+
+    def text(self, step: int, name: str, text: str) -> None:
+        pass
+
+    def close(self, ok: bool) -> None:
+        pass
+
+
 class Sinks:
+    """Rank zero's: the console, metrics.jsonl and W&B."""
+
     def __init__(self, plan: Plan, data: dict, total_steps: int, start_step: int = 0):
         # the launcher wrote config.json; the sizes that data() revealed complete it
         path = Path(plan.run_dir) / "config.json"

@@ -41,7 +41,7 @@ from .errors import RecipeError, Stopped, TrainingError
 from .modules import buffers_kept
 from .optim import default_optimizer
 from .plan import Plan
-from .sinks import Sinks
+from .sinks import Silent, Sinks
 from .stop import Stop
 from .text import count
 
@@ -132,23 +132,21 @@ class Trainer:
         self.flops = None  # per optimizer step, all ranks together: counted in the first step
         self.print_every = 1 if plan.debug else plan.log_every * math.ceil(self.total / 20 / plan.log_every)
         self.printed_eval = -self.print_every
-        self.sinks = None
-        if self.main:  # rank zero alone logs
-            sizes = {"train": self.train_data.size, **{k: v.size for k, v in self.evals.items()}}
-            self.sinks = Sinks(plan, {**sizes, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total},
-                               self.total, self.step)
-            shown = ", ".join(f"{k} {'stream' if v is None else f'{v:,}'}" for k, v in sizes.items())
-            self.sinks.print(
-                f"data: {shown} samples · {self.steps_per_epoch} "
-                f"steps/epoch · {self.total} optimizer steps · batch {plan.batch_size} = {count(self.world, 'process')}"
-                f" × {plan.grad_accum} accumulation × {plan.micro_batch} per device")
-            if start:
-                self.sinks.print(f"resumed from {start} at step {self.step}")
-            if report:
-                *lines, summary = preflight.shown(report)
-                for line in lines:
-                    self.sinks.print(line)
-                self.sinks.event(0, "preflight", {**report.values, "warnings": report.warnings}, summary)
+        sizes = {"train": self.train_data.size, **{k: v.size for k, v in self.evals.items()}}
+        self.sinks = Sinks(plan, {**sizes, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total},
+                           self.total, self.step) if self.main else Silent()  # rank zero alone logs
+        shown = ", ".join(f"{k} {'stream' if v is None else f'{v:,}'}" for k, v in sizes.items())
+        self.sinks.print(
+            f"data: {shown} samples · {self.steps_per_epoch} "
+            f"steps/epoch · {self.total} optimizer steps · batch {plan.batch_size} = {count(self.world, 'process')}"
+            f" × {plan.grad_accum} accumulation × {plan.micro_batch} per device")
+        if start:
+            self.sinks.print(f"resumed from {start} at step {self.step}")
+        if report:
+            *lines, summary = preflight.shown(report)
+            for line in lines:
+                self.sinks.print(line)
+            self.sinks.event(0, "preflight", {**report.values, "warnings": report.warnings}, summary)
 
     # ------------------------------------------------------------------ the loop
 
@@ -156,29 +154,24 @@ class Trainer:
         """Train, evaluate, save, and return the final metrics (the same on every rank)."""
         try:
             final = self._fit()
-        except Stopped as stopped:
-            if self.sinks:  # the launcher's last line tells, from this record
-                self.sinks.event(self.step, "stopped", {"signal": signal.Signals(stopped.signum).name,
-                                                        "checkpoint": str(self.step_dir())}, None)
-                self.sinks.close(ok=False)
+        except Stopped as stopped:  # the launcher's last line tells, from this record
+            self.sinks.event(self.step, "stopped", {"signal": signal.Signals(stopped.signum).name,
+                                                    "checkpoint": str(self.step_dir())}, None)
+            self.sinks.close(ok=False)
             raise
         except BaseException:
-            if self.sinks:
-                self.sinks.close(ok=False)
+            self.sinks.close(ok=False)
             raise
-        if self.sinks:
-            if final is not None:  # None: the run had already finished
-                shown = "  ".join(f"{k} {v:.4f}" for k, v in final.items())
-                skipped = f"  ({count(self.skipped, 'step')} skipped: non-finite)" if self.skipped else ""
-                self.sinks.print(f"done: {self.step} steps{'  ' + shown if shown else ''}{skipped}  → "
-                                 f"{self.plan.run_dir}")
-            self.sinks.close(ok=True)
+        if final is not None:  # None: the run had already finished
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in final.items())
+            skipped = f"  ({count(self.skipped, 'step')} skipped: non-finite)" if self.skipped else ""
+            self.sinks.print(f"done: {self.step} steps{'  ' + shown if shown else ''}{skipped}  → {self.plan.run_dir}")
+        self.sinks.close(ok=True)
         return final or {}
 
     def _fit(self) -> dict | None:
         if self.step >= self.total:
-            if self.sinks:
-                self.sinks.print(f"nothing to do: the run already finished its {self.total} steps")
+            self.sinks.print(f"nothing to do: the run already finished its {self.total} steps")
             return None
         spe, plan = self.steps_per_epoch, self.plan
         self.window[0] = time.perf_counter()
@@ -246,8 +239,7 @@ class Trainer:
             self.count_scale = torch.where(total > 0, total / micro_batches, self.count_scale)
         self.step += 1
         self.window[1] += 1
-        if self.sinks:
-            self.sinks.advance()
+        self.sinks.advance()
         lr = engine.lr()
         if sampled:  # the gradients as the update will see them: without the fp16 scale, with the counts' rescale
             scale = (engine.scaler.get_scale() if engine.scaler else 1.0) / (1.0 if rescale is None else float(rescale))
@@ -317,9 +309,8 @@ class Trainer:
                 "to skip such steps")
         self.engine.skip()
         self.skipped += 1
-        if self.sinks:
-            self.sinks.print(f"step {self.step}: non-finite gradient{f' in {name}' if name else ''} (loss "
-                             f"{loss:.4g}); step skipped ({self.skipped} so far)")
+        self.sinks.print(f"step {self.step}: non-finite gradient{f' in {name}' if name else ''} (loss {loss:.4g}); "
+                         f"step skipped ({self.skipped} so far)")
 
     def after_step(self) -> bool:
         """Logs, evaluations and saves due after this step; True when training ends early: patience ran out, or
@@ -348,7 +339,7 @@ class Trainer:
         self.engine.sync_buffers()  # every rank ends with the same model, buffers included
         if self.plan.overfit_batches:
             debugging.overfit_report(self)
-        elif self.sinks and self.plan.health:
+        elif self.main and self.plan.health:
             findings, unjudged = health.verdict(self.history["train"], self.history["val"], self.watch, self.initial)
             self.sinks.event(self.step, "verdict", {"findings": findings, "not_judged": unjudged},
                              health.verdict_text(findings, unjudged, self.history["train"], self.initial))
@@ -372,7 +363,7 @@ class Trainer:
         self.loss_sum.zero_()
         self.count_sum.zero_()
         dt = time.perf_counter() - start
-        if self.sinks:
+        if self.main:  # the record, which rank zero alone writes (the loss scale is read back from the device)
             record = {"epoch": round(self.step / self.steps_per_epoch, 3), "train/loss": loss, "lr": self.lr,
                       "grad_norm": self.norm, "samples_per_s": taken * self.plan.batch_size / dt,
                       "step_time": dt / taken, "data_wait": waited / dt}
@@ -415,12 +406,11 @@ class Trainer:
             return False
         self.bad_evals += 1
         if self.plan.early_stop and self.bad_evals >= self.plan.early_stop:
-            if self.sinks:
-                self.sinks.event(self.step, "early_stop", {
-                    "metric": self.monitor, "best": self.best[0], "best_step": self.best[1],
-                    "patience": self.plan.early_stop},
-                    f"early stop at step {self.step}: {self.monitor} has not improved for {self.bad_evals} "
-                    f"evaluations (best {self.best[0]:.4f} at step {self.best[1]})")
+            self.sinks.event(self.step, "early_stop", {
+                "metric": self.monitor, "best": self.best[0], "best_step": self.best[1],
+                "patience": self.plan.early_stop},
+                f"early stop at step {self.step}: {self.monitor} has not improved for {self.bad_evals} "
+                f"evaluations (best {self.best[0]:.4f} at step {self.best[1]})")
             return True
         return False
 
@@ -430,13 +420,12 @@ class Trainer:
                            2 * self.plan.micro_batch, self.plan.eval_limit, self.world, self.rank)
         elapsed = time.perf_counter() - t
         self.window[0] += elapsed  # throughput counts training time only
-        if self.sinks:
-            line = None
-            if self.step - self.printed_eval >= self.print_every or self.step == self.total:
-                self.printed_eval = self.step
-                shown = "  ".join(f"{k} {v:.4f}" for k, v in results.items())
-                line = f"eval  step {self.step}  {shown}  ({elapsed:.1f} s)"
-            self.sinks.log(self.step, results, line)
+        line = None
+        if self.step - self.printed_eval >= self.print_every or self.step == self.total:
+            self.printed_eval = self.step
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in results.items())
+            line = f"eval  step {self.step}  {shown}  ({elapsed:.1f} s)"
+        self.sinks.log(self.step, results, line)
         return results
 
     def show_sample(self) -> None:
@@ -446,8 +435,7 @@ class Trainer:
         with inference(self.engine) as model:
             text = self.sampler(model, self.hp)
         self.window[0] += time.perf_counter() - t  # throughput counts training time only
-        if self.sinks:
-            self.sinks.text(self.step, "sample", text)
+        self.sinks.text(self.step, "sample", text)
 
     # ------------------------------------------------------------------ checkpoints
 
