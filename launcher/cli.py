@@ -49,7 +49,7 @@ def base_parser(add_help: bool) -> Parser:
                    help="the rendezvous port on node 0 (default: 29500 with --nodes, else any free port)")
     g.add_argument("--rendezvous-timeout", type=int, default=60, metavar="SECONDS",
                    help="with --nodes: how long node 0 waits for every node to join (default 60); the others try to "
-                        "reach it twice, for half as long each")
+                        "reach it for half as long, once or twice")
     g.add_argument("--workers", type=int, metavar="N",
                    help="DataLoader workers per process for per-sample datasets (default: 0 on CPU, 4 on GPU)")
     g.add_argument("--device-data", action=argparse.BooleanOptionalAction, default=True,

@@ -30,7 +30,7 @@ class Plan:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"  # where node 0's launcher hosts the rendezvous
     master_port: int = 0  # 0: any free port (one node only)
-    rendezvous_timeout: int = 60  # seconds node 0 waits for every node; each other node tries twice for half that
+    rendezvous_timeout: int = 60  # seconds node 0 waits for every node; the others try for half that, once or twice
     engine: str = "ddp"  # ddp | fsdp | deepspeed
     sharding: str = "full"  # fsdp: full (free gathered parameters after the forward) | grad-op (keep them)
     zero: int = 0  # deepspeed: the ZeRO stage, 1-3

@@ -140,7 +140,7 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
             os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
     port = sock.getsockname()[1] if sock else plan.master_port
-    # node 0 waits for every node; another node's attempt to reach it lasts half that (torch tries twice)
+    # node 0 waits for every node; another node's attempt to reach it lasts half that (torch may try twice)
     rendezvous = {"rank": plan.node_rank, "timeout": plan.rendezvous_timeout if sock else plan.rendezvous_timeout // 2}
     if sock:
         rendezvous["listen_fd"] = sock.detach()  # the store owns it from here

@@ -41,16 +41,16 @@ def test_two_nodes_train_one_model_with_one_wandb_run(tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best", "step-00000012"]
 
 
-@pytest.mark.parametrize("rank,reason", [(0, "1/2 clients joined"), (1, "while trying to connect")])
-def test_a_node_that_never_meets_the_others_fails_after_the_rendezvous_timeout(tmp_path, rank, reason):
-    """Node 0 waits --rendezvous-timeout for the others, another node twice half of it for node 0 (60 s by
-    default: README's figures; 8 s here)."""
+@pytest.mark.parametrize("rank,reason,least", [(0, "1/2 clients joined", 8), (1, "while trying to connect", 4)])
+def test_a_node_that_never_meets_the_others_fails_after_the_rendezvous_timeout(tmp_path, rank, reason, least):
+    """Node 0 waits --rendezvous-timeout for the others; another node tries to reach node 0 for half of it, once
+    or twice (60 s by default: README's figures; 8 s here)."""
     start = time.monotonic()
     alone = node(rank, free_port(), tmp_path / "run", "--wandb", "disabled", "--rendezvous-timeout", "8")
     out, err = alone.communicate(timeout=120)
     assert alone.returncode == 1
     assert "launch: error: the 2 nodes did not meet at 127.0.0.1:" in err and reason in err
-    assert 8 < time.monotonic() - start < 40
+    assert least < time.monotonic() - start < 40
 
 
 def test_a_taken_port_is_refused_before_anything_starts(tmp_path, capsys):
