@@ -28,7 +28,8 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
@@ -56,6 +57,17 @@ CPU_ATTENTION = {
 }
 METRICS_NEED = ("metrics(hp) needs the step's predictions: return {'loss': ..., 'preds': ..., 'target': ...} from the "
                 "step (metric.update(preds, target) receives them)")
+
+
+@dataclass
+class Window:
+    """The steps since the last log record: when it began, the steps taken, those whose loss counts (not
+    skipped), and the seconds spent waiting for data."""
+
+    start: float = field(default_factory=time.perf_counter)
+    taken: int = 0
+    kept: int = 0
+    waited: float = 0.0
 
 
 class Trainer:
@@ -118,7 +130,7 @@ class Trainer:
         self.history = {"train": [], "val": []}  # (step, loss) of the whole run, resumes included: for the verdict
         self.loss_sum = torch.zeros((), device=device)  # of the micro-steps' mean losses; with counts, loss × count
         self.count_sum = torch.zeros((), dtype=torch.float64, device=device)  # with counts: the whole job's
-        self.window = [time.perf_counter(), 0, 0, 0.0]  # start, steps, steps whose loss counts, s waiting for data
+        self.window = Window()
         # rank zero's sampled checks, where it holds whole gradients (DDP, one process)
         self.watch = health.Monitor(self.engine.module) \
             if self.main and plan.health and self.engine.whole_gradients and not plan.find_lr else None
@@ -174,7 +186,7 @@ class Trainer:
             self.sinks.print(f"nothing to do: the run already finished its {self.total} steps")
             return None
         spe, plan = self.steps_per_epoch, self.plan
-        self.window[0] = time.perf_counter()
+        self.window.start = time.perf_counter()
         if plan.find_lr:
             return debugging.find_lr(self)
         with Stop(self.world) as stop:
@@ -199,66 +211,96 @@ class Trainer:
                                            self.world, self.rank)
 
     def train_step(self, batches) -> None:
-        plan, engine, model, K = self.plan, self.engine, self.engine.model, self.plan.grad_accum
-        step_loss, step_count = None, 0  # this rank's: the sum of the micro-steps' losses (× count, with counts)
+        """One optimizer step: `grad_accum` micro-batches forward and backward, then one update. The FLOP count
+        of the first step and the sampled health checks hang on it from outside (observed, sample)."""
+        engine, K = self.engine, self.plan.grad_accum
         hang.beat(self.step + 1)
         sampled = self.watch is not None and (self.step + 1) % self.every == 0
+        step_loss, step_count = None, 0  # this rank's: the sum of the micro-steps' losses (× count, with counts)
         for k in range(K):
-            t = time.perf_counter()
-            batch = next(batches, END)
-            self.window[3] += time.perf_counter() - t
-            if batch is END:
-                self.stream_ended()
-            batch = data.augmented(self.augment, batch)
+            batch = data.augmented(self.augment, self.next_batch(batches))
             engine.sync(k == K - 1)
-            if sampled and k == K - 1:
-                self.watch.watch()
-            counting = self.peak is not None and self.flops is None
-            with (FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) if counting else nullcontext()) as flops:
-                out = self.step_fn(model, batch)
-                if out.counted != self.counted:
-                    self.check_output(out)
-                if out.counted and self.count_scale is None:
-                    self.count_scale = self.mean_count(out.count)
-                weight = (out.count / self.count_scale).to(out.loss.dtype) if out.counted else None
-                engine.backward(out.loss if weight is None else out.loss * weight)
-            if counting:
-                self.flops = flops.get_total_flops() * K * self.world
+            with self.observed(sampled and k == K - 1):
+                out = self.step_fn(engine.model, batch)
+                engine.backward(self.weighted(out))
             part = out.loss.detach() * out.count if out.counted else out.loss.detach()
             step_loss = part if step_loss is None else step_loss + part
             step_count = step_count + out.count
         if self.step == 0 and engine.buckets:
             self.check_unused()
-        rescale, total = None, step_count
-        if self.counted:  # the count of the whole global batch, N: the gradient becomes Σ loss·count / N
-            total = torch.as_tensor(step_count, dtype=torch.float64, device=self.loss_sum.device)
-            if self.world > 1:
-                torch.distributed.all_reduce(total)
-            micro_batches = K * self.world
-            rescale = (self.count_scale * micro_batches / total).float()
-            self.count_scale = torch.where(total > 0, total / micro_batches, self.count_scale)
+        rescale, total = self.global_count(step_count)
         self.step += 1
-        self.window[1] += 1
+        self.window.taken += 1
         self.sinks.advance()
         lr = engine.lr()
-        if sampled:  # the gradients as the update will see them: without the fp16 scale, with the counts' rescale
-            scale = (engine.scaler.get_scale() if engine.scaler else 1.0) / (1.0 if rescale is None else float(rescale))
-            before = self.watch.before_update(scale)
-        norm = engine.update(plan.clip_grad, rescale)  # the one read per step; no update when it is not finite
+        before = self.watch.before_update(self.grad_scale(rescale)) if sampled else None
+        norm = engine.update(self.plan.clip_grad, rescale)  # the one read per step; no update when it is not finite
         if not math.isfinite(norm) and engine.scaler is None:  # fp16's loss scaler skips such steps itself
-            self.nonfinite(step_loss / (step_count if self.counted else K))
-            return
-        if sampled and math.isfinite(norm):
-            record, warnings = self.watch.after_update(self.step, *before)
-            self.sinks.log(self.step, record)
-            if warnings:
-                self.sinks.event(self.step, "health", {"warnings": warnings},
-                                 "\n".join(f"warning: {w}" for w in warnings))
+            return self.nonfinite(step_loss / (step_count if self.counted else K))
+        if before and math.isfinite(norm):
+            self.sample(before)
         self.norm, self.lr = norm, lr
         self.loss_sum += step_loss
         if self.counted:
             self.count_sum += total
-        self.window[2] += 1
+        self.window.kept += 1
+
+    def next_batch(self, batches):
+        t = time.perf_counter()
+        batch = next(batches, END)
+        self.window.waited += time.perf_counter() - t
+        if batch is END:
+            self.stream_ended()
+        return batch
+
+    @contextmanager
+    def observed(self, watched: bool):
+        """Around a micro-step's forward and backward: its FLOPs counted in the first step, where MFU is reported;
+        the ReLUs watched in a sampled step's last micro-step."""
+        if watched:
+            self.watch.watch()
+        if self.peak is None or self.flops is not None:
+            yield
+            return
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
+            yield
+        self.flops = counter.get_total_flops() * self.plan.grad_accum * self.world
+
+    def weighted(self, out: steps.Output) -> torch.Tensor:
+        """The micro-step's loss to backpropagate: with counts, weighted by its count over c (see the module's
+        docstring)."""
+        if out.counted != self.counted:
+            self.check_output(out)
+        if not out.counted:
+            return out.loss
+        if self.count_scale is None:
+            self.count_scale = self.mean_count(out.count)
+        return out.loss * (out.count / self.count_scale).to(out.loss.dtype)
+
+    def global_count(self, step_count) -> tuple[torch.Tensor | None, object]:
+        """With counts: (the gradients' rescale c·K·P / N, N the count of the whole global batch), and c for the
+        next step; without: (None, this rank's count)."""
+        if not self.counted:
+            return None, step_count
+        total = torch.as_tensor(step_count, dtype=torch.float64, device=self.loss_sum.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(total)
+        micro_batches = self.plan.grad_accum * self.world
+        rescale = (self.count_scale * micro_batches / total).float()
+        self.count_scale = torch.where(total > 0, total / micro_batches, self.count_scale)
+        return rescale, total
+
+    def grad_scale(self, rescale: torch.Tensor | None) -> float:
+        """What the gradients carry beyond what the update sees: the fp16 loss scale, over the counts' rescale."""
+        scaler = self.engine.scaler
+        return (scaler.get_scale() if scaler else 1.0) / (1.0 if rescale is None else float(rescale))
+
+    def sample(self, before: tuple[dict, dict]) -> None:
+        """A sampled step's health record and new warnings, on rank zero."""
+        record, warnings = self.watch.after_update(self.step, *before)
+        self.sinks.log(self.step, record)
+        if warnings:
+            self.sinks.event(self.step, "health", {"warnings": warnings}, "\n".join(f"warning: {w}" for w in warnings))
 
     def check_output(self, out: steps.Output) -> None:
         """The first output of the step decides whether it gives counts; every later one must agree."""
@@ -351,7 +393,7 @@ class Trainer:
 
     def log(self) -> None:
         """A log step: one all-reduce of the loss, and a record on rank zero."""
-        start, taken, kept, waited = self.window  # steps taken, steps whose loss counts
+        start, taken, kept, waited = self.window.start, self.window.taken, self.window.kept, self.window.waited
         if self.world > 1:
             torch.distributed.all_reduce(self.loss_sum)
         if self.counted:  # the mean over every item the window's kept steps counted
@@ -387,7 +429,7 @@ class Trainer:
                         f"{1000 * record['step_time']:.1f} ms/step  data {100 * record['data_wait']:.0f}%"
                         + (f"  MFU {100 * record['mfu']:.1f}%" if self.peak else ""))
             self.sinks.log(self.step, record, line)
-        self.window = [time.perf_counter(), 0, 0, 0.0]
+        self.window = Window()
 
     def validate(self) -> bool:
         """Evaluate on the validation split; keep the best checkpoint; True when patience has run out."""
@@ -419,7 +461,7 @@ class Trainer:
         results = evaluate(self.engine, self.evals[split], self.eval_fn, self.metrics, split,
                            2 * self.plan.micro_batch, self.plan.eval_limit, self.world, self.rank)
         elapsed = time.perf_counter() - t
-        self.window[0] += elapsed  # throughput counts training time only
+        self.window.start += elapsed  # throughput counts training time only
         line = None
         if self.step - self.printed_eval >= self.print_every or self.step == self.total:
             self.printed_eval = self.step
@@ -434,7 +476,7 @@ class Trainer:
         t = time.perf_counter()
         with inference(self.engine) as model:
             text = self.sampler(model, self.hp)
-        self.window[0] += time.perf_counter() - t  # throughput counts training time only
+        self.window.start += time.perf_counter() - t  # throughput counts training time only
         self.sinks.text(self.step, "sample", text)
 
     # ------------------------------------------------------------------ checkpoints
@@ -461,7 +503,7 @@ class Trainer:
             self.saved_at = self.step
             if self.main:
                 checkpoint.prune(plan.run_dir, plan.keep)
-        self.window[0] += time.perf_counter() - t
+        self.window.start += time.perf_counter() - t
 
     def open_window(self) -> dict:
         """The log window a checkpoint between two log steps cuts: each rank's loss sum so far and the steps in it,
@@ -470,7 +512,7 @@ class Trainer:
         if self.world > 1:
             sums = [torch.empty_like(self.loss_sum) for _ in range(self.world)]
             torch.distributed.all_gather(sums, self.loss_sum)
-        return {"loss_sums": torch.stack(sums).tolist(), "count": self.count_sum.item(), "kept": self.window[2],
+        return {"loss_sums": torch.stack(sums).tolist(), "count": self.count_sum.item(), "kept": self.window.kept,
                 "grad_accum": self.plan.grad_accum}
 
     def settle_buckets(self) -> None:
@@ -543,7 +585,7 @@ class Trainer:
         if window and len(window["loss_sums"]) == self.world and window["grad_accum"] == self.plan.grad_accum:
             self.loss_sum.fill_(window["loss_sums"][self.rank])
             self.count_sum.fill_(window["count"])
-            self.window[2] = window["kept"]
+            self.window.kept = window["kept"]
 
 
 # dense bf16/fp16 tensor peaks in TFLOP/s, the usual denominator of MFU; the first name contained in the
