@@ -40,9 +40,11 @@ def without_regularisation(module: nn.Module, optimizer, loss_fn) -> list[str]:
     return off
 
 
-def memorised(losses: list[float], batches: int) -> tuple[float, float, bool]:
-    """--overfit-batches: (the mean loss of the first pass over the batches, of the last whole pass, whether the
-    last is below OVERFIT_GOAL × the first). Each pass sees every batch once: the means compare like with like."""
+def memorised(history: list[tuple[int, float]], batches: int) -> tuple[float, float, bool]:
+    """--overfit-batches, from the (step, loss) records: (the mean loss of the first pass over the batches, of the
+    last whole pass, whether the last is below OVERFIT_GOAL × the first). Each pass sees every batch once: the
+    means compare like with like."""
+    losses = [loss for _, loss in history]
     whole = len(losses) // batches * batches
     first, last = statistics.fmean(losses[:batches]), statistics.fmean(losses[whole - batches:whole])
     return first, last, whole > batches and last < OVERFIT_GOAL * first
@@ -116,7 +118,7 @@ def plot_lr(lrs, losses, curve, suggested, path: Path) -> None:
 def overfit_report(trainer) -> None:
     """--overfit-batches: did the loss on the fixed batches go near zero? The run fails when it did not."""
     n, off = trainer.plan.overfit_batches, ", ".join(trainer.unregularised) or "nothing to turn off"
-    first, last, passed = memorised([loss for _, loss in trainer.history["train"]], n)
+    first, last, passed = memorised(trainer.history["train"], n)
     what = (f"the training loss on {count(n, 'fixed batch')} went from {first:.4g} to {last:.4g} in "
             f"{trainer.step} steps ({100 * last / first:.1f} % of its start; without augmentation, {off})")
     if not passed:

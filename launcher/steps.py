@@ -140,7 +140,7 @@ class Parts:
     loss: Any  # loss(hp), or None
 
 
-def build(recipe: ModuleType, hp, seed: int, device: torch.device, workers: int, device_data: str) -> Parts:
+def build(recipe: ModuleType, hp, seed: int, device: torch.device, workers: int, device_data: bool) -> Parts:
     """The data, then the model from the same seed on every process whatever data() drew, then the steps."""
     torch.manual_seed(seed)
     splits = recipe.data(hp)

@@ -360,8 +360,9 @@ class Trainer:
         plan, step, spe = self.plan, self.step, self.steps_per_epoch
         if step % plan.log_every == 0 or step == self.total:
             self.log()
-        if plan.overfit_batches and step % plan.overfit_batches == 0:
-            return debugging.memorised([loss for _, loss in self.history["train"]], plan.overfit_batches)[2]
+        if plan.overfit_batches and step % plan.overfit_batches == 0 and debugging.memorised(
+                self.history["train"], plan.overfit_batches)[2]:
+            return True
         epoch_end = step % spe == 0 and plan.eval_epochs and (step // spe) % plan.eval_epochs == 0
         validate = (plan.eval_every and step % plan.eval_every == 0) or epoch_end
         if "val" in self.evals and validate and self.validate():
@@ -393,22 +394,22 @@ class Trainer:
 
     def log(self) -> None:
         """A log step: one all-reduce of the loss, and a record on rank zero."""
-        start, taken, kept, waited = self.window.start, self.window.taken, self.window.kept, self.window.waited
+        window = self.window
         if self.world > 1:
             torch.distributed.all_reduce(self.loss_sum)
         if self.counted:  # the mean over every item the window's kept steps counted
             total, items = torch.stack((self.loss_sum.double(), self.count_sum)).tolist()
             loss = total / items if items else math.nan
         else:
-            loss = self.loss_sum.item() / (kept * self.plan.grad_accum * self.world) if kept else math.nan
+            loss = self.loss_sum.item() / (window.kept * self.plan.grad_accum * self.world) if window.kept else math.nan
         self.history["train"].append((self.step, loss))
         self.loss_sum.zero_()
         self.count_sum.zero_()
-        dt = time.perf_counter() - start
+        dt = time.perf_counter() - window.start
         if self.main:  # the record, which rank zero alone writes (the loss scale is read back from the device)
             record = {"epoch": round(self.step / self.steps_per_epoch, 3), "train/loss": loss, "lr": self.lr,
-                      "grad_norm": self.norm, "samples_per_s": taken * self.plan.batch_size / dt,
-                      "step_time": dt / taken, "data_wait": waited / dt}
+                      "grad_norm": self.norm, "samples_per_s": window.taken * self.plan.batch_size / dt,
+                      "step_time": dt / window.taken, "data_wait": window.waited / dt}
             unit = None
             if self.counted:
                 unit = self.unit or "items"
@@ -418,7 +419,7 @@ class Trainer:
             if self.engine.scaler:  # halved on each step it skips for an overflow
                 record["loss_scale"] = self.engine.scaler.get_scale()
             if self.peak:
-                record["mfu"] = self.flops * taken / dt / (self.peak * self.world)
+                record["mfu"] = self.flops * window.taken / dt / (self.peak * self.world)
             line = None
             if self.step % self.print_every == 0 or self.step == self.total:
                 line = (f"step {self.step:>{len(str(self.total))}}/{self.total}  "

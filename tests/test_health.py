@@ -205,10 +205,13 @@ def test_overfit_mode_passes_a_learnable_recipe_and_fails_when_labels_are_noise(
     assert steps < 600 and steps % 2 == 0 and f"done: {steps} steps" in passed.stdout
     losses = [r["train/loss"] for r in records(tmp_path / "ok") if "train/loss" in r]
     assert len(losses) == steps and sum(losses[-2:]) < 0.1 * sum(losses[:2]) <= sum(losses[-4:-2])
-    failed = launch(TINY, *common, "--shuffle-labels", "--run-dir", tmp_path / "noise")
+    failed = launch(TINY, *common, "--shuffle-labels", "--save-every", "100", "--run-dir", tmp_path / "noise")
     assert failed.returncode == 1
     assert "overfit: the training loss on 2 fixed batches went from" in failed.stderr + failed.stdout
     assert " in 600 steps " in failed.stderr
+    # the check for memorised batches after each pass does not skip what else is due after a step
+    assert sorted(p.name for p in (tmp_path / "noise" / "checkpoints").glob("step-*")) == [
+        "step-00000400", "step-00000500", "step-00000600"]
     assert "not near zero. A model that cannot memorise a few batches has a bug" in failed.stderr + failed.stdout
 
 
