@@ -14,152 +14,26 @@ import secrets
 import sys
 from pathlib import Path
 
-from . import checkpoint, debugging, record, rundir, slurm, spawn, zero
+from . import checkpoint, flags, record, rundir, slurm, spawn, zero
 from . import recipe as recipes
 from .errors import RecipeError, UsageError
+from .flags import Flags
 from .plan import Plan
 from .sinks import write_json
 from .text import count
 
-USAGE = "launch RECIPE [launcher flags] [recipe hyperparameter flags]"
-DEBUG_STEPS = 30
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
-def base_parser(add_help: bool) -> Parser:
-    p = Parser(prog="launch", usage=USAGE, add_help=add_help, allow_abbrev=False,
-               description="Run a training recipe in one process or many, on Accelerate.")
-    p.add_argument("recipe", nargs="?", metavar="RECIPE", help="path of the recipe file, e.g. recipes/cifar.py")
-    g = p.add_argument_group("where it runs")
-    g.add_argument("--debug", action="store_true",
-                   help=f"one process in this process (a debugger works), first GPU or the CPU, {DEBUG_STEPS} steps, "
-                        "one evaluation, anomaly detection on")
-    g.add_argument("--gpus", type=int, metavar="N", help="N processes on this node, one GPU each")
-    g.add_argument("--cpu", action="store_true", help="run on the CPU (gloo); with --procs N, N processes")
-    g.add_argument("--procs", type=int, metavar="N", help="with --cpu: number of processes")
-    g.add_argument("--nodes", type=int, default=1, metavar="N",
-                   help="machines in the job; run launch on each with its --node-rank (default 1)")
-    g.add_argument("--node-rank", type=int, default=0, metavar="I", help="this machine's place, 0 … N-1")
-    g.add_argument("--master-addr", metavar="HOST", help="with --nodes: node 0's address, reachable from every node")
-    g.add_argument("--master-port", type=int, metavar="PORT",
-                   help="the rendezvous port on node 0 (default: 29500 with --nodes, else any free port)")
-    g.add_argument("--rendezvous-timeout", type=int, default=60, metavar="SECONDS",
-                   help="with --nodes: how long node 0 waits for every node to join (default 60); the others try to "
-                        "reach it for half as long, once or twice")
-    g.add_argument("--workers", type=int, metavar="N",
-                   help="DataLoader workers per process for per-sample datasets (default: 0 on CPU, 4 on GPU)")
-    g.add_argument("--device-data", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep a recipe's tensor data set whole on the device when it fits in a quarter of the free "
-                        "memory and cut batches there by index, without a DataLoader (default); --no-device-data "
-                        "sends every batch through a DataLoader instead")
-    g = p.add_argument_group("engine", "how the model is distributed; the same recipe and result under each")
-    g.add_argument("--engine", choices=["ddp", "fsdp", "deepspeed"], default="ddp",
-                   help="ddp: a whole copy per process (default); fsdp: parameters, gradients and optimizer state "
-                        "sharded over the processes (torch FSDP2); deepspeed: ZeRO")
-    g.add_argument("--zero", type=int, choices=[1, 2, 3],
-                   help="deepspeed: shard optimizer state (1), and gradients (2, default), and parameters (3)")
-    g.add_argument("--deepspeed-config", metavar="FILE",
-                   help="deepspeed: a JSON file of further settings, merged under the flags; a value that "
-                        "contradicts a flag is an error")
-    g.add_argument("--sharding", choices=["full", "grad-op"],
-                   help="fsdp: full frees gathered parameters after each forward (least memory, default); grad-op "
-                        "keeps them for the backward (less communication)")
-    g.add_argument("--offload", choices=["none", "optimizer", "params", "both"],
-                   help="what lives on the CPU: deepspeed the optimizer state and step, the parameters (--zero 3) or "
-                        "both; fsdp both (parameters, gradients, optimizer step); default none")
-    g = p.add_argument_group("training")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="default: fp32")
-    g.add_argument("--grad-accum", type=int, default=1, metavar="K",
-                   help="split each optimizer step into K micro-steps (the global batch stays the same); default 1")
-    g.add_argument("--clip-grad", type=float, default=0.0, metavar="NORM",
-                   help="clip the total gradient norm to NORM; 0 = off (the norm is logged either way)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (DDP and one process): a slower start for faster steps")
-    g.add_argument("--find-unused-parameters", action="store_true",
-                   help="DDP: let parameters go without a gradient in some steps (each step then searches the "
-                        "graph for them); the recipe can say so too: find_unused_parameters = True")
-    g.add_argument("--seed", type=int, default=0, help="default: 0")
-    g.add_argument("--max-steps", type=int, metavar="N",
-                   help="stop after N optimizer steps; the LR schedule spans these N steps")
-    g.add_argument("--eval-every", type=int, default=0, metavar="N",
-                   help="evaluate on the validation split every N optimizer steps (default 0: at epoch ends)")
-    g.add_argument("--eval-epochs", type=int, default=1, metavar="E",
-                   help="evaluate at the end of every E-th epoch; 0 = not at epoch ends (default 1)")
-    g.add_argument("--early-stop", type=int, default=0, metavar="PATIENCE",
-                   help="stop when the recipe's best metric has not improved for PATIENCE evaluations; 0 = never")
-    g.add_argument("--check", action="store_true",
-                   help="run only the pre-flight checks (inputs, labels, splits, model, initial loss) in this process "
-                        "and exit: 0 when nothing looks wrong, 1 otherwise; nothing is written")
-    g.add_argument("--health", action=argparse.BooleanOptionalAction, default=True,
-                   help="the pre-flight checks before training and the sampled checks during it (default; a few "
-                        "forward passes and a hash of every split on rank zero, then one step in 25)")
-    g.add_argument("--overfit-batches", type=int, default=0, metavar="N",
-                   help="train on N fixed batches without augmentation, weight decay, dropout or label smoothing "
-                        f"until the loss is below a tenth of its start (at most {debugging.OVERFIT_STEPS}·N steps, or "
-                        "--max-steps), else fail")
-    g.add_argument("--find-lr", action="store_true",
-                   help="a learning-rate range test instead of training: --max-steps (default 100) steps from 1e-7 "
-                        "to 10, stopped at divergence; suggests a rate and draws RUN_DIR/lr_find.png")
-    g.add_argument("--skip-nonfinite", action="store_true",
-                   help="skip optimizer steps whose gradient is not finite, and count them, instead of stopping")
-    g = p.add_argument_group("checkpoints and faults")
-    g.add_argument("--save-every", type=int, default=0, metavar="N",
-                   help="save a checkpoint every N optimizer steps (default 0: at the end, on SIGTERM/SIGINT, and "
-                        "the best evaluation only)")
-    g.add_argument("--keep", type=int, default=3, metavar="K", help="step checkpoints to keep; 0 = all (default 3)")
-    g.add_argument("--resume", metavar="auto|PATH",
-                   help="auto: continue from the run directory's newest complete checkpoint, or start fresh if it "
-                        "has none; PATH: a checkpoint directory, or a run directory to take the newest one from")
-    g.add_argument("--max-restarts", type=int, default=0, metavar="N",
-                   help="after a worker crash, restart every process from the newest checkpoint, up to N times")
-    g.add_argument("--timeout", type=float, default=600, metavar="SECONDS",
-                   help="how long a collective waits for a silent rank before the job fails (default 600)")
-    g = p.add_argument_group("Slurm", "submit the run as a batch job instead: one task per node runs launch")
-    g.add_argument("--slurm", action="store_true",
-                   help="render slurm/launch.sbatch into the run directory and sbatch it")
-    g.add_argument("--dry-run", action="store_true", help="with --slurm: print the batch script, submit nothing")
-    for flag, meta in (("--partition", "P"), ("--time", "T"), ("--account", "A"), ("--qos", "Q"),
-                       ("--constraint", "C"), ("--mem", "M")):
-        g.add_argument(flag, metavar=meta, help=f"sbatch {flag}")
-    g.add_argument("--cpus-per-task", type=int, metavar="C",
-                   help="sbatch --cpus-per-task (default with --cpu: --procs)")
-    g.add_argument("--job-name", metavar="J", help="sbatch --job-name (default: the run name)")
-    g.add_argument("--slurm-template", metavar="FILE",
-                   help="your site's copy of slurm/launch.sbatch (modules, containers): see slurm/README.md")
-    g.add_argument("--slurm-signal", default="USR2@120", metavar="SIG@SECONDS",
-                   help="the signal Slurm sends before the time limit, to checkpoint and requeue (default USR2@120)")
-    g.add_argument("--max-requeues", type=int, default=20, metavar="N",
-                   help="requeue after a time limit at most N times (default 20); a start that saves no new "
-                        "checkpoint is never requeued")
-    g = p.add_argument_group("logging")
-    g.add_argument("--run-dir", metavar="DIR", help="where config.json, metrics.jsonl, checkpoints, logs and W&B "
-                                                    "files go (default: runs/NAME)")
-    g.add_argument("--name", help="run name (default: RECIPE-DATE-TIME)")
-    g.add_argument("--log-every", type=int, default=10, metavar="N",
-                   help="record metrics every N optimizer steps (default 10)")
-    g.add_argument("--wandb", choices=["online", "offline", "disabled"],
-                   help="default: $WANDB_MODE, else online when an API key is configured, else offline "
-                        "(disabled with --debug)")
-    g.add_argument("--wandb-project", metavar="P", help="default: the recipe's name")
-    g.add_argument("--wandb-entity", metavar="E")
-    return p
-
-
-def parse(argv: list[str]) -> tuple[Plan, object, object, argparse.Namespace]:
+def parse(argv: list[str]) -> tuple[Plan, object, object, Flags]:
     """(plan, recipe module, Hparams, flags) from argv, or UsageError."""
-    known, _ = base_parser(add_help=False).parse_known_args(argv)
+    known, _ = flags.parser(add_help=False).parse_known_args(argv)
     if known.recipe is None:
         if "-h" in argv or "--help" in argv:
-            base_parser(add_help=True).print_help()
+            flags.parser(add_help=True).print_help()
             sys.exit(0)
-        raise UsageError(f"missing RECIPE (usage: {USAGE}; see launch --help)")
+        raise UsageError(f"missing RECIPE (usage: {flags.USAGE}; see launch --help)")
     try:
         module = recipes.load(known.recipe)
-        parser = base_parser(add_help=True)
+        parser = flags.parser(add_help=True)
         recipes.add_flags(parser, module.Hparams, Path(known.recipe))
         _recipe_defaults(parser, module, Path(known.recipe))
     except RecipeError as e:
@@ -174,31 +48,27 @@ def parse(argv: list[str]) -> tuple[Plan, object, object, argparse.Namespace]:
         raise UsageError(str(e)) from None
     if getattr(module, "find_unused_parameters", False):
         args.find_unused_parameters = True
-    return make_plan(args, hp, Path(known.recipe).resolve()), module, hp, args
+    given = Flags(**{name: getattr(args, name) for name in flags.FIELDS})  # checks each flag's bounds
+    return make_plan(given, hp, Path(known.recipe).resolve()), module, hp, given
 
 
 def _recipe_defaults(parser: argparse.ArgumentParser, module, path: Path) -> None:
     """A recipe's `defaults`: the launcher flags' defaults it wants (clip_grad=1.0), checked like the flags."""
     defaults = getattr(module, "defaults", {})
-    launcher = {a.dest: a for a in base_parser(add_help=False)._actions if a.option_strings}
     for name, value in defaults.items():
-        action = launcher.get(name)
-        if action is None:
-            raise RecipeError(f"recipe {path}: defaults names {name!r}, which is no launcher flag (its "
-                                      "flags by their argparse names, e.g. clip_grad for --clip-grad)")
-        kind = action.type or (bool if action.nargs == 0 else str)
-        fits = value in action.choices if action.choices is not None else \
-            isinstance(value, kind) or (kind is float and isinstance(value, int))
-        if not fits or isinstance(value, bool) and kind is not bool:
-            raise RecipeError(f"recipe {path}: defaults gives {name} {value!r}, which "
-                                      f"{action.option_strings[0]} does not take")
+        if name not in flags.FIELDS or name == "recipe":
+            raise RecipeError(f"recipe {path}: defaults names {name!r}, which is no launcher flag (its flags by "
+                              "their Python names, e.g. clip_grad for --clip-grad)")
+        if not flags.accepts(name, value):
+            raise RecipeError(f"recipe {path}: defaults gives {name} {value!r}, which {flags.option(name)} does not "
+                              "take")
     parser.set_defaults(**defaults)
 
 
 def _unknown(unknown: list[str], parser: argparse.ArgumentParser) -> str:
     flag = next((u for u in unknown if u.startswith("-")), None)
     if flag is None:
-        return f"unexpected argument {unknown[0]!r} (usage: {USAGE})"
+        return f"unexpected argument {unknown[0]!r} (usage: {flags.USAGE})"
     flag = flag.split("=", 1)[0]
     options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
     close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
@@ -206,30 +76,11 @@ def _unknown(unknown: list[str], parser: argparse.ArgumentParser) -> str:
     return f"unknown flag {flag}{hint}"
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
-    bounds = ((args.gpus, 1, "--gpus"), (args.procs, 1, "--procs"), (args.grad_accum, 1, "--grad-accum"),
-              (args.max_steps, 1, "--max-steps"), (args.log_every, 1, "--log-every"),
-              (args.eval_every, 0, "--eval-every"), (args.eval_epochs, 0, "--eval-epochs"),
-              (args.workers, 0, "--workers"), (args.seed, 0, "--seed"), (args.clip_grad, 0, "--clip-grad"),
-              (args.save_every, 0, "--save-every"), (args.keep, 0, "--keep"), (args.early_stop, 0, "--early-stop"),
-              (args.max_restarts, 0, "--max-restarts"), (args.nodes, 1, "--nodes"), (args.node_rank, 0, "--node-rank"),
-              (args.master_port, 1, "--master-port"), (args.overfit_batches, 0, "--overfit-batches"),
-              (args.rendezvous_timeout, 2, "--rendezvous-timeout"))
-    for value, low, flag in bounds:
-        if value is not None and not value >= low:
-            raise UsageError(f"{flag} must be at least {low}, not {value}")
-    for value, flag in ((args.clip_grad, "--clip-grad"), (args.timeout, "--timeout")):
-        if not math.isfinite(value):
-            raise UsageError(f"{flag} must be a finite number, not {value}")
+def _check_environment(args: Flags) -> None:
+    """What the flags ask of this machine."""
     peak = os.environ.get("LAUNCH_PEAK_TFLOPS")
     if peak is not None and not 0 < _float(peak) < math.inf:
         raise UsageError(f"LAUNCH_PEAK_TFLOPS={peak}: must be the device's peak TFLOP/s, a positive number")
-    if args.timeout < 10:
-        raise UsageError(f"--timeout {args.timeout:g}: a collective timeout under 10 s would fail healthy runs")
-    if args.max_restarts > 100:
-        raise UsageError(f"--max-restarts {args.max_restarts}: a job that crashed 100 times will not heal; at most 100")
-    if args.master_port is not None and args.master_port > 65535:
-        raise UsageError(f"--master-port {args.master_port} is not a port (1-65535)")
     cores = len(os.sched_getaffinity(0))
     if args.procs and args.procs > cores and not args.slurm:  # the job's nodes are another matter
         raise UsageError(f"--procs {args.procs}: this machine gives this command {count(cores, 'CPU core')}, and "
@@ -243,7 +94,7 @@ def _float(text: str) -> float:
         return math.nan
 
 
-def _check_slurm(args: argparse.Namespace) -> None:
+def _check_slurm(args: Flags) -> None:
     if args.slurm:
         for flag in ("node_rank", "master_addr", "master_port"):
             if getattr(args, flag) not in (None, 0):
@@ -254,10 +105,6 @@ def _check_slurm(args: argparse.Namespace) -> None:
                              "requeueing instead of --max-restarts")
         if args.gpus is None and not args.cpu:
             raise UsageError("--slurm needs what each node runs: --gpus N, or --cpu [--procs N]")
-        if args.cpus_per_task is not None and args.cpus_per_task < 1:
-            raise UsageError(f"--cpus-per-task must be at least 1, not {args.cpus_per_task}")
-        if args.max_requeues < 0:
-            raise UsageError(f"--max-requeues must be at least 0, not {args.max_requeues}")
         try:
             slurm.parse_signal(args.slurm_signal)
             if args.time:
@@ -273,7 +120,7 @@ def _check_slurm(args: argparse.Namespace) -> None:
             raise UsageError(str(e)) from None
 
 
-def _check_engine(args: argparse.Namespace) -> dict | None:
+def _check_engine(args: Flags) -> dict | None:
     """The engine flags agree with each other; the --deepspeed-config file's contents."""
     engine, offload = args.engine, args.offload or "none"
     for flag, allowed in (("sharding", ("fsdp",)), ("zero", ("deepspeed",)), ("deepspeed_config", ("deepspeed",)),
@@ -305,7 +152,7 @@ def _check_engine(args: argparse.Namespace) -> dict | None:
     return user
 
 
-def _check_modes(args: argparse.Namespace) -> None:
+def _check_modes(args: Flags) -> None:
     """The debugging modes go alone."""
     if args.find_lr and args.overfit_batches:
         raise UsageError("--find-lr and --overfit-batches are two separate debugging runs: choose one")
@@ -316,7 +163,7 @@ def _check_modes(args: argparse.Namespace) -> None:
         raise UsageError("--find-lr drives the optimizer's learning rate directly: use --engine ddp or fsdp for it")
 
 
-def _where(args: argparse.Namespace) -> tuple[str, int]:
+def _where(args: Flags) -> tuple[str, int]:
     """(device, processes on this node)."""
     if args.cpu and args.gpus is not None:
         raise UsageError("--cpu and --gpus exclude each other (CPU processes: --cpu --procs N)")
@@ -353,8 +200,8 @@ def _where(args: argparse.Namespace) -> tuple[str, int]:
     return device, nproc
 
 
-def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
-    _check_numbers(args)
+def make_plan(args: Flags, hp, recipe_path: Path) -> Plan:
+    _check_environment(args)
     _check_slurm(args)
     deepspeed_config = _check_engine(args)
     _check_modes(args)
@@ -372,29 +219,22 @@ def make_plan(args: argparse.Namespace, hp, recipe_path: Path) -> Plan:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"{previous} is not a run record the launcher can read ({type(e).__name__}: {e}); choose "
                          "another --run-dir") from None
-    plan = Plan(
+    resolved = dict(  # the fields whose value is not simply the flag's of the same name
         recipe=str(recipe_path), hparams=dataclasses.asdict(hp), run_dir=str(run_dir), name=name,
-        device=device, nproc=nproc, nnodes=args.nodes, node_rank=args.node_rank,
-        master_addr=args.master_addr or "127.0.0.1",
-        master_port=args.master_port or (29500 if args.nodes > 1 else 0), engine=args.engine,
-        sharding=args.sharding or "full", zero=(args.zero or 2) if args.engine == "deepspeed" else 0,
-        offload=args.offload or "none", precision=args.precision,
-        grad_accum=accum, clip_grad=args.clip_grad,
-        seed=args.seed, max_steps=args.max_steps or (DEBUG_STEPS if args.debug else None),
+        device=device, nproc=nproc, nnodes=args.nodes, master_addr=args.master_addr or "127.0.0.1",
+        master_port=args.master_port or (29500 if args.nodes > 1 else 0), sharding=args.sharding or "full",
+        zero=(args.zero or 2) if args.engine == "deepspeed" else 0, offload=args.offload or "none",
+        deepspeed_config=None, max_steps=args.max_steps or (flags.DEBUG_STEPS if args.debug else None),
         eval_every=0 if args.debug else args.eval_every, eval_epochs=0 if args.debug else args.eval_epochs,
         eval_limit=10 if args.debug else None,
         log_every=1 if args.debug or args.find_lr or args.overfit_batches else args.log_every,
         workers=args.workers if args.workers is not None else (4 if device == "cuda" and not args.debug else 0),
-        device_data=args.device_data, compile=args.compile, find_unused_parameters=args.find_unused_parameters,
-        health=args.health,
-        save_every=args.save_every, keep=args.keep, resume=str(resume) if resume else None,
-        max_restarts=args.max_restarts, skip_nonfinite=args.skip_nonfinite or args.find_lr,
-        early_stop=args.early_stop, overfit_batches=args.overfit_batches, find_lr=args.find_lr,
-        timeout=args.timeout, rendezvous_timeout=args.rendezvous_timeout, debug=args.debug,
+        resume=str(resume) if resume else None, skip_nonfinite=args.skip_nonfinite or args.find_lr,
         wandb=args.wandb or ("disabled" if args.debug else default_wandb_mode()),
-        wandb_project=args.wandb_project or recipe_path.stem, wandb_entity=args.wandb_entity,
-        wandb_id=wandb_id or secrets.token_hex(4),
+        wandb_project=args.wandb_project or recipe_path.stem, wandb_id=wandb_id or secrets.token_hex(4),
     )
+    same = {f.name: getattr(args, f.name) for f in dataclasses.fields(Plan) if f.name in flags.FIELDS}
+    plan = Plan(**{**same, **resolved})
     if plan.engine == "deepspeed":
         try:
             plan = dataclasses.replace(plan, deepspeed_config=zero.config(plan, deepspeed_config or {}))
@@ -430,8 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         plan, module, hp, args = parse(argv)
         if args.slurm:
-            options = {o: a.nargs != 0 for a in base_parser(add_help=False)._actions for o in a.option_strings}
-            sys.exit(slurm.submit_run(plan, args, argv, options))
+            sys.exit(slurm.submit_run(plan, args, argv))
         if hasattr(module, "prepare"):
             try:
                 module.prepare(hp)  # once per node, before any process starts: downloads, caches

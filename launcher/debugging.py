@@ -14,10 +14,6 @@ from .errors import TrainingError
 from .text import count
 
 OVERFIT_GOAL = 0.1  # --overfit-batches passes once a pass's mean loss is below this fraction of the first pass's
-# --overfit-batches' budget of steps per batch, under the recipe's schedule stretched over it: the run ends as soon as
-# the batches are memorised, so a long budget costs a healthy model nothing and keeps its learning rate near the peak
-# while it memorises (squeezed into 50 steps, CIFAR's warm-up and decay left it at 19 % of its start)
-OVERFIT_STEPS = 300
 SWEEP = (1e-7, 10.0)  # --find-lr's range of learning rates
 SMOOTHING = 0.9  # --find-lr: the exponential moving average of the loss
 

@@ -20,6 +20,9 @@ SECRET = re.compile(r"key|token|secret|passw|credential", re.IGNORECASE)
 
 @dataclass
 class Plan:
+    """A field named like a launcher flag holds that flag's value (flags.py says what it means); the comments
+    here are on the fields that cli.make_plan resolves from several flags, the recipe and the machine."""
+
     recipe: str  # absolute path of the recipe file
     hparams: dict  # the recipe's Hparams, resolved, as plain values
     run_dir: str
@@ -30,15 +33,15 @@ class Plan:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"  # where node 0's launcher hosts the rendezvous
     master_port: int = 0  # 0: any free port (one node only)
-    rendezvous_timeout: int = 60  # seconds node 0 waits for every node; the others try for half that, once or twice
-    engine: str = "ddp"  # ddp | fsdp | deepspeed
+    rendezvous_timeout: int = 60
+    engine: str = "ddp"
     sharding: str = "full"  # fsdp: full (free gathered parameters after the forward) | grad-op (keep them)
     zero: int = 0  # deepspeed: the ZeRO stage, 1-3
     offload: str = "none"  # none | optimizer | params | both: what lives on the CPU (fsdp: none | both)
     deepspeed_config: dict | None = None  # deepspeed: what it runs with, the flags and --deepspeed-config merged
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "fp32"
     grad_accum: int = 1
-    clip_grad: float = 0.0  # 0 = no clipping; the norm is logged either way
+    clip_grad: float = 0.0
     seed: int = 0
     max_steps: int | None = None  # caps the run; the LR schedule is planned over the capped length
     eval_every: int = 0  # optimizer steps between evaluations; 0 = at epoch ends only
@@ -46,19 +49,19 @@ class Plan:
     eval_limit: int | None = None  # batches per evaluation (debug); None = the whole split
     log_every: int = 10  # optimizer steps between metric records
     workers: int = 0  # DataLoader workers per process, for per-sample datasets
-    device_data: bool = True  # tensor data sets: whole on the device when they fit, batches cut there by index
-    compile: bool = False  # torch.compile the model (ddp)
-    find_unused_parameters: bool = False  # DDP: parameters may go without a gradient in a step
-    health: bool = True  # rank zero's checks before (pre-flight) and during training: health.py
-    overfit_batches: int = 0  # debugging: train on this many fixed batches and check the loss goes near zero
-    find_lr: bool = False  # debugging: a learning-rate range test instead of training
-    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end, on a signal, and the best
-    keep: int = 3  # step checkpoints kept; 0 = all
+    device_data: bool = True
+    compile: bool = False
+    find_unused_parameters: bool = False
+    health: bool = True
+    overfit_batches: int = 0
+    find_lr: bool = False
+    save_every: int = 0
+    keep: int = 3
     resume: str | None = None  # a verified checkpoint directory to start from
-    max_restarts: int = 0  # after a worker crash, restart from the newest checkpoint this many times
+    max_restarts: int = 0
     skip_nonfinite: bool = False  # skip optimizer steps with a non-finite loss or gradient instead of stopping
-    early_stop: int = 0  # stop after this many evaluations without improvement; 0 = never
-    timeout: float = 600.0  # seconds a collective may wait for a peer before the job fails
+    early_stop: int = 0
+    timeout: float = 600.0
     debug: bool = False
     wandb: str = "offline"  # online | offline | disabled
     wandb_project: str | None = None

@@ -15,6 +15,7 @@ from typing import IO
 
 from . import checkpoint
 from .errors import CheckpointError, UsageError
+from .flags import Flags
 from .plan import Plan
 from .sinks import warn
 
@@ -74,7 +75,7 @@ def busy(run_dir: Path, who: str) -> str:
             "another --run-dir or --name")
 
 
-def choose(args, stem: str) -> tuple[Path, str, Path | None, dict]:
+def choose(args: Flags, stem: str) -> tuple[Path, str, Path | None, dict]:
     """(run directory, run name, checkpoint to resume from, its manifest) from the flags: --run-dir, --name,
     --resume (a checkpoint, a run directory, or auto), or a new directory under runs/ named after `stem`."""
     resume = None

@@ -16,8 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import record, rundir
+from . import flags, record, rundir
 from .errors import UsageError
+from .flags import Flags
 from .plan import Plan
 from .sinks import write_json
 from .text import count, first_line
@@ -78,9 +79,9 @@ def check_time(time_limit: str, signal_spec: str) -> None:
                          f"give a --time of at least {(lead + MIN_WORK + 59) // 60} minutes, or a shorter lead")
 
 
-def node_command(argv: list[str], recipe: str, options: dict) -> list[str]:
+def node_command(argv: list[str], recipe: str) -> list[str]:
     """The user's launch command as each node runs it: the recipe by its absolute path, without the flags
-    that only the submission needs. `options` maps every launcher flag to whether it takes a value."""
+    that only the submission needs."""
     kept, skip = [], False
     for token in argv:
         if skip:
@@ -88,7 +89,7 @@ def node_command(argv: list[str], recipe: str, options: dict) -> list[str]:
             continue
         flag = token.split("=", 1)[0]
         if flag in SUBMISSION_ONLY:
-            skip = "=" not in token and options.get(flag, False)
+            skip = "=" not in token and flags.takes_value(flag[2:].replace("-", "_"))
             continue
         kept.append(str(Path(token).resolve()) if token == recipe else token)
     return kept
@@ -124,7 +125,7 @@ def _quote(value: object, what: str) -> str:
     return shlex.quote(text)
 
 
-def render(plan: Plan, args, command: list[str], python: str, cwd: Path) -> str:
+def render(plan: Plan, args: Flags, command: list[str], python: str, cwd: Path) -> str:
     """The batch script: `args.slurm_template` (default slurm/launch.sbatch) with its {{placeholders}} filled."""
     template = Path(args.slurm_template or TEMPLATE)
     try:
@@ -180,9 +181,9 @@ def submit(script: str, secrets: dict[str, str]) -> str:
         raise SlurmError("sbatch is not on PATH: submit from a Slurm login node, or use --dry-run for the script")
     # --test-only first: a request no node can satisfy (more nodes or CPUs than the partition has) would pend
     # forever; Slurm says so now instead
-    for flags in (["--test-only"], ["--parsable"]):
+    for options in (["--test-only"], ["--parsable"]):
         try:
-            result = subprocess.run(["sbatch", *flags], input=script, capture_output=True, text=True,
+            result = subprocess.run(["sbatch", *options], input=script, capture_output=True, text=True,
                                     timeout=SBATCH_TIMEOUT, env={**os.environ, **secrets})
         except subprocess.TimeoutExpired:
             raise SlurmError(f"sbatch did not answer within {SBATCH_TIMEOUT} s (is slurmctld reachable? `sinfo` "
@@ -211,12 +212,11 @@ def check_step(env: dict, nodes: int, node_rank: int) -> None:
         raise SlurmError(f"--node-rank {node_rank}, but Slurm runs this task on node {slurm_rank}")
 
 
-def submit_run(plan: Plan, args, argv: list[str], options: dict[str, bool]) -> int:
-    """--slurm: the batch script for this run; printed with --dry-run, else written and submitted. `options`:
-    the launcher's flags, and whether each takes a value (what node_command keeps of argv)."""
+def submit_run(plan: Plan, args: Flags, argv: list[str]) -> int:
+    """--slurm: the batch script for this run; printed with --dry-run, else written and submitted."""
     try:
         secret = {"--" + k.replace("_", "-") for k in plan.secret_hparams() if not isinstance(plan.hparams[k], bool)}
-        command, secrets = hide_secrets(node_command(argv, args.recipe, options), secret)
+        command, secrets = hide_secrets(node_command(argv, args.recipe), secret)
         script = render(plan, args, command, sys.executable, Path.cwd())
         if args.dry_run:
             print(script, end="")

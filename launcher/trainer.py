@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from . import checkpoint, data, debugging, hang, health, preflight, steps
 from . import engine as engines
 from .errors import RecipeError, Stopped, TrainingError
+from .flags import OVERFIT_STEPS
 from .modules import buffers_kept
 from .optim import default_optimizer
 from .plan import Plan
@@ -81,7 +82,7 @@ class Trainer:
         module, self.step_fn, self.eval_fn, self.loss_fn = parts.module, parts.step, parts.evaluate, parts.loss
         size = self.train_data.size
         if size is None:  # a stream without a length: one epoch, as long as the run
-            self.steps_per_epoch = (plan.max_steps or debugging.OVERFIT_STEPS * plan.overfit_batches
+            self.steps_per_epoch = (plan.max_steps or OVERFIT_STEPS * plan.overfit_batches
                                     or 100 * plan.find_lr)
             if not self.steps_per_epoch:
                 raise RecipeError("the training split is a stream without a length: give --max-steps N, or define "
@@ -96,7 +97,7 @@ class Trainer:
                 raise TrainingError(f"--overfit-batches {plan.overfit_batches}: the training set holds only "
                                     f"{self.steps_per_epoch} batches of {plan.batch_size}")
             self.steps_per_epoch, self.augment, self.evals = plan.overfit_batches, None, {}
-            self.total = plan.max_steps or debugging.OVERFIT_STEPS * plan.overfit_batches
+            self.total = plan.max_steps or OVERFIT_STEPS * plan.overfit_batches
         if plan.find_lr:
             self.total = plan.max_steps or 100
         if plan.early_stop and "val" not in self.evals:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import ROOT, launch, ok, refused
-from launcher import cli
+from launcher import cli, flags
 from launcher import record as run_record
 
 DIGITS = ROOT / "recipes" / "digits.py"
@@ -84,6 +84,34 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, monkeypatch, 
     assert len(lines) == 1 and lines[0].startswith("launch: error: "), err
     assert message in lines[0]
     assert not run_dir.exists() and "processes" not in out  # nothing was set up or spawned
+
+
+BOUNDED = [(name, bound, f.metadata[bound]) for name, f in flags.FIELDS.items() for bound in ("low", "high")
+           if f.metadata.get(bound) is not None]
+
+
+@pytest.mark.parametrize("name,bound,limit", BOUNDED, ids=[f"{n}-{b}" for n, b, _ in BOUNDED])
+def test_every_flag_is_held_to_its_declared_bounds(name, bound, limit, tmp_path, capsys):
+    """Each bound declared in flags.py refuses the value just past it, and only that value: the parser, the checks
+    and the plan are all derived from the one declaration."""
+    past = limit - 1 if bound == "low" else limit + 1
+    word = "at least" if bound == "low" else "at most"
+    assert f"{flags.option(name)} must be {word} {limit}, not {past}" in refused(
+        capsys, DIGITS, "--cpu", flags.option(name), past, "--run-dir", tmp_path / "run")
+
+
+def test_a_plan_field_named_like_a_flag_holds_that_flag(tmp_path):
+    """make_plan resolves only the fields that depend on more than their own flag; every other one is the flag."""
+    given = {"seed": 7, "clip_grad": 0.5, "keep": 5, "save_every": 4, "early_stop": 2, "timeout": 30.0,
+             "rendezvous_timeout": 9, "max_restarts": 3, "health": False, "device_data": False,
+             "find_unused_parameters": True, "precision": "bf16", "wandb_entity": "team"}
+    argv = [DIGITS, "--cpu", "--run-dir", tmp_path / "run", "--no-health", "--no-device-data",
+            "--find-unused-parameters"]
+    for name, value in given.items():
+        if not isinstance(value, bool):
+            argv += [flags.option(name), value]
+    plan = cli.parse([str(a) for a in argv])[0]
+    assert {name: getattr(plan, name) for name in given} == given
 
 
 @pytest.mark.parametrize("args", [[DIGITS, "--bach-size", "32"], [DIGITS, "--cpu", "--procs", "2", "--lr", "inf"]],
