@@ -5,6 +5,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +83,22 @@ def tiny(tmp_path: Path, name: str, *flags, procs: int = 1, check: bool = True, 
     dumping = ["--dump-dir", folder] if dump else []
     result = launch(TINY, *where, "--wandb", "disabled", "--run-dir", folder / "run", *dumping, *flags)
     return folder, ok(result) if check else result
+
+
+UNSTOPPED = ("--max-steps", "16", "--noise", "0.1", "--log-every", "4")  # noise: every rank's generator counts
+
+
+@pytest.fixture(scope="session")
+def unstopped(tmp_path_factory):
+    """The run that the checkpoint, signal and restart tests stop and resume, unstopped, on 1 or 2 processes:
+    (folder, result), made once each."""
+    made = {}
+
+    def run(procs: int):
+        if procs not in made:
+            made[procs] = tiny(tmp_path_factory.mktemp(f"unstopped-{procs}"), "straight", *UNSTOPPED, procs=procs)
+        return made[procs]
+    return run
 
 
 def params(dump_dir: Path, rank: int, tag: str = "final") -> dict[str, torch.Tensor]:

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, assert_same, eval_record, params, records, refused, tiny
+from conftest import TINY, UNSTOPPED, assert_same, eval_record, params, records, refused, tiny
 
 
 @pytest.mark.parametrize("procs", [1, 2])
 @pytest.mark.parametrize("k", [3, 8], ids=["stop-in-first-epoch", "stop-in-second-epoch"])
-def test_stop_at_k_and_resume_equals_an_uninterrupted_run_at_2k(tmp_path, procs, k):
+def test_stop_at_k_and_resume_equals_the_uninterrupted_run(tmp_path, unstopped, procs, k):
     """6 steps per epoch; Gaussian input noise draws from every rank's generator, so the random state must
     come back too, not only weights, optimizer, schedule and data position."""
-    common = ("--max-steps", str(2 * k), "--noise", "0.1", "--momentum", "0.9")
-    straight, _ = tiny(tmp_path, "straight", *common, procs=procs)
+    common = UNSTOPPED
+    straight, _ = unstopped(procs)
     crash_rank = str(procs - 1)
     stopped, result = tiny(tmp_path, "stopped", *common, "--save-every", str(k), "--crash-at", str(k + 1),
                            "--crash-rank", crash_rank, procs=procs, check=False)

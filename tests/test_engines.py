@@ -46,6 +46,20 @@ def ddp(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Each engine's run of COMMON on 2 processes, saving at step 6 too: (folder, result), made once each; the
+    run DDP's is compared with, and the uninterrupted run its resumed twin must end like."""
+    made = {}
+
+    def run(engine: str):
+        if engine not in made:
+            folder = tmp_path_factory.mktemp(engine)
+            made[engine] = tiny(folder, "straight", *COMMON, "--save-every", "6", *ENGINES[engine], procs=2)
+        return made[engine]
+    return run
+
+
 def checkpoint_weights(folder) -> dict:
     """The whole weights in the last checkpoint, whatever the engine (what `launch export` writes)."""
     return export.weights(folder / "run" / "checkpoints" / "step-00000012")
@@ -64,8 +78,8 @@ def in_process(folder, engine) -> dict:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_an_engine_trains_like_ddp(tmp_path, ddp, engine):
-    folder, result = tiny(tmp_path, engine, *COMMON, *ENGINES[engine], procs=2)
+def test_an_engine_trains_like_ddp(ddp, trained, engine):
+    folder, result = trained(engine)
     assert f" · {NAMES[engine]} · " in result.stdout.splitlines()[0]  # the engine asked for, named at the start
     losses, reference = train_records(folder / "run"), train_records(ddp / "run")
     assert losses.keys() == reference.keys() == set(range(1, 13))
@@ -90,9 +104,9 @@ def test_an_engine_trains_like_ddp(tmp_path, ddp, engine):
 
 
 @pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3", "zero3-offload", "fsdp", "fsdp-grad-op"])
-def test_an_engine_resumes_exactly_from_its_own_checkpoint(tmp_path, engine):
-    common = ("--max-steps", "12", "--noise", "0.1", "--save-every", "6", *ENGINES[engine])
-    straight, _ = tiny(tmp_path, "straight", *common, procs=2)
+def test_an_engine_resumes_exactly_from_its_own_checkpoint(tmp_path, trained, engine):
+    common = (*COMMON, "--save-every", "6", *ENGINES[engine])
+    straight, _ = trained(engine)
     stopped, result = tiny(tmp_path, "stopped", *common, "--crash-at", "8", procs=2, check=False)
     assert result.returncode == 1 and "planted crash" in result.stderr
     tiny(tmp_path, "stopped", *common, "--crash-at", "8", "--resume", "auto", procs=2)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LAUNCH, TINY, assert_same, clean_env, launch, ok, params, records, tiny, train_records
+from conftest import LAUNCH, TINY, UNSTOPPED, assert_same, clean_env, launch, ok, params, records, tiny, train_records
 from launcher import hang
 
 TAG = "LAUNCHER_TEST_TAG"
@@ -100,21 +100,6 @@ def test_a_silent_rank_fails_the_job_after_the_collective_timeout(tmp_path):
     # the timeout, then up to 30 s for torch's agent to give up on the silent rank and kill it
     assert time.monotonic() - start_time < 75
     assert tagged(tag) == []
-
-
-UNSTOPPED = ("--max-steps", "16", "--noise", "0.1", "--log-every", "4")
-
-
-@pytest.fixture(scope="module")
-def unstopped(tmp_path_factory):
-    """The run the signal tests stop and resume, unstopped, on 1 or 2 processes: (folder, result), made once each."""
-    made = {}
-
-    def run(procs: int):
-        if procs not in made:
-            made[procs] = tiny(tmp_path_factory.mktemp(f"unstopped-{procs}"), "straight", *UNSTOPPED, procs=procs)
-        return made[procs]
-    return run
 
 
 @pytest.mark.parametrize("signum,procs", [(signal.SIGTERM, 2), (signal.SIGINT, 2), (signal.SIGINT, 1),

@@ -34,17 +34,31 @@ def train_tiny(tmp_path: Path, name: str, *flags, procs: int = 1) -> Path:
     return dump
 
 
-def test_two_processes_end_with_identical_parameters(tmp_path):
-    dump = train_tiny(tmp_path, "ddp", "--epochs", "3", procs=2)
-    final0, final1 = params(dump, 0), params(dump, 1)
+REFERENCE = ("--epochs", "2", "--batch-size", "16", "--log-every", "1")  # 12 steps of 16 samples
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    """The reference run on one process, which the tests below vary one flag of."""
+    return train_tiny(tmp_path_factory.mktemp("single"), "single", *REFERENCE)
+
+
+@pytest.fixture(scope="module")
+def double(tmp_path_factory) -> Path:
+    """The reference run on two processes."""
+    return train_tiny(tmp_path_factory.mktemp("double"), "double", *REFERENCE, procs=2)
+
+
+def test_two_processes_end_with_identical_parameters(double):
+    final0, final1 = params(double, 0), params(double, 1)
     for k in final0:
         assert torch.equal(final0[k], final1[k]), k
-    assert not torch.equal(final0["0.weight"], params(dump, 0, "init")["0.weight"])  # it did train
-    steps = train_records(dump / "run")
-    assert max(steps) == 3 * (96 // 16)
+    assert not torch.equal(final0["0.weight"], params(double, 0, "init")["0.weight"])  # it did train
+    steps = train_records(double / "run")
+    assert max(steps) == 2 * (96 // 16)
     assert steps[max(steps)]["train/loss"] < steps[min(steps)]["train/loss"]
-    config = json.loads((dump / "run" / "config.json").read_text())
-    assert config["plan"]["nproc"] == 2 and config["data"]["total_steps"] == 18
+    config = json.loads((double / "run" / "config.json").read_text())
+    assert config["plan"]["nproc"] == 2 and config["data"]["total_steps"] == 12
     assert {"torch", "accelerate", "wandb"} <= config["versions"].keys()
 
 
@@ -71,20 +85,16 @@ def test_world_size_guard_under_torchrun(tmp_path):
 
 
 @pytest.mark.parametrize("procs", [1, 2])
-def test_accumulation_equals_one_big_step(tmp_path, procs):
+def test_accumulation_equals_one_big_step(tmp_path, single, double, procs):
     """K micro-steps of B/K samples give the parameters of one step of B (fp32, rtol 1e-5)."""
-    common = ("--batch-size", "32", "--epochs", "2", "--momentum", "0.9")
-    one = train_tiny(tmp_path, "one", *common, "--grad-accum", "1", procs=procs)
-    accum = train_tiny(tmp_path, "accum", *common, "--grad-accum", "4", procs=procs)
+    one = single if procs == 1 else double
+    accum = train_tiny(tmp_path, "accum", *REFERENCE, "--grad-accum", "4", procs=procs)
     assert_close(params(accum, 0), params(one, 0), rtol=1e-5)
     assert not torch.equal(params(one, 0)["2.weight"], params(one, 0, "init")["2.weight"])
 
 
-def test_two_processes_optimise_like_one(tmp_path):
+def test_two_processes_optimise_like_one(single, double):
     """The global batch is the same samples on 1 or N processes, so training is the same up to rounding."""
-    common = ("--batch-size", "32", "--epochs", "2")
-    single = train_tiny(tmp_path, "single", *common)
-    double = train_tiny(tmp_path, "double", *common, "--grad-accum", "2", procs=2)
     assert_close(params(double, 0), params(single, 0), rtol=1e-5)
 
 
@@ -119,11 +129,9 @@ def test_evaluation_on_two_processes_equals_one(tmp_path, per_sample):
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
 
 
-def test_learning_rate_follows_optimizer_steps_on_any_number_of_processes(tmp_path):
-    flags = ("--batch-size", "16", "--epochs", "2", "--log-every", "1", "--warmup", "0.25")
-    single = train_records(train_tiny(tmp_path, "single", *flags) / "run")
-    double = train_records(train_tiny(tmp_path, "double", *flags, procs=2) / "run")
-    total, warm = 12, 3  # 96 samples / 16 per step × 2 epochs; a quarter of them warm up
+def test_learning_rate_follows_optimizer_steps_on_any_number_of_processes(single, double):
+    single, double = train_records(single / "run"), train_records(double / "run")
+    total, warm = 12, 3  # 96 samples / 16 per step × 2 epochs; a quarter of them (tiny.py's warmup) warm up
     for step in range(1, total + 1):
         k = step - 1  # the lr used by the k-th optimizer step (counted from 0)
         expected = 0.1 * ((k + 1) / warm if k < warm else 0.5 * (1 + math.cos(math.pi * (k - warm) / (total - warm))))
@@ -155,11 +163,10 @@ def test_cifar_debug_run_on_the_shared_data(tmp_path):
     assert eval_record(run, "val")["acc"] > 0.15  # above chance (0.1) after 30 steps
 
 
-def test_bf16_autocast_on_two_cpu_processes(tmp_path):
+def test_bf16_autocast_on_two_cpu_processes(tmp_path, double):
     """bf16 really runs (the result moves off fp32's), stays close, and ranks still agree exactly."""
-    common = ("--epochs", "2", "--batch-size", "16")
-    fp32 = params(train_tiny(tmp_path, "fp32", *common, procs=2), 0)
-    dump = train_tiny(tmp_path, "bf16", *common, "--precision", "bf16", procs=2)
+    fp32 = params(double, 0)
+    dump = train_tiny(tmp_path, "bf16", *REFERENCE, "--precision", "bf16", procs=2)
     bf16 = params(dump, 0)
     for k in bf16:
         assert torch.equal(bf16[k], params(dump, 1)[k]), k
@@ -167,19 +174,16 @@ def test_bf16_autocast_on_two_cpu_processes(tmp_path):
     assert_close(bf16, fp32, rtol=0.05, atol=0.02)
 
 
-def test_per_sample_datasets_with_dataloader_workers_train_like_tensors(tmp_path):
-    common = ("--epochs", "2", "--batch-size", "16")
-    tensors = train_tiny(tmp_path, "tensors", *common, procs=2)
-    loader = train_tiny(tmp_path, "loader", *common, "--per-sample", "--workers", "2", procs=2)
-    assert_close(params(loader, 0), params(tensors, 0), rtol=1e-6)
+def test_per_sample_datasets_with_dataloader_workers_train_like_tensors(tmp_path, double):
+    loader = train_tiny(tmp_path, "loader", *REFERENCE, "--per-sample", "--workers", "2", procs=2)
+    assert_close(params(loader, 0), params(double, 0), rtol=1e-6)
 
 
-def test_the_device_data_path_and_the_dataloader_path_give_the_same_run(tmp_path):
+def test_the_device_data_path_and_the_dataloader_path_give_the_same_run(tmp_path, double):
     """--no-device-data sends the same batches through a DataLoader with a worker: the same weights, bit for
     bit; each records the share of step time it waited for data."""
-    common = ("--epochs", "2", "--batch-size", "16", "--log-every", "1")
-    fast = train_tiny(tmp_path, "fast", *common, procs=2)
-    loader = train_tiny(tmp_path, "loader", *common, "--no-device-data", "--workers", "1", procs=2)
+    fast = double
+    loader = train_tiny(tmp_path, "loader", *REFERENCE, "--no-device-data", "--workers", "1", procs=2)
     for rank in range(2):
         for k, v in params(fast, rank).items():
             assert torch.equal(params(loader, rank)[k], v), k
