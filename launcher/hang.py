@@ -105,6 +105,11 @@ def beat(step: int | None = None) -> None:
         _dog.beat(step)
 
 
+def stalled() -> Path | None:
+    """Where this rank wrote its stacks, when training has not moved since: a stall no signal can save from."""
+    return _dog.path if _dog and _dog.written else None
+
+
 def stop() -> None:
     global _dog
     if _dog:

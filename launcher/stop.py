@@ -9,12 +9,15 @@ reads alike. No rank waits for the device, and the stop comes one step after the
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
+from . import hang
 from .sinks import detach_terminal
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # a closed terminal or dropped ssh: save, as for TERM
@@ -42,6 +45,12 @@ class Stop:
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGHUP:
             detach_terminal()
+        stacks = hang.stalled()
+        if stacks:  # no step will come to agree on a stop at, so nothing can be saved: waiting helps no one
+            print(f"{signal.Signals(signum).name} while training was stalled (stacks: {stacks}): exiting without a "
+                  "checkpoint", file=sys.stderr, flush=True)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)  # dying of the signal, as the agent that sent it expects
         if not self.signal:
             self.signal, self.first_at = signum, time.monotonic()
         elif time.monotonic() - self.first_at > 2:
