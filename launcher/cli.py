@@ -18,6 +18,7 @@ from . import checkpoint, flags, record, rundir, slurm, spawn, zero
 from . import recipe as recipes
 from .errors import RecipeError, UsageError
 from .flags import Flags
+from .leave import leave
 from .plan import Plan
 from .sinks import write_json
 from .text import count
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("launch: interrupted", file=sys.stderr)
         code = 130
-    sys.exit(code)
+    leave(code)
 
 
 def _port_advice(e: OSError) -> str:

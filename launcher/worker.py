@@ -17,6 +17,7 @@ import torch
 
 from . import checkpoint, group, hang, recipe, trainer
 from .errors import PLAIN, CheckpointError, RecipeError, Stopped, TrainingError
+from .leave import leave
 from .plan import PARENT_ENV, Plan
 from .text import first_line
 
@@ -141,6 +142,7 @@ def main() -> None:
     finally:
         if error_file and os.path.exists(error_file + SPARE):
             os.remove(error_file + SPARE)
+    leave(0)
 
 
 if __name__ == "__main__":
