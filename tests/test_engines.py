@@ -214,6 +214,7 @@ def test_export_takes_the_newest_checkpoint_or_a_named_one_and_refuses_anything_
                                                         "run directory with a complete checkpoint\n")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(cifar_source() is None, reason="CIFAR10_DIR does not point at CIFAR-10 (.ci/run sets it to "
                                                    "../shared/data, which holds cifar10-jpeg.tar.gz)")
 def test_the_cifar_recipe_runs_under_every_engine_alike(tmp_path):

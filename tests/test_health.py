@@ -215,7 +215,7 @@ def test_overfit_mode_passes_a_learnable_recipe_and_fails_when_labels_are_noise(
     assert "not near zero. A model that cannot memorise a few batches has a bug" in failed.stderr + failed.stdout
 
 
-@pytest.mark.parametrize("recipe", ["digits", "speakers", "lm"])
+@pytest.mark.parametrize("recipe", ["digits", "speakers", pytest.param("lm", marks=pytest.mark.slow)])
 def test_the_shipped_recipes_pass_their_own_overfit_mode_with_their_defaults(tmp_path, recipe):
     """(recipes/cifar.py too, in 48 steps, 3.4 minutes on 2 CPU cores: README's figure, too slow for the suite; its
     defaults failed at 19 % of the start with the old 50-step schedule, and so did the language model's.)"""

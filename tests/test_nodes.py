@@ -70,6 +70,7 @@ def test_node_0_must_run_where_master_addr_points(tmp_path, capsys):
     assert "that is not an address of this machine; run node 0 on --master-addr" in err
 
 
+@pytest.mark.slow
 def test_a_four_rank_job_resumes_bit_for_bit(tmp_path):
     """With 3+ ranks the order of a gradient all-reduce decides the last bits; a resumed run must reduce in
     the layout the stopped one had (DDP rebuilds its buckets after the first backward)."""

@@ -147,6 +147,7 @@ def order(epoch: int) -> list[int]:
     return torch.randperm(96, generator=torch.Generator().manual_seed(epoch)).tolist()
 
 
+@pytest.mark.slow
 def test_a_stream_is_sharded_without_duplicates_or_gaps_and_resumes_exactly(tmp_path):
     """An IterableDataset of declared length on 2 processes × 2 DataLoader workers × 2 micro-steps: each micro-batch
     holds the stream's samples in the global batch's layout, so every step takes the stream's next 16 samples,

@@ -75,6 +75,7 @@ def test_a_two_node_job_trains_one_model_with_one_wandb_run(reference):
     assert not [p for p in run_dir.rglob("*") if p.is_file() and b"SENTINEL" in p.read_bytes()]
 
 
+@pytest.mark.slow
 def test_a_signalled_job_checkpoints_requeues_and_ends_like_an_unsignalled_one(lab, reference, tmp_path):
     job, run_dir, dump = submit(lab, tmp_path, "signalled", *COMMON, "--wandb", "disabled", "--slow", "0.3")
     deadline = time.monotonic() + 120

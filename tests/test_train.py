@@ -150,6 +150,7 @@ def test_the_embedded_recipe_learns(tmp_path):
     assert "warning" not in out.stdout.replace("pre-flight: no warning", "")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(cifar_source() is None, reason="CIFAR10_DIR does not point at CIFAR-10 (.ci/run sets it to "
                                                    "../shared/data, which holds cifar10-jpeg.tar.gz)")
 def test_cifar_debug_run_on_the_shared_data(tmp_path):
@@ -192,6 +193,7 @@ def test_the_device_data_path_and_the_dataloader_path_give_the_same_run(tmp_path
         assert len(shares) == 12 and all(0 <= s < 1 for s in shares)
 
 
+@pytest.mark.slow
 def test_compile_trains_like_eager_and_keeps_the_recipes_parameter_names(tmp_path):
     common = ("--max-steps", "6", "--batch-size", "16", "--log-every", "1")
     eager = train_tiny(tmp_path, "eager", *common)
