@@ -1,4 +1,5 @@
-"""argv → plan. Everything is validated here, before any process starts: bad input is one line and exit 2."""
+"""argv → plan: the flags (declared in flags.py) and the recipe's hyperparameters parsed, and every check that
+reads several of them, before any process starts: bad input is one line and exit 2."""
 
 from __future__ import annotations
 
@@ -262,7 +263,8 @@ def default_wandb_mode() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    command = argv is None  # the `launch` command itself, rather than a caller in Python
+    argv = sys.argv[1:] if command else argv
     if argv[:1] == ["export"]:
         from . import export
 
@@ -304,7 +306,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("launch: interrupted", file=sys.stderr)
         code = 130
-    leave(code)
+    if command:
+        leave(code)
+    sys.exit(code)
 
 
 def _port_advice(e: OSError) -> str:

@@ -272,9 +272,10 @@ class Loader:
     def batches(self, index_lists, workers: int | None = None) -> Iterator:
         if self.fast:
             where = tensors(self.ds)[0].device
+            moved = where != self.device  # a data set too big for the device: batches go there one by one
             for idx in index_lists:
                 found = take(self.ds, idx.to(where))
-                yield found if where == self.device else to_device(found, self.device)
+                yield to_device(found, self.device) if moved else found
             return
         loader = DataLoader(self.ds, batch_sampler=[idx.tolist() for idx in index_lists], collate_fn=self.collate,
                             num_workers=self.workers if workers is None else workers,

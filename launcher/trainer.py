@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -48,6 +48,7 @@ from .stop import Stop
 from .text import count
 
 END = object()  # what next(batches, END) gives when a stream has run dry
+UNOBSERVED = nullcontext()  # the context of a step that nothing watches or counts (reusable: it holds no state)
 # torch 2.13 counts the attention kernels of GPUs, not the CPU's: the same formulas for it (full T×T, as torch
 # and the usual 12·layers·d·T per token count causal attention)
 CPU_ATTENTION = {
@@ -254,15 +255,15 @@ class Trainer:
             self.stream_ended()
         return batch
 
-    @contextmanager
     def observed(self, watched: bool):
         """Around a micro-step's forward and backward: its FLOPs counted in the first step, where MFU is reported;
-        the ReLUs watched in a sampled step's last micro-step."""
+        the ReLUs watched in a sampled step's last micro-step. Any other step pays for nothing."""
         if watched:
             self.watch.watch()
-        if self.peak is None or self.flops is not None:
-            yield
-            return
+        return UNOBSERVED if self.peak is None or self.flops is not None else self.counted_flops()
+
+    @contextmanager
+    def counted_flops(self):
         with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
             yield
         self.flops = counter.get_total_flops() * self.plan.grad_accum * self.world
