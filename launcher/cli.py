@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("launch: interrupted", file=sys.stderr)
         code = 130
-    if command:
+    if command and plan.nnodes == 1:  # node 0 of several hosts the store the other nodes' agents still close on
         leave(code)
     sys.exit(code)
 
