@@ -100,7 +100,7 @@ def _check_slurm(args: Flags) -> None:
     if args.slurm:
         for flag in ("node_rank", "master_addr", "master_port"):
             if getattr(args, flag) not in (None, 0):
-                raise UsageError(f"--{flag.replace('_', '-')} is for jobs without a scheduler; with --slurm the job "
+                raise UsageError(f"{flags.option(flag)} is for jobs without a scheduler; with --slurm the job "
                                  "sets it")
         if args.debug or args.max_restarts:
             raise UsageError("--slurm runs a batch job: --debug runs in this process, and a job recovers by "
@@ -129,7 +129,7 @@ def _check_engine(args: Flags) -> dict | None:
                           ("offload", ("fsdp", "deepspeed"))):
         value = getattr(args, flag)
         if value not in (None, "none") and engine not in allowed:
-            raise UsageError(f"--{flag.replace('_', '-')} {value} is for --engine {' or '.join(allowed)}, "
+            raise UsageError(f"{flags.option(flag)} {value} is for --engine {' or '.join(allowed)}, "
                              f"not {engine}")
     if engine == "fsdp" and offload in ("optimizer", "params"):
         raise UsageError(f"--offload {offload}: FSDP offloads parameters, gradients and the optimizer step together; "

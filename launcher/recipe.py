@@ -44,6 +44,7 @@ from types import ModuleType
 from typing import Any
 
 from .errors import RecipeError
+from .flags import option
 
 REQUIRED = ("Hparams", "data", "model")
 LEARNING_RATE = re.compile(r"lr|\w*_lr|learning_rate")
@@ -224,7 +225,7 @@ def add_flags(parser: argparse.ArgumentParser, Hparams: type, path: Path) -> Non
                 f"recipe {path}: Hparams.{f.name} has type {hints[f.name]!r}; "
                 "a flag needs int, float, str, bool, a Literal of those, or Optional of int/float/str"
             ) from None
-        flag = "--" + f.name.replace("_", "-")
+        flag = option(f.name)
         help_text = f.metadata.get("help", "")
         shown_default = "required" if required else f"default: {default}"
         options = {"dest": f.name, "required": required, "default": None if required else default,
@@ -252,7 +253,7 @@ def hparams(Hparams: type, values: dict[str, Any]) -> Any:
     no number may be NaN, and a learning rate (lr, *_lr, learning_rate) is a finite number of at least 0: else
     the optimizer would fail inside every process, or train on NaN."""
     for name, value in values.items():
-        flag = f"--{name.replace('_', '-')}"
+        flag = option(name)
         if isinstance(value, float) and math.isnan(value):
             raise RecipeError(f"invalid hyperparameters: {flag} is nan; give a number")
         if LEARNING_RATE.fullmatch(name) and isinstance(value, int | float) and not 0 <= value < math.inf:

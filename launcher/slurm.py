@@ -30,7 +30,7 @@ OPTIONS = {"partition": "partition", "time": "time", "account": "account", "qos"
 # launcher flags the job sets itself, or that only the submission needs
 SUBMISSION_ONLY = ("--slurm", "--dry-run", "--slurm-signal", "--slurm-template", "--max-requeues", "--job-name",
                    "--nodes", "--node-rank", "--master-addr", "--master-port", "--run-dir", "--name", "--resume",
-                   *(f"--{o.replace('_', '-')}" for o in OPTIONS))
+                   *(flags.option(o) for o in OPTIONS))
 
 
 MIN_WORK = 300  # seconds of training a start must have before the time limit's warning signal
@@ -215,7 +215,7 @@ def check_step(env: dict, nodes: int, node_rank: int) -> None:
 def submit_run(plan: Plan, args: Flags, argv: list[str]) -> int:
     """--slurm: the batch script for this run; printed with --dry-run, else written and submitted."""
     try:
-        secret = {"--" + k.replace("_", "-") for k in plan.secret_hparams() if not isinstance(plan.hparams[k], bool)}
+        secret = {flags.option(k) for k in plan.secret_hparams() if not isinstance(plan.hparams[k], bool)}
         command, secrets = hide_secrets(node_command(argv, args.recipe), secret)
         script = render(plan, args, command, sys.executable, Path.cwd())
         if args.dry_run:
