@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("launch: interrupted", file=sys.stderr)
         code = 130
+    finally:
+        rundir.release()
     if command and plan.nnodes == 1:  # node 0 of several hosts the store the other nodes' agents still close on
         leave(code)
     sys.exit(code)

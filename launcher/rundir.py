@@ -21,7 +21,7 @@ from .sinks import warn
 
 LOCK = ".lock"
 UNNAMED = "a run that has not said who it is yet"  # between taking the lock and writing into it
-_held: list[IO] = []  # open for the rest of this process's life: closing the file would release the lock
+_held: list[IO] = []  # open while the run lives: closing the file releases the lock
 
 
 def holder(run_dir: Path) -> str | None:
@@ -68,6 +68,12 @@ def claim(run_dir: Path) -> None:
             f"{f', Slurm job {job}' if job else ''}\n")
     f.flush()
     _held.append(f)
+
+
+def release() -> None:
+    """Let the run directories go before this process ends: a caller in Python that ran the launch goes on."""
+    while _held:
+        _held.pop().close()
 
 
 def busy(run_dir: Path, who: str) -> str:

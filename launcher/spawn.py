@@ -58,10 +58,10 @@ def launch(plan: Plan, sock: socket.socket | None, banner: str) -> int:
         raise Interrupted(signum)
 
     started = time.time()
-    for s in SIGNALS:
-        signal.signal(s, stop)
-    print(banner, flush=True)
-    try:
+    try:  # a signal may come as soon as its handler is set, while the banner prints
+        for s in SIGNALS:
+            signal.signal(s, stop)
+        print(banner, flush=True)
         return _in_process(plan) if in_process(plan) else _local_group(plan, sock)
     except (Interrupted, SignalException) as e:
         _stopped(plan, e.sigval, started)

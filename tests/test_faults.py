@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from conftest import LAUNCH, TINY, UNSTOPPED, assert_same, clean_env, launch, ok, params, records, tiny, train_records
-from launcher import hang
+from launcher import cli, hang, spawn
+from launcher.stop import SIGNALS
 
 TAG = "LAUNCHER_TEST_TAG"
 
@@ -287,6 +288,27 @@ def test_a_signal_before_training_names_the_older_checkpoint_it_did_not_replace(
         f"launch: stopped by SIGTERM with no checkpoint saved at the stop; the newest is "
         f"{run / 'checkpoints' / 'step-00000004'}: --resume auto --run-dir {run} continues from there")
     assert tagged(tag) == []
+
+
+class Signalling:
+    """A banner whose printing is interrupted by SIGTERM: a signal that comes at the first moment it can."""
+
+    def __str__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return "launch: the banner"
+
+
+def test_a_signal_while_the_banner_prints_is_a_stop_not_a_crash(tmp_path, capsys):
+    plan = cli.parse([str(TINY), "--run-dir", str(tmp_path / "run")])[0]
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    try:
+        code = spawn.launch(plan, None, Signalling())
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err == "launch: stopped by SIGTERM with no checkpoint saved at the stop, and there is none\n"
 
 
 def test_a_rank_killed_from_outside_is_the_one_blamed(tmp_path):
