@@ -15,7 +15,8 @@
    `torchrun` and `accelerate launch` running the hand-written loop.
 
 With --baseline DIR (another checkout of this repository, e.g. `git worktree add /tmp/base REV`), that
-checkout's launcher runs the MLP of 1. as one more side: what a change costs per step, as a ratio. With
+checkout's launcher runs the MLP of 1. as one more side, and the start-up of 4. (its wall time and the CPU
+seconds of all the job's processes): what a change costs per step and per start, as ratios. With
 --callgrind too, both launchers' instructions per step are counted under valgrind (the difference between
 two run lengths, so that start-up cancels out): a figure that does not drift with the machine, where the
 steps/s ratio needs many rounds to settle to a percent.
@@ -171,11 +172,17 @@ def epoch_run(tmp: Path, cache: Path, name: str, extra: list) -> tuple[float, fl
     return seconds, next(r["test/acc"] for r in rs if "test/acc" in r)
 
 
-def launch_startup(tmp: Path, rep: int) -> float:
-    run_dir = tmp / f"start-{rep}"
-    start = time.time()
-    run(launch_cmd(MLP, run_dir, "--procs", "2", "--max-steps", "1", "--log-every", "1"), env())
-    return records(run_dir)[0]["time"] - start
+STARTUP = ("--procs", "2", "--max-steps", "1", "--log-every", "1")
+
+
+def launch_startup(cmd: list, run_dir: Path, environ: dict) -> tuple[float, float]:
+    """(seconds from the command's start to the end of the first step, CPU seconds of the whole job: the
+    launcher's and its workers', which it waits for)."""
+    before, start = os.times(), time.time()
+    run(cmd, environ)
+    after = os.times()
+    return records(run_dir)[0]["time"] - start, after.children_user + after.children_system - (
+        before.children_user + before.children_system)
 
 
 def startup_references() -> dict[str, list]:
@@ -295,15 +302,29 @@ def main() -> None:
         if args.startup_reps:
             print("start-up", file=sys.stderr)
             references = startup_references()
-            starts = alternate(args.startup_reps, {
-                "launch": lambda rep: launch_startup(tmp, rep),
-                **{name: (lambda rep, cmd=cmd: script_startup(cmd)) for name, cmd in references.items()}})
-            commands += [shown(launch_cmd(MLP, Path("RUN"), "--procs", "2", "--max-steps", "1", "--log-every", "1")),
-                         *(shown(cmd) for cmd in references.values())]
+            sides = {"launch": lambda rep: launch_startup(launch_cmd(MLP, tmp / f"start-{rep}", *STARTUP),
+                                                          tmp / f"start-{rep}", env()),
+                     **{name: (lambda rep, cmd=cmd: script_startup(cmd)) for name, cmd in references.items()}}
+            if args.baseline:  # `python -m launcher` of each checkout: the same entry for both
+                module = [sys.executable, "-m", "launcher", *launch_cmd(MLP, Path("RUN"), *STARTUP)[1:]]
+                for name, environ in (("launch -m", env()), ("baseline -m", checkout_env(env(), args.baseline))):
+                    sides[name] = lambda rep, name=name, environ=environ: launch_startup(
+                        [str(tmp / f"{name[:-3]}-{rep}") if c == "RUN" else c for c in map(str, module)],
+                        tmp / f"{name[:-3]}-{rep}", environ)
+            starts = alternate(args.startup_reps, sides)
+            commands += [shown(launch_cmd(MLP, Path("RUN"), *STARTUP)), *(shown(cmd) for cmd in references.values())]
+            ours = median([t for t, _ in starts["launch"]])
             for name in references:
-                ours, theirs = median(starts["launch"]), median(starts[name])
+                theirs = median(starts[name])
                 rows.append(f"| start-up to the end of the first step, 2 CPU processes, s | {ours:.2f} | "
                             f"{theirs:.2f} (`{name}`) | {ours / theirs:.2f} |")
+            if args.baseline:
+                commands.append(f"PYTHONPATH={args.baseline} {shown(module)}")
+                now, then = starts["launch -m"], starts["baseline -m"]
+                for i, what in ((0, "start-up, same, s"), (1, "CPU seconds of that job, all its processes")):
+                    ours, theirs = [r[i] for r in now], [r[i] for r in then]
+                    rows.append(f"| {what}, `python -m launcher` | {median(ours):.2f} | {median(theirs):.2f} "
+                                f"(baseline) | {ratio_cell(ours, theirs)} |")
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, torch {torch.__version__}"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import checkpoint, flags, record, rundir, slurm, spawn, zero
 from . import recipe as recipes
+from .boot import settle
 from .errors import RecipeError, UsageError
 from .flags import Flags
 from .leave import leave
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.check:
             from . import preflight
 
+            settle()
             try:
                 sys.exit(preflight.check_only(plan, module, hp))
             except RecipeError as e:

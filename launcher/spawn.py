@@ -14,6 +14,7 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing import SignalException
 
 from . import checkpoint
+from .boot import settle
 from .errors import PLAIN, RecipeError, Stopped
 from .plan import PARENT_ENV, PLAN_ENV, Plan
 from .sinks import detach_terminal
@@ -164,9 +165,10 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
           f"{f' on node {plan.node_rank} of {plan.nnodes}' if not single else ''}, rendezvous on "
           f"{plan.master_addr}:{port}{f', up to {plan.max_restarts} restarts' if plan.max_restarts else ''}",
           flush=True)
+    settle()  # this process's set-up is done: from here it supervises
     try:
         # -P: the installed launcher, never a folder of that name in the working directory
-        elastic_launch(config, sys.executable)("-u", "-P", "-m", "launcher.worker")
+        elastic_launch(config, sys.executable)("-u", "-P", "-m", "launcher.boot")
     except ChildFailedError as e:
         rank, failure = root_cause(e.failures)
         print(f"launch: {_describe(rank, failure, plan.run_dir)}", file=sys.stderr, flush=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, group, hang, recipe, trainer
+from .boot import settle
 from .errors import PLAIN, CheckpointError, RecipeError, Stopped, TrainingError
 from .leave import leave
 from .plan import PARENT_ENV, Plan
@@ -63,7 +64,9 @@ def run(plan: Plan) -> dict:
         hp = recipe.hparams(module.Hparams, plan.hparams)
         if plan.debug:
             torch.autograd.set_detect_anomaly(True)
-        return trainer.Trainer(plan, acc, module, hp).fit()
+        training = trainer.Trainer(plan, acc, module, hp)
+        settle()
+        return training.fit()
     finally:
         hang.stop()
         if torch.distributed.is_initialized():
@@ -143,7 +146,3 @@ def main() -> None:
         if error_file and os.path.exists(error_file + SPARE):
             os.remove(error_file + SPARE)
     leave(0)
-
-
-if __name__ == "__main__":
-    main()

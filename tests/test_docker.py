@@ -56,9 +56,9 @@ def test_the_image_installs_this_project_and_pins_nothing_of_its_own():
 def test_the_entrypoint_is_the_launch_command():
     entry = [a for kind, a in instructions() if kind == "ENTRYPOINT"]
     assert [json.loads(e) for e in entry] == [["launch"]]  # exec form: signals reach launch itself
-    assert PROJECT["scripts"]["launch"] == "launcher.cli:main"
-    from launcher.cli import main
-    assert callable(main)
+    assert PROJECT["scripts"]["launch"] == "launcher.boot:launch"
+    from launcher.boot import launch
+    assert callable(launch)
 
 
 def test_what_the_image_copies_is_enough_to_train_and_render_a_job(tmp_path):

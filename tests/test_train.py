@@ -65,7 +65,7 @@ def test_two_processes_end_with_identical_parameters(double):
 def test_world_size_guard_stops_a_worker_that_would_train_alone(tmp_path):
     plan = Plan(recipe=str(TINY), hparams={"batch_size": 16, "epochs": 1}, run_dir=str(tmp_path), name="guard",
                 nproc=2)
-    result = subprocess.run([sys.executable, "-m", "launcher.worker"], capture_output=True, text=True, timeout=120,
+    result = subprocess.run([sys.executable, "-m", "launcher.boot"], capture_output=True, text=True, timeout=120,
                             env=clean_env(**{PLAN_ENV: plan.to_json()}))
     assert result.returncode != 0
     assert "this process sees a world of 1 process(es) but the plan has 2" in result.stderr
@@ -76,7 +76,7 @@ def test_world_size_guard_under_torchrun(tmp_path):
     plan = Plan(recipe=str(TINY), hparams={"batch_size": 15, "epochs": 1}, run_dir=str(tmp_path), name="guard",
                 nproc=3)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                             "--master-addr", "127.0.0.1", "--master-port", "0", "-m", "launcher.worker"],
+                             "--master-addr", "127.0.0.1", "--master-port", "0", "-m", "launcher.boot"],
                             capture_output=True, text=True, timeout=120,
                             env=clean_env(**{PLAN_ENV: plan.to_json(), "ACCELERATE_USE_CPU": "1"}))
     assert result.returncode != 0
