@@ -1,3 +1,4 @@
+import fcntl
 import json
 import os
 import subprocess
@@ -12,6 +13,16 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "recipes" / "tiny.py"
 LAUNCH = Path(sys.executable).parent / "launch"  # the installed console script, as a user runs it
 WANDB = Path(sys.executable).parent / "wandb"
+
+
+def pytest_configure(config):
+    """Each test file runs on a core of its own (xdist): so do the processes its runs start. Two threads in each
+    of two files' one-process runs would contend for 2 cores, and OpenMP's spinning threads waste what they wait."""
+    files_at_once = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, len(os.sched_getaffinity(0)) // files_at_once)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))  # 1: inductor compiles in the process
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def clean_env(**extra) -> dict:
@@ -133,3 +144,21 @@ def history(run: Path) -> dict[int, dict]:
 def cifar_source() -> Path | None:
     where = os.environ.get("CIFAR10_DIR")
     return Path(where) if where and Path(where).exists() else None
+
+
+@pytest.fixture(scope="session")
+def cifar_cache(tmp_path_factory) -> Path:
+    """A --cache-dir holding the real CIFAR-10 decoded (10 s or more), made once for every test and every xdist
+    worker: they share the parent of their temporary folders, and the first to come decodes under a lock."""
+    from launcher import recipe
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    cache = shared / "cifar-cache"
+    cache.mkdir(exist_ok=True)
+    with open(shared / "cifar-cache.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cifar = recipe.load(ROOT / "recipes" / "cifar.py")
+        cifar.cached(cifar.Hparams(data_dir=str(cifar_source()), cache_dir=str(cache)))
+    return cache

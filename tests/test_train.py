@@ -153,10 +153,10 @@ def test_the_embedded_recipe_learns(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(cifar_source() is None, reason="CIFAR10_DIR does not point at CIFAR-10 (.ci/run sets it to "
                                                    "../shared/data, which holds cifar10-jpeg.tar.gz)")
-def test_cifar_debug_run_on_the_shared_data(tmp_path):
+def test_cifar_debug_run_on_the_shared_data(tmp_path, cifar_cache):
     run = tmp_path / "run"
     out = ok(launch(ROOT / "recipes" / "cifar.py", "--debug", "--cpu", "--width", "16", "--batch-size", "128",
-                    "--run-dir", run, "--cache-dir", tmp_path / "cache", timeout=900))
+                    "--run-dir", run, "--cache-dir", cifar_cache, timeout=900))
     assert "(debug)" in out.stdout
     losses = [r["train/loss"] for _, r in sorted(train_records(run).items())]
     assert len(losses) == 30
