@@ -19,6 +19,13 @@ def pytest_configure(config):
     # inductor compiles in the test's process: a pool of compile processes would each import torch first
     # (6 of the compile test's 36 CPU seconds)
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))  # set in xdist's workers alone
+    if workers:
+        # each xdist worker's share of the cores, as the launcher divides them among a job's processes; a
+        # one-process run would otherwise take every core beside the other worker's runs, and OpenMP's
+        # threads spin on oversubscribed cores (two one-process LM runs side by side: 97 s on 2 threads
+        # each, 43 s on one)
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
 
 
 def clean_env(**extra) -> dict:
