@@ -48,6 +48,7 @@ LOG_EVERY, WARMUP = 100, 200  # MLP
 CIFAR_LOG, CIFAR_WARMUP, CIFAR_STEPS = 10, 10, 70
 CIFAR_HP = {"width": "16", "batch_size": "256", "val_size": "0"}
 LOADER = ["--no-device-data", "--workers", "1"]
+STARTUP = ("--procs", "2", "--max-steps", "1", "--log-every", "1")  # start-up: to the end of the first step
 CALLGRIND_STEPS = (100, 600)  # two MLP run lengths; instructions per step from their difference
 
 
@@ -95,6 +96,11 @@ def mlp_launch(steps: int, run_dir: Path) -> list:
 def mlp_module(steps: int, run_dir: Path) -> list:
     """The MLP under `python -m launcher`: the launcher found first on PYTHONPATH (see checkout_env)."""
     return [sys.executable, "-m", "launcher", *mlp_launch(steps, run_dir)[1:]]
+
+
+def startup_module(run_dir: Path) -> list:
+    """The start-up run under `python -m launcher`, as mlp_module."""
+    return [sys.executable, "-m", "launcher", *launch_cmd(MLP, run_dir, *STARTUP)[1:]]
 
 
 def checkout_env(environ: dict, checkout: Path) -> dict:
@@ -170,9 +176,6 @@ def epoch_run(tmp: Path, cache: Path, name: str, extra: list) -> tuple[float, fl
     rs = records(run_dir)
     seconds = sum(r["step_time"] * 5 for r in rs if "step_time" in r)
     return seconds, next(r["test/acc"] for r in rs if "test/acc" in r)
-
-
-STARTUP = ("--procs", "2", "--max-steps", "1", "--log-every", "1")
 
 
 def launch_startup(cmd: list, run_dir: Path, environ: dict) -> tuple[float, float]:
@@ -306,11 +309,9 @@ def main() -> None:
                                                           tmp / f"start-{rep}", env()),
                      **{name: (lambda rep, cmd=cmd: script_startup(cmd)) for name, cmd in references.items()}}
             if args.baseline:  # `python -m launcher` of each checkout: the same entry for both
-                module = [sys.executable, "-m", "launcher", *launch_cmd(MLP, Path("RUN"), *STARTUP)[1:]]
                 for name, environ in (("launch -m", env()), ("baseline -m", checkout_env(env(), args.baseline))):
                     sides[name] = lambda rep, name=name, environ=environ: launch_startup(
-                        [str(tmp / f"{name[:-3]}-{rep}") if c == "RUN" else c for c in map(str, module)],
-                        tmp / f"{name[:-3]}-{rep}", environ)
+                        startup_module(tmp / name / str(rep)), tmp / name / str(rep), environ)
             starts = alternate(args.startup_reps, sides)
             commands += [shown(launch_cmd(MLP, Path("RUN"), *STARTUP)), *(shown(cmd) for cmd in references.values())]
             ours = median([t for t, _ in starts["launch"]])
@@ -319,7 +320,7 @@ def main() -> None:
                 rows.append(f"| start-up to the end of the first step, 2 CPU processes, s | {ours:.2f} | "
                             f"{theirs:.2f} (`{name}`) | {ours / theirs:.2f} |")
             if args.baseline:
-                commands.append(f"PYTHONPATH={args.baseline} {shown(module)}")
+                commands.append(f"PYTHONPATH={args.baseline} {shown(startup_module(Path('RUN')))}")
                 now, then = starts["launch -m"], starts["baseline -m"]
                 for i, what in ((0, "start-up, same, s"), (1, "CPU seconds of that job, all its processes")):
                     ours, theirs = [r[i] for r in now], [r[i] for r in then]

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from launcher import spawn
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "recipes" / "tiny.py"
 LAUNCH = Path(sys.executable).parent / "launch"  # the installed console script, as a user runs it
@@ -25,7 +27,7 @@ def pytest_configure(config):
         # one-process run would otherwise take every core beside the other worker's runs, and OpenMP's
         # threads spin on oversubscribed cores (two one-process LM runs side by side: 97 s on 2 threads
         # each, 43 s on one)
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, spawn.cores() // workers)))
 
 
 def clean_env(**extra) -> dict:
