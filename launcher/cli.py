@@ -22,7 +22,7 @@ from .errors import RecipeError, UsageError
 from .flags import Flags
 from .leave import leave
 from .plan import Plan
-from .sinks import write_json
+from .sinks import keep_console, start_summary, update_summary, write_json
 from .text import count
 
 
@@ -301,12 +301,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"launch: error: {e}", file=sys.stderr)
         sys.exit(2)
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
-    if plan.node_rank == 0:  # and its record
+    if plan.node_rank == 0:  # and its record, its summary and its console's log
         write_json(Path(plan.run_dir) / "config.json", record.record(plan))
+        start_summary(plan)
+        keep_console(plan.run_dir)
     try:
         code = spawn.launch(plan, sock, record.banner(plan))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's stop was handled
         print("launch: interrupted", file=sys.stderr)
+        if plan.node_rank == 0:
+            update_summary(plan.run_dir, state="stopped", reason="interrupted")
         code = 130
     finally:
         rundir.release()

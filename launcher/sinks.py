@@ -1,4 +1,4 @@
-"""Rank zero's outputs: console (progress bar + summary lines), metrics.jsonl, W&B.
+"""Rank zero's outputs: console (progress bar + summary lines), console.log, metrics.jsonl, summary.json, W&B.
 
 Only global rank 0 ever builds a Sinks. Nothing here is on the per-step path
 except `advance`, which tqdm keeps to a time check between redraws.
@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shlex
+import socket
 import stat
 import sys
 import time
@@ -30,6 +31,64 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: dict) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+SUMMARY_ORDER = ("state", "reason", "step", "total_steps", "best", "metrics", "train_loss", "samples_per_s", "wall_s",
+                 "warnings", "verdict", "started", "pid", "host")
+
+
+def read_summary(run_dir: str) -> dict:
+    path = Path(run_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def start_summary(plan: Plan) -> None:
+    """Node 0's launcher as a run starts: a new summary, or a resumed run's with this start's facts."""
+    earlier = read_summary(plan.run_dir) if plan.resume else {}
+    write_json(Path(plan.run_dir) / "summary.json", {**earlier, "state": "running", "reason": None,
+                                                      "started": time.time(), "wall_s": 0.0, "pid": os.getpid(),
+                                                      "host": socket.gethostname()})
+
+
+def update_summary(run_dir: str, **fields) -> None:
+    """Merge fields into the run's summary.json: how the run stands, for a person or a script, in one small file.
+    Rank zero keeps it current while it trains; the launcher of node 0, which alone knows how the job ended,
+    writes the last word (the state, and the reason in one line for any but "completed")."""
+    summary = {**read_summary(run_dir), **fields}
+    if "started" in summary:
+        summary["wall_s"] = round(time.time() - summary["started"], 1)
+    write_json(Path(run_dir) / "summary.json", {**dict.fromkeys(SUMMARY_ORDER), **summary})
+
+
+class Console:
+    """A standard stream that also appends each line it finishes to the run's console.log, as a terminal ends up
+    showing it: a line redrawn with carriage returns (the progress bar) as its last drawing, a bar erased
+    before a line (tqdm's write) as nothing. Launch and rank zero each keep one, appending to the same file."""
+
+    def __init__(self, stream, log: Path):
+        self.stream, self.pending = stream, ""
+        self.fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        if "\n" in self.pending:
+            *lines, self.pending = self.pending.split("\n")
+            os.write(self.fd, "".join(line.rstrip("\r").rsplit("\r", 1)[-1].rstrip() + "\n" for line in lines).encode())
+        cut = self.pending.rstrip("\r").rfind("\r")  # a bar that redraws without end keeps its last drawing alone
+        if cut >= 0:
+            self.pending = self.pending[cut + 1:]
+        return self.stream.write(text)  # last: a terminal that hung up raises here, after the log has the line
+
+    def __getattr__(self, name):  # isatty (tqdm draws on terminals alone), fileno, flush, encoding: the stream's
+        return getattr(self.stream, name)
+
+
+def keep_console(run_dir: str) -> None:
+    """From here on this process's output also goes to RUN_DIR/console.log (once per process)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not isinstance(stream, Console):
+            setattr(sys, name, Console(stream, Path(run_dir) / "console.log"))
 
 
 def detach_terminal() -> None:
@@ -107,18 +166,24 @@ class Silent:
     def log(self, step: int, values: dict, line: str | None = None) -> None:
         pass
 
+    def results(self, step: int, values: dict, line: str | None) -> None:
+        pass
+
+    def best(self, metric: str, value: float, step: int) -> None:
+        pass
+
     def event(self, step: int, name: str, values: dict, line: str | None) -> None:
         pass
 
     def text(self, step: int, name: str, text: str) -> None:
         pass
 
-    def close(self, ok: bool) -> None:
+    def close(self, step: int, ok: bool) -> None:
         pass
 
 
 class Sinks:
-    """Rank zero's: the console, metrics.jsonl and W&B."""
+    """Rank zero's: the console, metrics.jsonl, summary.json and W&B."""
 
     def __init__(self, plan: Plan, data: dict, total_steps: int, start_step: int = 0):
         # the launcher wrote config.json; the sizes that data() revealed complete it
@@ -132,6 +197,11 @@ class Sinks:
             write_text(metrics, "".join(line for line in lines if json.loads(line)["step"] <= start_step))
         self.file = open(metrics, "a", buffering=1)
         self.plan = plan
+        self.summary = {key: value for key, value in read_summary(plan.run_dir).items()  # an earlier start's
+                        if key in ("best", "metrics", "warnings", "verdict")}
+        self.summary.setdefault("metrics", {})
+        self.summary.setdefault("warnings", [])
+        self.summarise(state="running", step=start_step, total_steps=total_steps)
         self.texts: dict[str, list] = {}  # name → [step, text] rows, for W&B tables
         self.wandb = start_wandb(plan, config)
         # disable=None: drawn only when stderr is a terminal, never into log files
@@ -153,9 +223,22 @@ class Sinks:
         except OSError as e:
             terminal_lost(e)
 
+    def summarise(self, **fields) -> None:
+        self.summary.update(fields)
+        update_summary(self.plan.run_dir, **self.summary)
+
+    def best(self, metric: str, value: float, step: int) -> None:
+        """The recipe's best metric improved (written with the next summary)."""
+        self.summary["best"] = {"metric": metric, "value": value, "step": step}
+
     def log(self, step: int, values: dict, line: str | None = None) -> None:
-        """One record at one optimizer step, to every sink; `line` also goes to the console."""
+        """One record at one optimizer step, to every sink; `line` also goes to the console (and the summary is
+        brought up to date: at the console's pace, not every step's)."""
         self.file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        if "train/loss" in values:
+            self.summary.update(step=step, train_loss=values["train/loss"], samples_per_s=values["samples_per_s"])
+            if line:
+                self.summarise()
         if self.wandb:
             self.wandb.log(values, step=step)
         if "train/loss" in values:
@@ -163,9 +246,19 @@ class Sinks:
         if line:
             self.print(line)
 
+    def results(self, step: int, values: dict, line: str | None) -> None:
+        """An evaluation's results: a record, and in the summary the latest value of each metric."""
+        self.summary["metrics"].update(values)
+        self.log(step, values, line)
+        self.summarise()
+
     def event(self, step: int, name: str, values: dict, line: str | None) -> None:
         """Something that happened once (early stopping): a record, a console line, the W&B summary."""
         self.file.write(json.dumps({"step": step, "time": time.time(), "event": name, **values}) + "\n")
+        if values.get("warnings"):
+            self.summarise(warnings=self.summary["warnings"] + list(values["warnings"]))
+        if name == "verdict":
+            self.summarise(verdict=values["findings"])
         if self.wandb:
             self.wandb.summary.update({f"{name}/{k}": v for k, v in values.items()})
         if line:
@@ -182,9 +275,11 @@ class Sinks:
             self.wandb.log({name: wandb.Table(columns=["step", "text"], data=self.texts[name])}, step=step)
         self.print(f"{name} step {step}: {text}")
 
-    def close(self, ok: bool) -> None:
+    def close(self, step: int, ok: bool) -> None:
         self.bar.close()
         self.file.close()
+        # a failure's reason, or a stop's, is the launcher's to write: it knows what happened on every rank
+        self.summarise(step=step, **({"state": "completed", "reason": None} if ok else {}))
         if self.wandb:
             self.wandb.finish(exit_code=0 if ok else 1)
             if self.plan.wandb == "offline":  # at the end, where a requeued job's log is read

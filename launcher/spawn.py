@@ -17,7 +17,7 @@ from . import checkpoint
 from .boot import settle
 from .errors import PLAIN, RecipeError, Stopped
 from .plan import PARENT_ENV, PLAN_ENV, Plan
-from .sinks import detach_terminal
+from .sinks import detach_terminal, update_summary
 from .stop import SIGNALS
 from .text import count, first_line
 
@@ -63,10 +63,29 @@ def launch(plan: Plan, sock: socket.socket | None, banner: str) -> int:
         for s in SIGNALS:
             signal.signal(s, stop)
         print(banner, flush=True)
-        return _in_process(plan) if in_process(plan) else _local_group(plan, sock)
+        code = _in_process(plan) if in_process(plan) else _local_group(plan, sock)
     except (Interrupted, SignalException) as e:
         _stopped(plan, e.sigval, started)
         return 128 + e.sigval
+    except Exception as e:  # its traceback follows
+        _ended(plan, "failed", f"{type(e).__name__}: {first_line(e)}")
+        raise
+    if code == 0:
+        _ended(plan, "completed")
+    return code
+
+
+def _ended(plan: Plan, state: str, reason: str | None = None) -> None:
+    """How the job ended, in the run's summary.json: node 0's launcher alone writes it."""
+    if plan.node_rank == 0:
+        update_summary(plan.run_dir, state=state, reason=reason)
+
+
+def _failed(plan: Plan, text: str, reason: str | None = None) -> None:
+    """Why the job failed, once: on the console (with a traceback, where one tells), and in the summary in one
+    line (the text's own, unless a shorter `reason` is given)."""
+    print(f"launch: {text}", file=sys.stderr, flush=True)
+    _ended(plan, "failed", reason or text.removeprefix("error: "))
 
 
 def _in_process(plan: Plan) -> int:
@@ -80,7 +99,7 @@ def _in_process(plan: Plan) -> int:
         known = worker.explain(e, plan)
         if not isinstance(known, PLAIN):
             raise
-        print(f"launch: error: {known}", file=sys.stderr, flush=True)
+        _failed(plan, f"error: {known}")
         return 2 if isinstance(known, RecipeError) else 1
     return 0
 
@@ -102,6 +121,7 @@ def _stopped(plan: Plan, signum: int, started: float) -> None:
     else:
         where = "with no checkpoint saved at the stop, and there is none"
     print(f"launch: stopped by {name} {where}", file=sys.stderr, flush=True)
+    _ended(plan, "stopped", f"stopped by {name} {where}")
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -171,13 +191,13 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
         elastic_launch(config, sys.executable)("-u", "-P", "-m", "launcher.boot")
     except ChildFailedError as e:
         rank, failure = root_cause(e.failures)
-        print(f"launch: {_describe(rank, failure, plan.run_dir)}", file=sys.stderr, flush=True)
+        text = _describe(rank, failure, plan.run_dir)
+        # a traceback: the summary's one line is the exception's
+        _failed(plan, text, f"rank {rank} failed: {first_line(failure.message['message'])}" if "\n" in text else None)
         return 2 if failure.error_file_data.get("launcher", {}).get("usage") else 1
     except DistError as e:  # the agents' rendezvous: a node that never came, or node 0 out of reach
-        reason = first_line(e)
-        print(f"launch: error: the {plan.nnodes} nodes did not meet at "
-              f"{plan.master_addr}:{port} ({reason}); start every node with the same --nodes, --master-addr and "
-              "--master-port", file=sys.stderr, flush=True)
+        _failed(plan, f"error: the {plan.nnodes} nodes did not meet at {plan.master_addr}:{port} ({first_line(e)}); "
+                      "start every node with the same --nodes, --master-addr and --master-port")
         return 1
     return 0
 

@@ -156,6 +156,8 @@ class Trainer:
             f" × {plan.grad_accum} accumulation × {plan.micro_batch} per device")
         if start:
             self.sinks.print(f"resumed from {start} at step {self.step}")
+        if self.best:
+            self.sinks.best(self.monitor, *self.best)
         if report:
             *lines, summary = preflight.shown(report)
             for line in lines:
@@ -171,16 +173,16 @@ class Trainer:
         except Stopped as stopped:  # the launcher's last line tells, from this record
             self.sinks.event(self.step, "stopped", {"signal": signal.Signals(stopped.signum).name,
                                                     "checkpoint": str(self.step_dir())}, None)
-            self.sinks.close(ok=False)
+            self.sinks.close(self.step, ok=False)
             raise
         except BaseException:
-            self.sinks.close(ok=False)
+            self.sinks.close(self.step, ok=False)
             raise
         if final is not None:  # None: the run had already finished
             shown = "  ".join(f"{k} {v:.4f}" for k, v in final.items())
             skipped = f"  ({count(self.skipped, 'step')} skipped: non-finite)" if self.skipped else ""
             self.sinks.print(f"done: {self.step} steps{'  ' + shown if shown else ''}{skipped}  → {self.plan.run_dir}")
-        self.sinks.close(ok=True)
+        self.sinks.close(self.step, ok=True)
         return final or {}
 
     def _fit(self) -> dict | None:
@@ -447,6 +449,7 @@ class Trainer:
         value = results[self.monitor]
         if self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0]):
             self.best, self.bad_evals = (value, self.step), 0
+            self.sinks.best(self.monitor, value, self.step)
             self.save(checkpoint.folder(self.plan.run_dir) / "best")
             return False
         self.bad_evals += 1
@@ -470,7 +473,7 @@ class Trainer:
             self.printed_eval = self.step
             shown = "  ".join(f"{k} {v:.4f}" for k, v in results.items())
             line = f"eval  step {self.step}  {shown}  ({elapsed:.1f} s)"
-        self.sinks.log(self.step, results, line)
+        self.sinks.results(self.step, results, line)
         return results
 
     def show_sample(self) -> None:

@@ -20,6 +20,7 @@ from .boot import settle
 from .errors import PLAIN, CheckpointError, RecipeError, Stopped, TrainingError
 from .leave import leave
 from .plan import PARENT_ENV, Plan
+from .sinks import keep_console
 from .text import first_line
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
@@ -58,6 +59,8 @@ def die_with_launcher() -> None:
 def run(plan: Plan) -> dict:
     steady_host_memory()
     acc = group.accelerator(plan)  # joins the process group and checks the world size
+    if acc.is_main_process:
+        keep_console(plan.run_dir)  # beside launch's own, which this process's output does not pass through
     hang.start(plan.run_dir, acc.process_index, acc.num_processes, plan.timeout, acc.device)
     try:
         module = recipe.load(plan.recipe)

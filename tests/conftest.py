@@ -81,6 +81,17 @@ def refused(capsys, *argv) -> str:
     return err.strip()
 
 
+def summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def console(run_dir: Path) -> list[str]:
+    """The lines of the run's console.log, which nothing but whole lines may reach."""
+    text = (Path(run_dir) / "console.log").read_text()
+    assert "\r" not in text and text.endswith("\n"), text[-300:]
+    return text.splitlines()
+
+
 def eval_record(run_dir: Path, split: str) -> dict:
     """The last evaluation of a split, without its prefix."""
     found = [r for r in records(run_dir) if f"{split}/loss" in r]

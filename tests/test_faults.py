@@ -19,7 +19,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LAUNCH, TINY, UNSTOPPED, assert_same, clean_env, launch, ok, params, records, tiny, train_records
+from conftest import (
+    LAUNCH,
+    TINY,
+    UNSTOPPED,
+    assert_same,
+    clean_env,
+    console,
+    launch,
+    ok,
+    params,
+    records,
+    summary,
+    tiny,
+    train_records,
+)
 from launcher import cli, hang, spawn
 from launcher.stop import SIGNALS
 
@@ -69,6 +83,14 @@ def test_a_raising_rank_ends_the_job_fast_with_its_traceback_once_and_nothing_le
     assert "launch: rank 1 failed: Traceback" in err and "tiny.py" in err
     assert ended - (folder / "crashed").stat().st_mtime < 30  # from the crash to the end of the job
     assert tagged(tag) == []
+    # the run's record of it: the state and the exception in one line; the console's log as the console showed it
+    failed = summary(folder / "run")
+    assert (failed["state"], failed["reason"]) == ("failed", "rank 1 failed: RuntimeError: planted crash at forward 5")
+    assert 1 <= failed["step"] < 5 and failed["total_steps"] == 40
+    logged = console(folder / "run")  # the two streams' lines, as they came
+    assert sorted(logged) == sorted(out.splitlines() + err.splitlines())
+    assert logged[0].startswith("launch: tiny.py · 2 CPU processes")
+    assert [line for line in logged if line][-1] == "RuntimeError: planted crash at forward 5"
 
 
 def test_a_rank_that_dies_without_a_word_is_reported_with_where_to_look(tmp_path):
@@ -124,7 +146,15 @@ def test_a_signal_saves_a_checkpoint_that_resume_continues_exactly(tmp_path, uns
     assert err.strip().splitlines()[-1] == (
         f"launch: stopped by {signal.Signals(signum).name} at step {int(saved[0][5:])}: saved checkpoint "
         f"{folder / 'run' / 'checkpoints' / saved[0]}; continue with --resume auto --run-dir {folder / 'run'}")
+    stopped = summary(folder / "run")
+    assert (stopped["state"], stopped["reason"], stopped["step"]) == (
+        "stopped", err.strip().splitlines()[-1].removeprefix("launch: "), int(saved[0][5:]))
     _, resumed = tiny(tmp_path, "signalled", *common, "--resume", "auto", procs=procs)
+    done = summary(folder / "run")
+    assert (done["state"], done["reason"], done["step"], done["total_steps"]) == ("completed", None, 16, 16)
+    assert done["metrics"] == summary(straight / "run")["metrics"]
+    logged = console(folder / "run")  # both starts, each from its banner
+    assert sum(line.startswith("launch: tiny.py") for line in logged) == 2 and logged[-1].startswith("done: 16 steps")
     for rank in range(procs):
         assert_same(params(folder, rank), params(straight, 0))
     # the log and the verdict of the stopped-and-resumed run are the unstopped run's, the window cut by the stop too
@@ -162,6 +192,9 @@ def test_a_non_finite_gradient_stops_the_run_naming_step_and_parameter(tmp_path)
         r"launch: error: rank [01]: non-finite gradient at step 5, first in 0\.weight \(loss nan\); lower the "
         r"learning rate, clip gradients \(--clip-grad\), check the inputs, or pass --skip-nonfinite to skip such "
         r"steps", last), last
+    failed = summary(tmp_path / "nan" / "run")
+    assert (failed["state"], failed["reason"], failed["step"]) == ("failed", last.removeprefix("launch: error: "), 5)
+    assert console(tmp_path / "nan" / "run")[-1] == last
 
 
 def test_skip_nonfinite_skips_counts_and_reports(tmp_path):

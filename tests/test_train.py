@@ -1,5 +1,6 @@
 """Training through the real CLI, with real processes over gloo: what ranks end with, and what gets logged."""
 
+import io
 import json
 import math
 import re
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tqdm import tqdm
 
 from conftest import (
     ROOT,
@@ -16,12 +18,16 @@ from conftest import (
     assert_close,
     cifar_source,
     clean_env,
+    console,
     eval_record,
     launch,
     ok,
     params,
+    records,
+    summary,
     train_records,
 )
+from launcher import sinks
 from launcher.plan import PLAN_ENV, Plan
 
 
@@ -148,6 +154,35 @@ def test_the_embedded_recipe_learns(tmp_path):
     assert eval_record(run, "test")["acc"] >= 0.95
     assert "check  pre-flight: no warning" in out.stdout and "verdict: no sign of trouble" in out.stdout
     assert "warning" not in out.stdout.replace("pre-flight: no warning", "")
+    # what the run says of itself: summary.json and console.log
+    done = summary(run)
+    assert (done["state"], done["reason"], done["warnings"], done["verdict"]) == ("completed", None, [], [])
+    assert done["step"] == done["total_steps"] == max(train_records(run))
+    assert done["metrics"] == {**{f"val/{k}": v for k, v in eval_record(run, "val").items()},
+                               **{f"test/{k}": v for k, v in eval_record(run, "test").items()}}
+    accuracies = [(r["val/acc"], -r["step"]) for r in records(run) if "val/acc" in r]
+    best, step = max(accuracies)  # digits keeps the best val/acc, the first of equals
+    assert done["best"] == {"metric": "val/acc", "value": best, "step": -step}
+    assert done["samples_per_s"] == train_records(run)[done["step"]]["samples_per_s"] and done["wall_s"] > 0
+    assert sorted(console(run)) == sorted(out.stdout.splitlines() + out.stderr.splitlines())
+
+
+def test_the_console_log_keeps_what_a_terminal_ends_up_showing(tmp_path):
+    """The progress bar, drawn by tqdm as on a terminal, leaves nothing in console.log; lines written around it, and
+    a line written in pieces, arrive whole."""
+    terminal = io.StringIO()
+    terminal.isatty = lambda: True
+    stream = sinks.Console(terminal, tmp_path / "console.log")
+    bar = tqdm(total=50, file=stream, mininterval=0, leave=False)
+    for step in range(1, 51):
+        bar.update()
+        if step % 20 == 0:
+            bar.write(f"step {step}/50  loss 0.5", file=stream)
+    bar.close()
+    stream.write("done: 50 ")
+    stream.write("steps\r\n")
+    assert "\r" in terminal.getvalue() and "50/50" in terminal.getvalue()  # the bar was drawn
+    assert (tmp_path / "console.log").read_text() == "step 20/50  loss 0.5\nstep 40/50  loss 0.5\ndone: 50 steps\n"
 
 
 @pytest.mark.slow
