@@ -271,6 +271,10 @@ def main(argv: list[str] | None = None) -> None:
 
         export.main(argv[1:])
         return
+    if argv[:1] in (["status"], ["logs"], ["cancel"]):
+        from . import jobs
+
+        sys.exit(jobs.main(argv[0], argv[1:]))
     try:
         plan, module, hp, args = parse(argv)
         if args.slurm:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import math
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,11 @@ DEBUG_STEPS = 30  # --debug's run length
 # while it memorises (squeezed into 50 steps, CIFAR's warm-up and decay left it at 19 % of its start)
 OVERFIT_STEPS = 300
 USAGE = "launch RECIPE [launcher flags] [recipe hyperparameter flags]"
+COMMANDS = """commands on runs (each with its own --help):
+  launch status [RUN_DIR ...]   how runs stand: state, step, loss, best metric, ETA (a folder of runs too)
+  launch logs RUN_DIR [-f]      what a run printed (its console.log); -f follows it to the end
+  launch cancel RUN_DIR         stop a run as SIGTERM does: it saves a checkpoint, and ends
+  launch export RUN_DIR|CHECKPOINT   a checkpoint's whole weights as safetensors"""
 GROUPS = {  # the sections of --help, in order, with what each says of its flags
     "where it runs": None,
     "engine": "how the model is distributed; the same recipe and result under each",
@@ -203,9 +209,11 @@ class Parser(argparse.ArgumentParser):
 
 def parser(add_help: bool) -> Parser:
     """argparse's parser of every flag, in GROUPS' sections of --help."""
-    p = Parser(prog="launch", usage=USAGE, add_help=add_help, allow_abbrev=False,
-               description="Run a training recipe in one process or many, on Accelerate.")
+    p = Parser(prog="launch", usage=USAGE, add_help=add_help, allow_abbrev=False, epilog=COMMANDS,
+               description="Run a training recipe in one process or many, on Accelerate.",
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", metavar="RECIPE", help=FIELDS["recipe"].metadata["help"])
+    p.add_argument("--version", action="version", version=f"launch {importlib.metadata.version('launcher')}")
     groups = {title: p.add_argument_group(title, description) for title, description in GROUPS.items()}
     for name, f in FIELDS.items():
         if name == "recipe":

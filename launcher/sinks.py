@@ -33,8 +33,8 @@ def write_json(path: Path, obj: dict) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-SUMMARY_ORDER = ("state", "reason", "step", "total_steps", "best", "metrics", "train_loss", "samples_per_s", "wall_s",
-                 "warnings", "verdict", "started", "pid", "host")
+SUMMARY_ORDER = ("state", "reason", "step", "total_steps", "best", "metrics", "train_loss", "samples_per_s", "eta_s",
+                 "wall_s", "warnings", "verdict", "started", "updated", "pid", "host", "slurm_job")
 
 
 def read_summary(run_dir: str) -> dict:
@@ -45,19 +45,20 @@ def read_summary(run_dir: str) -> dict:
 def start_summary(plan: Plan) -> None:
     """Node 0's launcher as a run starts: a new summary, or a resumed run's with this start's facts."""
     earlier = read_summary(plan.run_dir) if plan.resume else {}
-    write_json(Path(plan.run_dir) / "summary.json", {**earlier, "state": "running", "reason": None,
-                                                      "started": time.time(), "wall_s": 0.0, "pid": os.getpid(),
-                                                      "host": socket.gethostname()})
+    write_json(Path(plan.run_dir) / "summary.json", {
+        **earlier, "state": "running", "reason": None, "eta_s": None, "started": time.time(), "wall_s": 0.0,
+        "pid": os.getpid(), "host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID")})
 
 
 def update_summary(run_dir: str, **fields) -> None:
     """Merge fields into the run's summary.json: how the run stands, for a person or a script, in one small file.
     Rank zero keeps it current while it trains; the launcher of node 0, which alone knows how the job ended,
     writes the last word (the state, and the reason in one line for any but "completed")."""
-    summary = {**read_summary(run_dir), **fields}
-    if "started" in summary:
-        summary["wall_s"] = round(time.time() - summary["started"], 1)
-    write_json(Path(run_dir) / "summary.json", {**dict.fromkeys(SUMMARY_ORDER), **summary})
+    summary = {**read_summary(run_dir), **fields, "updated": time.time()}
+    if summary.get("started"):
+        summary["wall_s"] = round(summary["updated"] - summary["started"], 1)
+    ordered = sorted(summary, key=lambda k: SUMMARY_ORDER.index(k) if k in SUMMARY_ORDER else len(SUMMARY_ORDER))
+    write_json(Path(run_dir) / "summary.json", {k: summary[k] for k in ordered})
 
 
 class Console:
@@ -201,6 +202,7 @@ class Sinks:
                         if key in ("best", "metrics", "warnings", "verdict")}
         self.summary.setdefault("metrics", {})
         self.summary.setdefault("warnings", [])
+        self.began, self.first_step = time.time(), start_step
         self.summarise(state="running", step=start_step, total_steps=total_steps)
         self.texts: dict[str, list] = {}  # name → [step, text] rows, for W&B tables
         self.wandb = start_wandb(plan, config)
@@ -225,6 +227,9 @@ class Sinks:
 
     def summarise(self, **fields) -> None:
         self.summary.update(fields)
+        done, total = self.summary["step"] - self.first_step, self.summary["total_steps"]
+        if done > 0:  # at this start's pace so far, evaluations included
+            self.summary["eta_s"] = round((total - self.summary["step"]) * (time.time() - self.began) / done, 1)
         update_summary(self.plan.run_dir, **self.summary)
 
     def best(self, metric: str, value: float, step: int) -> None:

@@ -20,7 +20,7 @@ from . import flags, record, rundir
 from .errors import UsageError
 from .flags import Flags
 from .plan import Plan
-from .sinks import write_json
+from .sinks import update_summary, write_json
 from .text import count, first_line
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "launch.sbatch"
@@ -234,6 +234,7 @@ def submit_run(plan: Plan, args: Flags, argv: list[str]) -> int:
                 path.rmdir() if path.is_dir() else path.unlink()
             raise
         (run_dir / "slurm.sbatch").write_text(script)  # what was submitted, to submit again by hand
+        update_summary(str(run_dir), state="queued", reason=None, slurm_job=job)  # until the job's launcher starts
     except SlurmError as e:
         raise UsageError(str(e)) from None
     where = count(plan.nproc, "GPU" if plan.device == "cuda" else "CPU process")

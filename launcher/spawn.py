@@ -78,7 +78,7 @@ def launch(plan: Plan, sock: socket.socket | None, banner: str) -> int:
 def _ended(plan: Plan, state: str, reason: str | None = None) -> None:
     """How the job ended, in the run's summary.json: node 0's launcher alone writes it."""
     if plan.node_rank == 0:
-        update_summary(plan.run_dir, state=state, reason=reason)
+        update_summary(plan.run_dir, state=state, reason=reason, eta_s=None)
 
 
 def _failed(plan: Plan, text: str, reason: str | None = None) -> None:

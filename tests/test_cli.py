@@ -1,11 +1,12 @@
 """Bad input: one clear line, exit 2, nothing spawned. And the flags a recipe gets."""
 
+import importlib.metadata
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, launch, ok, refused
+from conftest import ROOT, in_process, launch, ok, refused
 from launcher import cli, flags
 from launcher import record as run_record
 
@@ -22,9 +23,15 @@ def test_help_lists_the_recipes_hyperparameters_with_types_and_defaults():
     assert "hyperparameters of digits.py" in out
 
 
-def test_launcher_help_without_a_recipe():
+def test_launcher_help_without_a_recipe(capsys):
     out = ok(launch("--help")).stdout
     assert "launch RECIPE" in out and "--cpu" in out
+    commands = out.split("commands on runs (each with its own --help):\n", 1)[1].splitlines()
+    assert [line.split()[1] for line in commands] == ["status", "logs", "cancel", "export"]
+    for command in ("status", "logs", "cancel"):
+        code, text, _ = in_process(capsys, command, "--help")
+        assert code == 0 and text.startswith(f"usage: launch {command}"), text
+    assert in_process(capsys, "--version") == (0, f"launch {importlib.metadata.version('launcher')}\n", "")
 
 
 BAD = [

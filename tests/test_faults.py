@@ -5,6 +5,7 @@ environment, so the tests can tell whether any of them outlived the job."""
 import contextlib
 import fcntl
 import ipaddress
+import json
 import os
 import re
 import signal
@@ -30,6 +31,7 @@ from conftest import (
     ok,
     params,
     records,
+    refused,
     summary,
     tiny,
     train_records,
@@ -487,3 +489,49 @@ def test_a_watchdog_on_a_full_disk_writes_nothing_and_says_nothing(small_disk, c
     assert dog.thread.is_alive() and raised == []  # it watches on, for the next stall
     dog.stop()
     assert not (hang.folder(small_disk) / "rank-0.txt").exists() and capsys.readouterr() == ("", "")
+
+
+def test_status_logs_and_cancel_follow_runs_from_their_directories(tmp_path, capsys):
+    """A folder of runs, each in another state: completed, failed, lost (its launcher killed outright), and one that
+    runs until `launch cancel` stops it with a checkpoint, while `launch logs -f` follows it to the end."""
+    done, _ = tiny(tmp_path, "done", "--max-steps", "8")
+    _, failed = tiny(tmp_path, "nan", "--max-steps", "16", "--nan-at", "3", check=False, dump=False)
+    killed, tag, _ = start(tmp_path, "killed", "--max-steps", "400", "--slow", "0.1", procs=1)
+    live, live_tag, folder = start(tmp_path, "live", "--max-steps", "400", "--slow", "0.1")
+    wait_for_step(tmp_path / "killed", 4)
+    killed.kill()  # no launcher is left to say how the run ended
+    killed.wait(timeout=30)
+    assert tagged(tag) == []
+    wait_for_step(folder, 4)
+    follower = subprocess.Popen([str(LAUNCH), "logs", folder / "run", "-f"], stdout=subprocess.PIPE, text=True)
+
+    rows = {Path(r["run"]).parent.name: r for r in map(json.loads, ok(launch("status", tmp_path / "done" / "run",
+            tmp_path / "nan" / "run", tmp_path / "killed" / "run", folder / "run", "--json")).stdout.splitlines())}
+    assert {name: row["state"] for name, row in rows.items()} == {
+        "done": "completed", "nan": "failed", "killed": "lost", "live": "running"}
+    assert rows["nan"]["reason"] == failed.stderr.strip().splitlines()[-1].removeprefix("launch: error: ")
+    assert rows["killed"]["reason"] == "its launcher ended without a word (killed, or its machine went down)"
+    assert rows["live"]["step"] >= 4 and rows["live"]["total_steps"] == 400 and rows["live"]["eta_s"] > 0
+
+    cancelled = ok(launch("cancel", folder / "run"))
+    out, err = live.communicate(timeout=60)
+    assert live.returncode == 128 + signal.SIGTERM and tagged(live_tag) == []
+    stopped = err.strip().splitlines()[-1]
+    assert cancelled.stdout.splitlines()[-1] == stopped  # the stop's line: where its checkpoint is
+    assert re.fullmatch(r"launch: stopped by SIGTERM at step \d+: saved checkpoint .*step-\d+; continue with "
+                        r"--resume auto --run-dir .*", stopped), stopped
+    followed, _ = follower.communicate(timeout=30)
+    assert followed.splitlines() == console(folder / "run") and followed.splitlines()[-1] == stopped
+
+    table = ok(launch("status", tmp_path)).stdout.splitlines()  # a folder of runs: the runs inside
+    assert table[0].split() == ["RUN", "STATE", "STEP", "LOSS", "BEST", "ETA", "WALL"]
+    assert [line.split()[1] for line in table[1:5]] == ["completed", "lost", "stopped", "failed"]
+    assert table[5] == f"  {tmp_path / 'killed' / 'run'}: {rows['killed']['reason']}"
+    assert ok(launch("logs", done / "run")).stdout.splitlines() == console(done / "run")
+
+    # what cannot be done says why, in one line
+    (tmp_path / "empty").mkdir()
+    assert refused(capsys, "cancel", done / "run").endswith("is not running: it is completed")
+    assert refused(capsys, "logs", tmp_path / "empty") == f"launch: error: {tmp_path / 'empty'} is not a run directory"
+    assert refused(capsys, "status", tmp_path / "empty").endswith(
+        "holds no run (a run directory has a summary.json or a config.json)")

@@ -2,6 +2,7 @@
 (tests/slurm_lab.py). Rendering is checked without it; everything that submits needs it. CI installs
 the daemons and runs as root, so there these tests must run, not skip."""
 
+import json
 import os
 import re
 import shlex
@@ -140,6 +141,41 @@ def test_requeues_stop_at_max_requeues(lab, tmp_path):
     assert f"launch: the job was requeued 0 times (--max-requeues): not again; continue it with sbatch " \
            f"{run_dir / 'slurm.sbatch'}" in text, text
     assert "start 2," not in text and list((run_dir / "checkpoints").glob("step-*"))
+
+
+def test_status_and_cancel_reach_a_queued_and_a_running_job(lab, tmp_path):
+    """A running job stops through `launch cancel` as through Slurm's warning, with a checkpoint and no requeue; a
+    second one, queued behind it (each takes 2 of the 3 nodes' CPUs), is cancelled before it starts."""
+    env = clean_env(SLURM_CONF=lab.env["SLURM_CONF"])
+    job, run_dir, _ = submit(lab, tmp_path, "running", "--max-steps", "400", "--log-every", "1", "--wandb", "disabled",
+                             "--slow", "0.3")
+    queued, queued_dir, _ = submit(lab, tmp_path, "queued", *COMMON, "--wandb", "disabled")
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and max((r["step"] for r in records(run_dir)), default=0) >= 3):
+        assert time.monotonic() < deadline, log(run_dir, job) if (run_dir / f"slurm-{job}.out").exists() else "no log"
+        time.sleep(0.5)
+    def rows() -> dict[str, dict]:
+        out = ok(launch("status", tmp_path, "--json", env=env)).stdout
+        return {Path(row["run"]).parent.name: row for row in map(json.loads, out.splitlines())}
+
+    now = rows()
+    assert [now["running"][k] for k in ("state", "queue", "slurm_job")] == ["running", "RUNNING", job]
+    assert [now["queued"][k] for k in ("state", "queue", "slurm_job")] == ["queued", "PENDING", queued]
+    assert f"queued (PENDING job {queued})" in ok(launch("status", queued_dir, env=env)).stdout
+
+    assert ok(launch("cancel", queued_dir, env=env)).stdout == f"launch: cancelled queued job {queued}\n"
+    assert ok(launch("cancel", run_dir, env=env)).stdout.startswith(f"launch: sent SIGTERM to job {job}: ")
+    lab.wait(job)
+    lab.wait(queued)
+    text = log(run_dir, job)
+    assert re.search(r"launch: stopped by SIGTERM at step \d+: saved checkpoint ", text), text
+    assert "start 2," not in text and "requeueing" not in text
+    ended = rows()
+    assert ended["running"]["state"] == "stopped"
+    assert ended["running"]["reason"].startswith("stopped by SIGTERM at step")
+    assert [ended["queued"][k] for k in ("state", "reason")] == [
+        "stopped", f"cancelled while queued (Slurm job {queued})"]
+    assert not (queued_dir / f"slurm-{queued}.out").exists()  # it never started
 
 
 def test_gpus_requested_but_not_visible_fail_the_job_with_a_message(lab, tmp_path):

@@ -1,0 +1,189 @@
+"""launch status, logs and cancel: how runs stand, what they printed, and stopping one, from the run directory
+alone. summary.json says how a run stands and in which Slurm job; the run directory's lock says whether its
+launcher lives, and which process it is (rundir.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import UsageError
+from .rundir import holder
+from .sinks import read_summary, update_summary
+
+ACTIVE = ("queued", "running")
+SQUEUE_TIMEOUT = 30  # seconds squeue, scontrol or scancel may take to answer
+
+
+def runs(paths: list[str]) -> list[Path]:
+    """The run directories among PATHS: each one that holds a run, or else the runs inside it, at any depth."""
+    found = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise UsageError(f"{path} is not a directory")
+        inside = []
+        for folder, subfolders, _ in os.walk(path):
+            if is_run(Path(folder)):
+                inside.append(Path(folder))
+                subfolders.clear()  # a run's own folders (checkpoints, logs) hold no other run
+            subfolders.sort()
+        if not inside:
+            raise UsageError(f"{path} holds no run (a run directory has a summary.json or a config.json)")
+        found += inside
+    return found
+
+
+def is_run(path: Path) -> bool:
+    return (path / "summary.json").exists() or (path / "config.json").exists()
+
+
+def queue_state(job: str) -> str | None:
+    """Slurm's state of a job (PENDING, RUNNING, …), or None when Slurm no longer lists it."""
+    if not shutil.which("squeue"):
+        return None
+    result = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
+                            timeout=SQUEUE_TIMEOUT)
+    return result.stdout.split()[0] if result.returncode == 0 and result.stdout.split() else None
+
+
+def status(run_dir: Path) -> dict:
+    """A run's row: its summary, the state made true to the moment (a run whose launcher is gone without a word
+    is "lost"), and Slurm's state of its job."""
+    summary = read_summary(run_dir)
+    row = {"run": str(run_dir), **summary, "state": summary.get("state") or "unknown"}
+    job = summary.get("slurm_job")
+    if job and row["state"] in ACTIVE:
+        row["queue"] = queue_state(job)
+    if row["state"] in ACTIVE and not holder(run_dir) and not row.get("queue"):
+        row["reason"] = (f"Slurm no longer lists job {job}, and no launcher holds the run directory" if job else
+                         "its launcher ended without a word (killed, or its machine went down)")
+        row["state"] = "lost"
+    if row["state"] == "running" and summary.get("updated") and summary.get("eta_s") is not None:
+        row["eta_s"] = max(0.0, summary["eta_s"] - (time.time() - summary["updated"]))
+        row["wall_s"] = round(time.time() - summary["started"], 1)
+    return row
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as aligned columns: run, state (and Slurm's), step of total, last loss, best metric, ETA, wall."""
+    def best(row):
+        b = row.get("best")
+        return f"{b['metric']} {b['value']:.4g} @{b['step']}" if b else "-"
+
+    cells = [("RUN", "STATE", "STEP", "LOSS", "BEST", "ETA", "WALL")]
+    for row in rows:
+        state = row["state"] + (f" ({row['queue']} job {row['slurm_job']})" if row.get("queue") else
+                                f" (job {row['slurm_job']})" if row.get("slurm_job") else "")
+        step = f"{row['step']}/{row['total_steps']}" if row.get("total_steps") else "-"
+        loss = f"{row['train_loss']:.4f}" if row.get("train_loss") is not None else "-"
+        cells.append((row["run"], state, step, loss, best(row), duration(row.get("eta_s")) if row["state"] == "running"
+                      else "-", duration(row.get("wall_s"))))
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)).rstrip() for cell in cells]
+    reasons = [f"  {row['run']}: {row['reason']}" for row in rows if row.get("reason") and row["state"] != "stopped"]
+    return "\n".join(lines + reasons)
+
+
+def follow(run_dir: Path, live: bool) -> int:
+    """Print the run's console.log; with `live`, go on printing what comes until the run has ended."""
+    log = run_dir / "console.log"
+    where = 0
+    while True:
+        ended = status(run_dir)["state"] not in ACTIVE  # read before the log: its last lines are in by then
+        if log.exists():
+            with open(log, "rb") as f:
+                f.seek(where)
+                chunk = f.read()
+            where += len(chunk)
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+        if not live or ended:
+            return 0
+        time.sleep(0.5)
+
+
+def cancel(run_dir: Path, wait: float) -> int:
+    """Stop a run as SIGTERM does: every rank saves a checkpoint at the same step and the run ends. A local run's
+    launcher gets the signal (on this machine); a Slurm job's launchers get it through Slurm, and a job still
+    queued is cancelled. Waits for a local run to end and prints how it ended."""
+    row = status(run_dir)
+    job = row.get("slurm_job")
+    if row["state"] not in ACTIVE:
+        raise UsageError(f"{run_dir} is not running: it is {row['state']}")
+    if job and row.get("queue"):
+        pending = row["queue"] == "PENDING"
+        command = ["scancel", job] if pending else ["scancel", "--signal=TERM", job]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=SQUEUE_TIMEOUT)
+        if result.returncode:
+            raise UsageError(f"scancel refused job {job}: {result.stderr.strip()}")
+        if pending:  # no launcher will say how it ended
+            update_summary(str(run_dir), state="stopped", reason=f"cancelled while queued (Slurm job {job})")
+        print(f"launch: {'cancelled queued job' if pending else 'sent SIGTERM to job'} {job}"
+              + ("" if pending else ": its ranks save a checkpoint and stop; `launch status` tells when"))
+        return 0
+    live = holder(run_dir)
+    found = re.match(r"pid (\d+) on (\S+)", live or "")
+    if not found:
+        raise UsageError(f"{run_dir} has no live launcher to stop (its lock: {live or 'free'})")
+    pid, host = int(found[1]), found[2]
+    if host != socket.gethostname():
+        raise UsageError(f"{run_dir} runs on {host}: cancel it there (pid {pid})")
+    os.kill(pid, signal.SIGTERM)
+    print(f"launch: sent SIGTERM to the launcher of {run_dir} (pid {pid}); waiting for its checkpoint", flush=True)
+    deadline = time.monotonic() + wait
+    while holder(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ended = status(run_dir)  # a stop's reason says so, and where its checkpoint is
+    print(f"launch: {ended['reason'] if ended['state'] == 'stopped' else ended['state']}"
+          + (f": {ended['reason']}" if ended.get("reason") and ended["state"] != "stopped" else ""))
+    return 0 if ended["state"] not in ACTIVE else 1
+
+
+def main(command: str, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"launch {command}")
+    if command == "status":
+        parser.description = "How runs stand: one row per run directory (a folder of runs gives a row per run)."
+        parser.add_argument("paths", nargs="*", default=["runs"], metavar="RUN_DIR")
+        parser.add_argument("--json", action="store_true", help="one JSON object per run, for scripts")
+    elif command == "logs":
+        parser.description = "What a run printed: its console.log (launch's and rank 0's output)."
+        parser.add_argument("run_dir", metavar="RUN_DIR")
+        parser.add_argument("-f", "--follow", action="store_true", help="go on printing until the run ends")
+    else:
+        parser.description = "Stop a run as SIGTERM does: it saves a checkpoint that --resume auto continues."
+        parser.add_argument("run_dir", metavar="RUN_DIR")
+        parser.add_argument("--wait", type=float, default=180, help="seconds to wait for a local run to end")
+    args = parser.parse_args(argv)
+    try:
+        if command == "status":
+            rows = [status(run) for run in runs(args.paths)]
+            print("\n".join(json.dumps(row) for row in rows) if args.json else table(rows))
+            return 0
+        if not is_run(Path(args.run_dir)):
+            raise UsageError(f"{args.run_dir} is not a run directory")
+        return follow(Path(args.run_dir), args.follow) if command == "logs" else cancel(Path(args.run_dir), args.wait)
+    except UsageError as e:
+        print(f"launch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the end of `logs -f`
+        return 130
+    except BrokenPipeError:  # `launch status | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and Python's flush at exit has nowhere to fail
+        return 1
