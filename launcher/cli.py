@@ -276,6 +276,12 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(jobs.main(argv[0], argv[1:]))
     try:
+        if argv[:1] == ["resume"] or _resumes_by_directory(argv):
+            from . import jobs
+
+            argv = jobs.resume_command(argv[1:] if argv[0] == "resume" else _by_directory(argv))
+            if argv is None:
+                return
         plan, module, hp, args = parse(argv)
         if args.slurm:
             sys.exit(slurm.submit_run(plan, args, argv))
@@ -306,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
     if plan.node_rank == 0:  # and its record, its summary and its console's log
-        write_json(Path(plan.run_dir) / "config.json", record.record(plan))
+        write_json(Path(plan.run_dir) / "config.json", record.record(plan, argv))
         start_summary(plan)
         keep_console(plan.run_dir)
     try:
@@ -321,6 +327,18 @@ def main(argv: list[str] | None = None) -> None:
     if command and plan.nnodes == 1:  # node 0 of several hosts the store the other nodes' agents still close on
         leave(code)
     sys.exit(code)
+
+
+def _resumes_by_directory(argv: list[str]) -> bool:
+    """`launch --resume auto --run-dir RUN [flags]`, without a recipe: the same as `launch resume RUN [flags]`."""
+    known, _ = flags.parser(add_help=False).parse_known_args(argv)
+    # a hyperparameter's value can pass for the positional RECIPE here: a recipe is a .py file
+    return known.resume == "auto" and known.run_dir is not None and not any(a.endswith(".py") for a in argv)
+
+
+def _by_directory(argv: list[str]) -> list[str]:
+    known, _ = flags.parser(add_help=False).parse_known_args(argv)
+    return [known.run_dir, *flags.without(argv, ("--resume", "--run-dir"))]
 
 
 def _port_advice(e: OSError) -> str:

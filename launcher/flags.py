@@ -26,6 +26,7 @@ COMMANDS = """commands on runs (each with its own --help):
   launch status [RUN_DIR ...]   how runs stand: state, step, loss, best metric, ETA (a folder of runs too)
   launch logs RUN_DIR [-f]      what a run printed (its console.log); -f follows it to the end
   launch cancel RUN_DIR         stop a run as SIGTERM does: it saves a checkpoint, and ends
+  launch resume RUN_DIR [flags] continue a run with the command it was started with (and these flags)
   launch export RUN_DIR|CHECKPOINT   a checkpoint's whole weights as safetensors"""
 GROUPS = {  # the sections of --help, in order, with what each says of its flags
     "where it runs": None,
@@ -200,6 +201,36 @@ def kind(name: str) -> tuple[type, tuple | None]:
 
 def takes_value(name: str) -> bool:
     return kind(name)[0] is not bool
+
+
+def mask(argv: list[str], options: set[str], placeholder) -> tuple[list[str], dict[str, str]]:
+    """argv with the value of each of these options (`--hub-token X`, `--hub-token=X`) replaced by
+    placeholder(option), and the values it held, by option. The flags have been parsed: each has its value."""
+    masked, values = [], {}
+    tokens = iter(argv)
+    for token in tokens:
+        flag, eq, value = token.partition("=")
+        if flag not in options:
+            masked.append(token)
+            continue
+        values[flag] = value if eq else next(tokens)
+        masked += [flag, placeholder(flag)]
+    return masked, values
+
+
+def without(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """argv less these launcher options and their values (`--run-dir X` and `--run-dir=X` alike)."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        flag = token.split("=", 1)[0]
+        if flag in options:
+            skip = "=" not in token and takes_value(flag[2:].replace("-", "_"))
+            continue
+        kept.append(token)
+    return kept
 
 
 class Parser(argparse.ArgumentParser):

@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from . import slurm
 from .errors import UsageError
+from .record import REDACTED
 from .rundir import holder
 from .sinks import read_summary, update_summary
 
@@ -154,6 +156,47 @@ def cancel(run_dir: Path, wait: float) -> int:
     print(f"launch: {ended['reason'] if ended['state'] == 'stopped' else ended['state']}"
           + (f": {ended['reason']}" if ended.get("reason") and ended["state"] != "stopped" else ""))
     return 0 if ended["state"] not in ACTIVE else 1
+
+
+def resume_command(argv: list[str]) -> list[str] | None:
+    """`launch resume RUN_DIR [flags]`: the command that continues the run, as it was started (config.json
+    records it) with the flags given here added (the last of a flag counts); None when there is nothing to
+    start here: the run had finished, or it is a Slurm run, submitted again as it was."""
+    usage = "usage: launch resume RUN_DIR [launcher or hyperparameter flags]"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{usage}\n\nContinue a run with the command it was started with, --resume auto, and the flags given.")
+        return None
+    if not argv or argv[0].startswith("-"):
+        raise UsageError(usage)
+    run_dir, extra = Path(argv[0]), argv[1:]
+    if not (run_dir / "config.json").exists():
+        raise UsageError(f"{run_dir} is not a run directory (it has no config.json)")
+    row = status(run_dir)
+    if row["state"] in ACTIVE:
+        raise UsageError(f"{run_dir} is {row['state']}: let it end, or stop it with launch cancel {run_dir}")
+    if row["state"] == "completed" and not extra:
+        print(f"launch: {run_dir} finished its {row.get('total_steps')} steps: nothing to resume (give flags, such as "
+              "more --epochs, to train on)")
+        return None
+    if row.get("slurm_job"):
+        if extra:
+            raise UsageError(f"{run_dir} is a Slurm run: it resumes as it was submitted ({run_dir / 'slurm.sbatch'}); "
+                             "submit anew with launch --slurm ... --resume auto to change its flags")
+        job = slurm.submit((run_dir / "slurm.sbatch").read_text(), {})
+        update_summary(str(run_dir), state="queued", reason=None, slurm_job=job)
+        print(f"launch: submitted job {job}, which continues {run_dir} from its newest checkpoint")
+        return None
+    recorded = json.loads((run_dir / "config.json").read_text()).get("command")
+    if recorded is None:
+        raise UsageError(f"{run_dir} was started by a launcher that did not record its command: continue it with "
+                         f"that command and --resume auto --run-dir {run_dir}")
+    given = {token.split("=", 1)[0] for token in extra}
+    masked = [flag for flag, value in zip(recorded, recorded[1:], strict=False) if value == REDACTED]
+    missing = [flag for flag in masked if flag not in given]
+    if missing:
+        raise UsageError(f"{run_dir} was started with {', '.join(missing)}, whose value is not recorded (a secret): "
+                         "give it again")
+    return [*recorded, *extra, "--run-dir", str(run_dir), "--resume", "auto"]
 
 
 def main(command: str, argv: list[str]) -> int:

@@ -9,15 +9,31 @@ import platform
 import subprocess
 from pathlib import Path
 
+from . import flags
 from .plan import Plan
 from .text import count
 
+REDACTED = "<redacted>"
+# what names a run and its checkpoint: `launch resume RUN_DIR` gives them
+RUN_OPTIONS = ("--run-dir", "--name", "--resume")
 
-def record(plan: Plan) -> dict:
-    """config.json: the plan with secret-looking hyperparameters masked, the code's commit, the versions."""
+
+def record(plan: Plan, argv: list[str] | None = None) -> dict:
+    """config.json: the plan with secret-looking hyperparameters masked, the command to continue the run with
+    (`launch resume`), the code's commit, the versions."""
     return {"plan": {**dataclasses.asdict(plan), "hparams": plan.public_hparams()},
+            **({"command": command(plan, argv)} if argv is not None else {}),
             "git": _git(Path(plan.recipe).parent),
             "versions": _versions()}
+
+
+def command(plan: Plan, argv: list[str]) -> list[str]:
+    """The launch command as given, less what names the run or its checkpoint, the recipe by its absolute path
+    (a resume may start elsewhere) and secret values masked."""
+    secret = {flags.option(k) for k in plan.secret_hparams() if not isinstance(plan.hparams[k], bool)}
+    kept = [plan.recipe if Path(token).resolve() == Path(plan.recipe) else token
+            for token in flags.without(argv, RUN_OPTIONS)]
+    return flags.mask(kept, secret, lambda flag: REDACTED)[0]
 
 
 def _git(where: Path) -> dict | None:

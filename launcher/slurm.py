@@ -82,17 +82,8 @@ def check_time(time_limit: str, signal_spec: str) -> None:
 def node_command(argv: list[str], recipe: str) -> list[str]:
     """The user's launch command as each node runs it: the recipe by its absolute path, without the flags
     that only the submission needs."""
-    kept, skip = [], False
-    for token in argv:
-        if skip:
-            skip = False
-            continue
-        flag = token.split("=", 1)[0]
-        if flag in SUBMISSION_ONLY:
-            skip = "=" not in token and flags.takes_value(flag[2:].replace("-", "_"))
-            continue
-        kept.append(str(Path(token).resolve()) if token == recipe else token)
-    return kept
+    return [str(Path(token).resolve()) if token == recipe else token
+            for token in flags.without(argv, SUBMISSION_ONLY)]
 
 
 class FromEnv(str):
@@ -103,17 +94,11 @@ class FromEnv(str):
 def hide_secrets(command: list[str], secret_flags: set[str]) -> tuple[list[str], dict[str, str]]:
     """`command` with the value of every secret flag (`--hub-token X`, `--hub-token=X`) replaced by a
     reference to a variable, and those variables. The flags have been parsed: each has its value."""
-    hidden, env = [], {}
-    tokens = iter(command)
-    for token in tokens:
-        flag, eq, value = token.partition("=")
-        if flag not in secret_flags:
-            hidden.append(token)
-            continue
-        name = "LAUNCH_SECRET_" + flag[2:].upper().replace("-", "_")
-        env[name] = value if eq else next(tokens)
-        hidden += [flag, FromEnv(name)]
-    return hidden, env
+    def variable(flag: str) -> str:
+        return "LAUNCH_SECRET_" + flag[2:].upper().replace("-", "_")
+
+    hidden, values = flags.mask(command, secret_flags, lambda flag: FromEnv(variable(flag)))
+    return hidden, {variable(flag): value for flag, value in values.items()}
 
 
 def _quote(value: object, what: str) -> str:

@@ -27,10 +27,12 @@ def test_launcher_help_without_a_recipe(capsys):
     out = ok(launch("--help")).stdout
     assert "launch RECIPE" in out and "--cpu" in out
     commands = out.split("commands on runs (each with its own --help):\n", 1)[1].splitlines()
-    assert [line.split()[1] for line in commands] == ["status", "logs", "cancel", "export"]
+    assert [line.split()[1] for line in commands] == ["status", "logs", "cancel", "resume", "export"]
     for command in ("status", "logs", "cancel"):
         code, text, _ = in_process(capsys, command, "--help")
         assert code == 0 and text.startswith(f"usage: launch {command}"), text
+    cli.main(["resume", "--help"])
+    assert capsys.readouterr().out.startswith("usage: launch resume RUN_DIR")
     assert in_process(capsys, "--version") == (0, f"launch {importlib.metadata.version('launcher')}\n", "")
 
 

@@ -151,7 +151,10 @@ def test_a_signal_saves_a_checkpoint_that_resume_continues_exactly(tmp_path, uns
     stopped = summary(folder / "run")
     assert (stopped["state"], stopped["reason"], stopped["step"]) == (
         "stopped", err.strip().splitlines()[-1].removeprefix("launch: "), int(saved[0][5:]))
-    _, resumed = tiny(tmp_path, "signalled", *common, "--resume", "auto", procs=procs)
+    if signum == signal.SIGTERM:  # launch resume: the command the run was started with, --resume auto
+        resumed = ok(launch("resume", folder / "run", "--slow", "0"))
+    else:
+        _, resumed = tiny(tmp_path, "signalled", *common, "--resume", "auto", procs=procs)
     done = summary(folder / "run")
     assert (done["state"], done["reason"], done["step"], done["total_steps"]) == ("completed", None, 16, 16)
     assert done["metrics"] == summary(straight / "run")["metrics"]
@@ -523,9 +526,17 @@ def test_status_logs_and_cancel_follow_runs_from_their_directories(tmp_path, cap
     followed, _ = follower.communicate(timeout=30)
     assert followed.splitlines() == console(folder / "run") and followed.splitlines()[-1] == stopped
 
+    # launch resume: nothing to do for a finished run; the stopped one continues as it was started
+    assert ok(launch("resume", done / "run")).stdout == (
+        f"launch: {done / 'run'} finished its 8 steps: nothing to resume (give flags, such as more --epochs, to "
+        "train on)\n")
+    further = summary(folder / "run")["step"] + 4
+    resumed = ok(launch("resume", folder / "run", "--slow", "0", "--max-steps", further))
+    assert f"resuming from {folder / 'run' / 'checkpoints'}" in resumed.stdout
+    assert (summary(folder / "run")["state"], summary(folder / "run")["step"]) == ("completed", further)
     table = ok(launch("status", tmp_path)).stdout.splitlines()  # a folder of runs: the runs inside
     assert table[0].split() == ["RUN", "STATE", "STEP", "LOSS", "BEST", "ETA", "WALL"]
-    assert [line.split()[1] for line in table[1:5]] == ["completed", "lost", "stopped", "failed"]
+    assert [line.split()[1] for line in table[1:5]] == ["completed", "lost", "completed", "failed"]
     assert table[5] == f"  {tmp_path / 'killed' / 'run'}: {rows['killed']['reason']}"
     assert ok(launch("logs", done / "run")).stdout.splitlines() == console(done / "run")
 

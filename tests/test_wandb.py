@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, WANDB, clean_env, history, launch, ok, records
+from conftest import TINY, WANDB, clean_env, history, launch, ok, records, refused
 from launcher import cli
 
 
@@ -86,7 +86,7 @@ def test_default_mode_finds_a_netrc_login(monkeypatch, tmp_path):
     assert cli.default_wandb_mode() == "online"
 
 
-def test_the_api_key_and_secret_hyperparameters_are_written_nowhere(tmp_path):
+def test_the_api_key_and_secret_hyperparameters_are_written_nowhere(tmp_path, capsys):
     sentinel = "SENTINEL" + "5e" * 16  # 40 characters, like a real key
     run_dir = tmp_path / "run"
     result = ok(launch(TINY, "--cpu", "--procs", "2", "--wandb", "offline", "--run-dir", run_dir, "--max-steps", "3",
@@ -96,6 +96,10 @@ def test_the_api_key_and_secret_hyperparameters_are_written_nowhere(tmp_path):
     assert any(f.suffix == ".wandb" for f in files) and any(f.name == "config.json" for f in files)
     for f in files:
         assert sentinel.encode() not in f.read_bytes(), f
+    # the command to resume with holds the flag without its value, which a resume must be given again
+    assert json.loads((run_dir / "config.json").read_text())["command"][-2:] == ["--api-token", "<redacted>"]
+    assert refused(capsys, "resume", run_dir, "--max-steps", "6") == (
+        f"launch: error: {run_dir} was started with --api-token, whose value is not recorded (a secret): give it again")
 
 
 def test_every_start_of_a_resumed_offline_run_is_uploaded_by_the_one_command_printed_at_the_end(tmp_path):
