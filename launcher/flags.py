@@ -108,6 +108,9 @@ class Flags:
                             metavar="E", low=0)
     early_stop: int = flag(TRAINING, 0, "stop when the recipe's best metric has not improved for PATIENCE "
                                         "evaluations; 0 = never", metavar="PATIENCE", low=0)
+    test_weights: Literal["best", "last"] = flag(
+        TRAINING, "best", "the weights the test split is evaluated with at the end: the best checkpoint's (the "
+                          "recipe's best metric on the validation split; without one, the last) or the last step's")
     check: bool = flag(TRAINING, False, "run only the pre-flight checks (inputs, labels, splits, model, initial loss) "
                                         "in this process and exit: 0 when nothing looks wrong, 1 otherwise; nothing "
                                         "is written")

@@ -61,6 +61,7 @@ class Plan:
     max_restarts: int = 0
     skip_nonfinite: bool = False  # skip optimizer steps with a non-finite loss or gradient instead of stopping
     early_stop: int = 0
+    test_weights: str = "best"  # best | last: what the final test evaluation runs on
     timeout: float = 600.0
     debug: bool = False
     wandb: str = "offline"  # online | offline | disabled

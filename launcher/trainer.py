@@ -128,6 +128,7 @@ class Trainer:
         self.step, self.best, self.bad_evals, self.skipped = 0, None, 0, 0
         self.count_scale = None  # with counts: c, a device tensor (see the module's docstring)
         self.saved_at = self.validated_at = -1
+        self.tested_at = None  # the step whose weights the test split was evaluated with
         self.last_val = {}
         self.history = {"train": [], "val": []}  # (step, loss) of the whole run, resumes included: for the verdict
         self.loss_sum = torch.zeros((), device=device)  # of the micro-steps' mean losses; with counts, loss × count
@@ -179,11 +180,24 @@ class Trainer:
             self.sinks.close(self.step, ok=False)
             raise
         if final is not None:  # None: the run had already finished
-            shown = "  ".join(f"{k} {v:.4f}" for k, v in final.items())
-            skipped = f"  ({count(self.skipped, 'step')} skipped: non-finite)" if self.skipped else ""
-            self.sinks.print(f"done: {self.step} steps{'  ' + shown if shown else ''}{skipped}  → {self.plan.run_dir}")
+            self.sinks.print(self.done_line(final))
         self.sinks.close(self.step, ok=True)
         return final or {}
+
+    def done_line(self, final: dict) -> str:
+        """The last line: steps, the final validation metrics, the best metric and its step, the test metrics and
+        whose weights gave them."""
+        def shown(split: str) -> str:
+            return "  ".join(f"{k} {v:.4f}" for k, v in final.items() if k.startswith(split + "/"))
+
+        parts = [f"done: {self.step} steps", shown("val")]
+        if self.best:
+            parts.append(f"best {self.monitor} {self.best[0]:.4f} at step {self.best[1]}")
+        if shown("test"):
+            parts.append(shown("test") + (f" (step {self.tested_at}'s weights)" if self.tested_at != self.step else ""))
+        if self.skipped:
+            parts.append(f"({count(self.skipped, 'step')} skipped: non-finite)")
+        return "  ".join(p for p in parts if p) + f"  → {self.plan.run_dir}"
 
     def _fit(self) -> dict | None:
         if self.step >= self.total:
@@ -381,8 +395,17 @@ class Trainer:
             if self.validated_at != self.step:
                 self.validate()
             final.update(self.last_val)
+        if self.saved_at != self.step:  # first: the last step's checkpoint continues the run
+            self.save(self.step_dir())
         if "test" in self.evals and not self.plan.debug:
+            best = checkpoint.folder(self.plan.run_dir) / "best"  # absent where a run resumed another's checkpoint
+            self.tested_at = self.best[1] if self.plan.test_weights == "best" and self.best and best.exists() \
+                else self.step
+            if self.tested_at != self.step:  # the best checkpoint's weights, as Lightning's ckpt_path="best"
+                self.load_weights(best)
             final.update(self.evaluate("test"))
+            if self.tested_at != self.step:  # the run ends with its last weights, as its last checkpoint holds
+                self.load_weights(self.step_dir())
         self.engine.sync_buffers()  # every rank ends with the same model, buffers included
         if self.plan.overfit_batches:
             debugging.overfit_report(self)
@@ -390,9 +413,12 @@ class Trainer:
             findings, unjudged = health.verdict(self.history["train"], self.history["val"], self.watch, self.initial)
             self.sinks.event(self.step, "verdict", {"findings": findings, "not_judged": unjudged},
                              health.verdict_text(findings, unjudged, self.history["train"], self.initial))
-        if self.saved_at != self.step:
-            self.save(self.step_dir())
         return final
+
+    def load_weights(self, path: Path) -> None:
+        """A checkpoint's model (and optimizer) into the engine, the run's progress left as it is."""
+        self.engine.load_files(path)
+        self.engine.load_state_dict(checkpoint.load_state(path))
 
     # ------------------------------------------------------------------ logging and evaluation
 

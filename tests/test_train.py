@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from conftest import (
@@ -27,7 +28,7 @@ from conftest import (
     summary,
     train_records,
 )
-from launcher import sinks
+from launcher import export, recipe, sinks
 from launcher.plan import PLAN_ENV, Plan
 
 
@@ -165,6 +166,28 @@ def test_the_embedded_recipe_learns(tmp_path):
     assert done["best"] == {"metric": "val/acc", "value": best, "step": -step}
     assert done["samples_per_s"] == train_records(run)[done["step"]]["samples_per_s"] and done["wall_s"] > 0
     assert sorted(console(run)) == sorted(out.stdout.splitlines() + out.stderr.splitlines())
+    # the test split was evaluated with the best checkpoint's weights: exported, and evaluated here, they give its
+    # metrics, which the last step's weights do not
+    best_step = -step
+    assert f"best val/acc {best:.4f} at step {best_step}  test/" in out.stdout
+    assert best_step == done["step"] or f"(step {best_step}'s weights)" in out.stdout
+    last = f"step-{done['step']:08d}"
+    tested = {name: evaluate_digits(run / "checkpoints" / name, tmp_path) for name in ("best", last)}
+    assert tested["best"] == pytest.approx({"loss": done["metrics"]["test/loss"], "acc": done["metrics"]["test/acc"]},
+                                           rel=1e-5)
+    assert best_step == done["step"] or tested["best"] != tested[last]
+
+
+def evaluate_digits(checkpoint: Path, tmp_path: Path) -> dict:
+    """The digits recipe's test loss and accuracy with a checkpoint's weights, exported as safetensors."""
+    digits = recipe.load(ROOT / "recipes" / "digits.py")
+    hp = digits.Hparams()
+    net = digits.model(hp).eval()
+    net.load_state_dict(load_file(export.export(checkpoint, tmp_path / f"{checkpoint.name}.safetensors")))
+    x, y = digits.data(hp).test.tensors
+    with torch.no_grad():
+        logits = net(x)
+    return {"loss": digits.loss(hp)(logits, y).item(), "acc": (logits.argmax(1) == y).float().mean().item()}
 
 
 def test_the_console_log_keeps_what_a_terminal_ends_up_showing(tmp_path):
