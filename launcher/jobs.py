@@ -21,6 +21,7 @@ from .errors import UsageError
 from .record import REDACTED
 from .rundir import holder
 from .sinks import read_summary, update_summary
+from .text import duration
 
 ACTIVE = ("queued", "running")
 SQUEUE_TIMEOUT = 30  # seconds squeue, scontrol or scancel may take to answer
@@ -75,14 +76,6 @@ def status(run_dir: Path) -> dict:
     return row
 
 
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
-
-
 def table(rows: list[dict]) -> str:
     """The rows as aligned columns: run, state (and Slurm's), step of total, last loss, best metric, ETA, wall."""
     def best(row):
@@ -95,8 +88,9 @@ def table(rows: list[dict]) -> str:
                                 f" (job {row['slurm_job']})" if row.get("slurm_job") else "")
         step = f"{row['step']}/{row['total_steps']}" if row.get("total_steps") else "-"
         loss = f"{row['train_loss']:.4f}" if row.get("train_loss") is not None else "-"
-        cells.append((row["run"], state, step, loss, best(row), duration(row.get("eta_s")) if row["state"] == "running"
-                      else "-", duration(row.get("wall_s"))))
+        eta = row.get("eta_s") if row["state"] == "running" else None
+        cells.append((row["run"], state, step, loss, best(row), "-" if eta is None else duration(eta),
+                      "-" if row.get("wall_s") is None else duration(row["wall_s"])))
     widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)).rstrip() for cell in cells]
     reasons = [f"  {row['run']}: {row['reason']}" for row in rows if row.get("reason") and row["state"] != "stopped"]

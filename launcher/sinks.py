@@ -58,7 +58,10 @@ def update_summary(run_dir: str, **fields) -> None:
     if summary.get("started"):
         summary["wall_s"] = round(summary["updated"] - summary["started"], 1)
     ordered = sorted(summary, key=lambda k: SUMMARY_ORDER.index(k) if k in SUMMARY_ORDER else len(SUMMARY_ORDER))
-    write_json(Path(run_dir) / "summary.json", {k: summary[k] for k in ordered})
+    try:
+        write_json(Path(run_dir) / "summary.json", {k: summary[k] for k in ordered})
+    except OSError:  # a full disk, a run directory gone: a record never changes how a run ends, nor hides why
+        pass
 
 
 class Console:
@@ -74,7 +77,12 @@ class Console:
         self.pending += text
         if "\n" in self.pending:
             *lines, self.pending = self.pending.split("\n")
-            os.write(self.fd, "".join(line.rstrip("\r").rsplit("\r", 1)[-1].rstrip() + "\n" for line in lines).encode())
+            logged = "".join(line.rstrip("\r").rsplit("\r", 1)[-1].rstrip() + "\n" for line in lines)
+            try:
+                if self.fd is not None:
+                    os.write(self.fd, logged.encode())
+            except OSError:  # a full disk: the console goes on without its log, and the run with it
+                self.fd = None
         cut = self.pending.rstrip("\r").rfind("\r")  # a bar that redraws without end keeps its last drawing alone
         if cut >= 0:
             self.pending = self.pending[cut + 1:]
@@ -164,7 +172,7 @@ class Silent:
     def print(self, text: str) -> None:
         pass
 
-    def log(self, step: int, values: dict, line: str | None = None) -> None:
+    def log(self, step: int, values: dict, line: str | None = None, eta: float | None = None) -> None:
         pass
 
     def results(self, step: int, values: dict, line: str | None) -> None:
@@ -202,7 +210,6 @@ class Sinks:
                         if key in ("best", "metrics", "warnings", "verdict")}
         self.summary.setdefault("metrics", {})
         self.summary.setdefault("warnings", [])
-        self.began, self.first_step = time.time(), start_step
         self.summarise(state="running", step=start_step, total_steps=total_steps)
         self.texts: dict[str, list] = {}  # name → [step, text] rows, for W&B tables
         self.wandb = start_wandb(plan, config)
@@ -227,21 +234,19 @@ class Sinks:
 
     def summarise(self, **fields) -> None:
         self.summary.update(fields)
-        done, total = self.summary["step"] - self.first_step, self.summary["total_steps"]
-        if done > 0:  # at this start's pace so far, evaluations included
-            self.summary["eta_s"] = round((total - self.summary["step"]) * (time.time() - self.began) / done, 1)
         update_summary(self.plan.run_dir, **self.summary)
 
     def best(self, metric: str, value: float, step: int) -> None:
         """The recipe's best metric improved (written with the next summary)."""
         self.summary["best"] = {"metric": metric, "value": value, "step": step}
 
-    def log(self, step: int, values: dict, line: str | None = None) -> None:
+    def log(self, step: int, values: dict, line: str | None = None, eta: float | None = None) -> None:
         """One record at one optimizer step, to every sink; `line` also goes to the console (and the summary is
-        brought up to date: at the console's pace, not every step's)."""
+        brought up to date, with the training's `eta`: at the console's pace, not every step's)."""
         self.file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         if "train/loss" in values:
-            self.summary.update(step=step, train_loss=values["train/loss"], samples_per_s=values["samples_per_s"])
+            self.summary.update(step=step, train_loss=values["train/loss"], samples_per_s=values["samples_per_s"],
+                                eta_s=None if eta is None else round(eta, 1))
             if line:
                 self.summarise()
         if self.wandb:

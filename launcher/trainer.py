@@ -45,7 +45,7 @@ from .optim import default_optimizer
 from .plan import Plan
 from .sinks import Silent, Sinks
 from .stop import Stop
-from .text import count
+from .text import count, duration
 
 END = object()  # what next(batches, END) gives when a stream has run dry
 UNOBSERVED = nullcontext()  # the context of a step that nothing watches or counts (reusable: it holds no state)
@@ -204,7 +204,8 @@ class Trainer:
             self.sinks.print(f"nothing to do: the run already finished its {self.total} steps")
             return None
         spe, plan = self.steps_per_epoch, self.plan
-        self.window.start = time.perf_counter()
+        self.window.start = self.began = time.perf_counter()
+        self.first_step = self.step  # the ETA: at this start's pace so far, evaluations included
         if plan.find_lr:
             return debugging.find_lr(self)
         with Stop(self.world) as stop:
@@ -450,7 +451,7 @@ class Trainer:
                 record["loss_scale"] = self.engine.scaler.get_scale()
             if self.peak:
                 record["mfu"] = self.flops * window.taken / dt / (self.peak * self.world)
-            line = None
+            line, eta = None, self.eta()
             if self.step % self.print_every == 0 or self.step == self.total:
                 line = (f"step {self.step:>{len(str(self.total))}}/{self.total}  "
                         f"epoch {math.ceil(self.step / self.steps_per_epoch)}  loss {loss:.4f}  lr {self.lr:.2e}  "
@@ -458,9 +459,13 @@ class Trainer:
                         + (f"{record[f'{unit}_per_s']:,.0f} {unit}/s  " if unit else "")
                         + f"{record['samples_per_s']:,.0f} samples/s  "
                         f"{1000 * record['step_time']:.1f} ms/step  data {100 * record['data_wait']:.0f}%"
-                        + (f"  MFU {100 * record['mfu']:.1f}%" if self.peak else ""))
-            self.sinks.log(self.step, record, line)
+                        + (f"  MFU {100 * record['mfu']:.1f}%" if self.peak else "")
+                        + f"  ETA {duration(eta)}")
+            self.sinks.log(self.step, record, line, eta)
         self.window = Window()
+
+    def eta(self) -> float:
+        return (self.total - self.step) * (time.perf_counter() - self.began) / max(1, self.step - self.first_step)
 
     def validate(self) -> bool:
         """Evaluate on the validation split; keep the best checkpoint; True when patience has run out."""

@@ -206,6 +206,12 @@ def test_the_console_log_keeps_what_a_terminal_ends_up_showing(tmp_path):
     stream.write("steps\r\n")
     assert "\r" in terminal.getvalue() and "50/50" in terminal.getvalue()  # the bar was drawn
     assert (tmp_path / "console.log").read_text() == "step 20/50  loss 0.5\nstep 40/50  loss 0.5\ndone: 50 steps\n"
+    # a log that cannot be written (/dev/full: no space left) is given up; the console shows every line once
+    terminal = io.StringIO()
+    full = sinks.Console(terminal, Path("/dev/full"))
+    for line in ("launch: error: the disk is full", "and this line too"):
+        print(line, file=full, flush=True)
+    assert terminal.getvalue() == "launch: error: the disk is full\nand this line too\n" and full.fd is None
 
 
 @pytest.mark.slow
