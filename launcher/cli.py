@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import difflib
 import errno
+import importlib.util
 import json
 import math
 import netrc
@@ -88,6 +89,8 @@ def _check_environment(args: Flags) -> None:
     if args.procs and args.procs > cores and not args.slurm:  # the job's nodes are another matter
         raise UsageError(f"--procs {args.procs}: this machine gives this command {count(cores, 'CPU core')}, and "
                          "each process needs one")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install 'launcher[tensorboard]'")
 
 
 def _float(text: str) -> float:

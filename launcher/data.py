@@ -295,13 +295,17 @@ class Loader:
 
     def eval_batches(self, batch: int, world: int, rank: int, limit: int | None = None):
         """(batch, real) for this rank; every rank yields the same number of batches."""
-        n = self.size
-        count = math.ceil(math.ceil(n / world) / batch)  # batches of the ranks with the most samples
-        index_lists = [idx for idx in torch.arange(rank, n, world).split(batch) if len(idx)]
+        count = self.eval_count(batch, world)  # batches of the ranks with the most samples
+        index_lists = [idx for idx in torch.arange(rank, self.size, world).split(batch) if len(idx)]
         real = len(index_lists)
         index_lists = (index_lists + [torch.zeros(1, dtype=torch.long)] * (count - real))[:limit]
         for i, found in enumerate(self.batches(index_lists)):
             yield found, i < real
+
+    def eval_count(self, batch: int, world: int, limit: int | None = None) -> int:
+        """How many batches eval_batches yields."""
+        count = math.ceil(math.ceil(self.size / world) / batch)
+        return count if limit is None else min(count, limit)
 
     def sample(self, batches: int, batch: int, seed: int) -> list:
         """A few random batches, drawn from a generator of their own; no DataLoader workers."""

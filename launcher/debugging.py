@@ -10,6 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
+from . import pictures
 from .errors import TrainingError
 from .text import count
 
@@ -75,7 +76,7 @@ def lr_finding(tried: list[tuple[float, float]], path: Path) -> dict:
     lowest = min(range(len(curve)), key=curve.__getitem__) if curve else 0
     slopes = [(curve[i + 1] - curve[i - 1]) / math.log(lrs[i + 1] / lrs[i - 1]) for i in range(1, lowest)]
     suggested = lrs[1 + min(range(len(slopes)), key=slopes.__getitem__)] if slopes else None
-    plot_lr(lrs, [loss for _, loss in tried], curve, suggested, path)
+    pictures.lr_range(lrs, [loss for _, loss in tried], curve, suggested, path)
     values = {"suggested_lr": suggested, "min_loss_lr": lrs[lowest] if lrs else None, "lrs": lrs,
               "losses": [loss for _, loss in tried]}
     if suggested is None:
@@ -85,27 +86,6 @@ def lr_finding(tried: list[tuple[float, float]], path: Path) -> dict:
         line = (f"find-lr: suggested learning rate {suggested:.2g} (the smoothed loss falls fastest there; its "
                 f"minimum is at {lrs[lowest]:.2g}, usually ten times too high to train at) → {path}")
     return {"values": values, "line": line}
-
-
-def plot_lr(lrs, losses, curve, suggested, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    ax.plot(lrs, losses, color="0.75", linewidth=1, label="loss")
-    ax.plot(lrs, curve, color="C0", linewidth=2, label="smoothed")
-    if suggested:
-        ax.axvline(suggested, color="C3", linestyle="--", label=f"suggested {suggested:.2g}")
-    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="learning-rate range test")
-    finite = [v for v in curve if math.isfinite(v)]
-    if finite:
-        ax.set_ylim(min(finite) * 0.9, min(max(finite), 4 * min(finite)) * 1.1)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- drivers

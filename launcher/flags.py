@@ -167,6 +167,11 @@ class Flags:
                        "--debug)")
     wandb_project: str | None = flag(LOGGING, None, "default: the recipe's name", metavar="P")
     wandb_entity: str | None = flag(LOGGING, None, metavar="E")
+    tensorboard: bool = flag(LOGGING, False, "also write TensorBoard event files to RUN_DIR/tensorboard, to look at "
+                                             "with `tensorboard --logdir RUN_DIR` and no account (pip install "
+                                             "'launcher[tensorboard]')")
+    pictures: bool = flag(LOGGING, True, "draw the run's pictures into RUN_DIR/pictures at its end: loss curves, "
+                                         "metrics, a classifier's confusion matrix (default)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -68,6 +68,8 @@ class Plan:
     wandb_project: str | None = None
     wandb_entity: str | None = None
     wandb_id: str | None = None  # the W&B run: kept across resumes
+    tensorboard: bool = False
+    pictures: bool = True
 
     @property
     def world_size(self) -> int:

@@ -1,4 +1,5 @@
-"""Rank zero's outputs: console (progress bar + summary lines), console.log, metrics.jsonl, summary.json, W&B.
+"""Rank zero's outputs: console (progress bar + summary lines), console.log, metrics.jsonl, summary.json, pictures,
+W&B, TensorBoard.
 
 Only global rank 0 ever builds a Sinks. Nothing here is on the per-step path
 except `advance`, which tqdm keeps to a time check between redraws.
@@ -16,8 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
+from . import pictures
 from .plan import Plan
 from .text import first_line
 
@@ -172,6 +175,9 @@ class Silent:
     def print(self, text: str) -> None:
         pass
 
+    def progress(self, iterable, what: str, total: int):
+        return iterable
+
     def log(self, step: int, values: dict, line: str | None = None, eta: float | None = None) -> None:
         pass
 
@@ -187,12 +193,15 @@ class Silent:
     def text(self, step: int, name: str, text: str) -> None:
         pass
 
+    def classes(self, step: int, names: list[str], matrix: list[list[int]], weights_step: int) -> None:
+        pass
+
     def close(self, step: int, ok: bool) -> None:
         pass
 
 
 class Sinks:
-    """Rank zero's: the console, metrics.jsonl, summary.json and W&B."""
+    """Rank zero's: the console, metrics.jsonl, summary.json, the pictures, W&B and TensorBoard."""
 
     def __init__(self, plan: Plan, data: dict, total_steps: int, start_step: int = 0):
         # the launcher wrote config.json; the sizes that data() revealed complete it
@@ -213,6 +222,13 @@ class Sinks:
         self.summarise(state="running", step=start_step, total_steps=total_steps)
         self.texts: dict[str, list] = {}  # name → [step, text] rows, for W&B tables
         self.wandb = start_wandb(plan, config)
+        self.board = None
+        if plan.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # resumed: as in metrics.jsonl, what the earlier start wrote after its checkpoint is dropped
+            self.board = SummaryWriter(str(Path(plan.run_dir) / "tensorboard"),
+                                       purge_step=start_step + 1 if start_step else None)
         # disable=None: drawn only when stderr is a terminal, never into log files
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=None,
                         leave=False, file=sys.stderr)
@@ -231,6 +247,11 @@ class Sinks:
                 self.bar.write(text, file=sys.stdout)
         except OSError as e:
             terminal_lost(e)
+
+    def progress(self, iterable, what: str, total: int):
+        """`iterable` with a bar of its own under the training's, on a terminal alone; erased when it ends."""
+        return tqdm(iterable, desc=what, total=total, unit="batch", dynamic_ncols=True, disable=None, leave=False,
+                    file=sys.stderr)
 
     def summarise(self, **fields) -> None:
         self.summary.update(fields)
@@ -251,6 +272,10 @@ class Sinks:
                 self.summarise()
         if self.wandb:
             self.wandb.log(values, step=step)
+        if self.board:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.board.add_scalar(key, value, step)
         if "train/loss" in values:
             self.bar.set_postfix_str(f"loss {values['train/loss']:.4f}", refresh=False)
         if line:
@@ -283,11 +308,52 @@ class Sinks:
             import wandb
 
             self.wandb.log({name: wandb.Table(columns=["step", "text"], data=self.texts[name])}, step=step)
+        if self.board:
+            self.board.add_text(name, text, step)
         self.print(f"{name} step {step}: {text}")
+
+    def classes(self, step: int, names: list[str], matrix: list[list[int]], weights_step: int) -> None:
+        """The test split's confusion matrix and each class's precision, recall and F1: a record, a W&B table."""
+        scores = pictures.per_class(matrix)
+        record = {"names": names, "matrix": matrix, "weights_step": weights_step, **scores}
+        self.file.write(json.dumps({"step": step, "time": time.time(), "event": "classes", **record}) + "\n")
+        if self.wandb:
+            import wandb
+
+            rows = [[name, *(scores[k][i] for k in pictures.SCORES)] for i, name in enumerate(names)]
+            self.wandb.log({"test/classes": wandb.Table(columns=["class", *pictures.SCORES], data=rows)}, step=step)
+
+    def draw(self, step: int) -> None:
+        """The run's pictures, from every record it wrote (an earlier start's too), into RUN_DIR/pictures and W&B.
+        A picture that cannot be drawn never changes how the run ends: a warning says why."""
+        run_dir = Path(self.plan.run_dir)
+        try:
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            written = pictures.draw(run_dir / "pictures", records, self.summary.get("best"), self.plan.name)
+        except Exception as e:
+            warn(f"the run's pictures were not drawn ({type(e).__name__}: {first_line(e)})")
+            return
+        if self.wandb and written:
+            import wandb
+
+            self.wandb.log({f"pictures/{path.stem}": wandb.Image(str(path)) for path in written}, step=step)
+        if self.board:
+            from PIL import Image
+
+            for path in written:
+                with Image.open(path) as image:
+                    self.board.add_image(f"pictures/{path.stem}", np.asarray(image.convert("RGB")), step,
+                                         dataformats="HWC")
+        if written:
+            self.print(f"pictures: {', '.join(path.name for path in written)} → {run_dir / 'pictures'}")
 
     def close(self, step: int, ok: bool) -> None:
         self.bar.close()
         self.file.close()
+        if self.plan.pictures:
+            self.draw(step)
+        if self.board:
+            self.board.close()
         # a failure's reason, or a stop's, is the launcher's to write: it knows what happened on every rank
         self.summarise(step=step, **({"state": "completed", "reason": None} if ok else {}))
         if self.wandb:

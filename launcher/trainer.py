@@ -57,6 +57,7 @@ CPU_ATTENTION = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
         lambda grad, q, k, v, *args, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
 }
+MAX_CLASSES = 100  # a confusion matrix for up to this many classes (not for a language model's vocabulary)
 METRICS_NEED = ("metrics(hp) needs the step's predictions: return {'loss': ..., 'preds': ..., 'target': ...} from the "
                 "step (metric.update(preds, target) receives them)")
 
@@ -78,6 +79,7 @@ class Trainer:
         self.rank, self.world, device = acc.process_index, acc.num_processes, acc.device
         self.main = acc.is_main_process
 
+        began = time.perf_counter()
         parts = steps.build(recipe, hp, plan.seed, device, plan.workers, plan.device_data)
         self.train_data, self.evals, self.augment = parts.train, parts.evals, parts.augment
         module, self.step_fn, self.eval_fn, self.loss_fn = parts.module, parts.step, parts.evaluate, parts.loss
@@ -110,15 +112,22 @@ class Trainer:
         self.counted = None  # whether the step gives counts: its first output tells
         start = self.resume_point()
         report = None
+        phases = {"data and model": time.perf_counter() - began}  # the start-up's, for its line
         if self.main and plan.health and not start:  # on the recipe's own model, before an engine shards it
+            began = time.perf_counter()
             report = preflight.preflight(module, self.train_data, self.evals, self.step_fn, self.augment,
                                          plan.micro_batch, plan.seed)
+            phases["pre-flight"] = time.perf_counter() - began
+        began = time.perf_counter()
         self.initial = report.values.get("initial_loss") if report else None  # where the verdict's curve starts
         make_optimizer = getattr(recipe, "optimizer", default_optimizer)
         self.engine = engines.build(acc, plan, module, lambda m: make_optimizer(m, hp, self.total))
         self.unregularised = debugging.without_regularisation(module, self.engine.optimizer, self.loss_fn) \
             if plan.overfit_batches else []
         self.metrics = {k: m.to(device) for k, m in recipe.metrics(hp).items()} if hasattr(recipe, "metrics") else {}
+        self.confusion, self.classes = classification(self.metrics, getattr(recipe, "classes", None))
+        if self.confusion is not None:
+            self.confusion.to(device)
         self.monitor, self.mode = getattr(recipe, "best", ("val/loss", "min"))
         torch.manual_seed(plan.seed + 1 + self.rank)  # augmentation and dropout differ between ranks
 
@@ -140,6 +149,7 @@ class Trainer:
         if start:
             self.load(start)
             self.settle_buckets()
+        phases["engine" + " and checkpoint" * bool(start)] = time.perf_counter() - began
 
         self.norm = self.lr = 0.0
         self.peak = peak_flops(device)  # per device; None where unknown: no MFU
@@ -155,6 +165,8 @@ class Trainer:
             f"data: {shown} samples · {self.steps_per_epoch} "
             f"steps/epoch · {self.total} optimizer steps · batch {plan.batch_size} = {count(self.world, 'process')}"
             f" × {plan.grad_accum} accumulation × {plan.micro_batch} per device")
+        self.sinks.print(f"start-up {sum(phases.values()):.1f} s: "
+                         + " · ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()))
         if start:
             self.sinks.print(f"resumed from {start} at step {self.step}")
         if self.best:
@@ -405,6 +417,7 @@ class Trainer:
             if self.tested_at != self.step:  # the best checkpoint's weights, as Lightning's ckpt_path="best"
                 self.load_weights(best)
             final.update(self.evaluate("test"))
+            self.sinks.event(self.step, "test", {"weights_step": self.tested_at}, None)
             if self.tested_at != self.step:  # the run ends with its last weights, as its last checkpoint holds
                 self.load_weights(self.step_dir())
         self.engine.sync_buffers()  # every rank ends with the same model, buffers included
@@ -495,8 +508,10 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict:
         t = time.perf_counter()
-        results = evaluate(self.engine, self.evals[split], self.eval_fn, self.metrics, split,
-                           2 * self.plan.micro_batch, self.plan.eval_limit, self.world, self.rank)
+        confusion = self.confusion if split == "test" else None
+        results, matrix = evaluate(self.engine, self.evals[split], self.eval_fn, self.metrics, split,
+                                   2 * self.plan.micro_batch, self.plan.eval_limit, self.world, self.rank,
+                                   self.sinks.progress, confusion)
         elapsed = time.perf_counter() - t
         self.window.start += elapsed  # throughput counts training time only
         line = None
@@ -505,6 +520,8 @@ class Trainer:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in results.items())
             line = f"eval  step {self.step}  {shown}  ({elapsed:.1f} s)"
         self.sinks.results(self.step, results, line)
+        if matrix is not None:
+            self.sinks.classes(self.step, self.classes, matrix.tolist(), self.tested_at)
         return results
 
     def show_sample(self) -> None:
@@ -654,12 +671,15 @@ def inference(engine):
 
 
 def evaluate(engine, loader: data.Loader, step, metrics: dict, split: str, batch: int, limit: int | None,
-             world: int, rank: int) -> dict:
-    """Exact metrics over the whole split: each sample counted once across all ranks."""
+             world: int, rank: int, progress, confusion=None) -> tuple[dict, torch.Tensor | None]:
+    """Exact metrics over the whole split, each sample counted once across all ranks; and the confusion matrix
+    where one is asked for. `progress` wraps the batches (rank zero draws a bar on a terminal)."""
     engine.sync_buffers()
+    kept = {"confusion": confusion} if confusion is not None else {}
     with inference(engine) as model:
         totals = torch.zeros(2, dtype=torch.float64, device=loader.device)  # sum of loss × count, counts
-        for found, real in loader.eval_batches(batch, world, rank, limit):
+        batches = loader.eval_batches(batch, world, rank, limit)
+        for found, real in progress(batches, f"eval {split}", loader.eval_count(batch, world, limit)):
             hang.beat()
             out = step(model, found)  # every rank runs the same number of forwards, a padding one included
             if real:
@@ -667,7 +687,7 @@ def evaluate(engine, loader: data.Loader, step, metrics: dict, split: str, batch
                 totals[1] += out.count
                 if metrics and out.preds is None:
                     raise RecipeError(METRICS_NEED)
-                for m in metrics.values():
+                for m in (*metrics.values(), *kept.values()):
                     m.update(out.preds, out.target)
         if world > 1:
             torch.distributed.all_reduce(totals)
@@ -679,4 +699,30 @@ def evaluate(engine, loader: data.Loader, step, metrics: dict, split: str, batch
                 results[f"{split}/{name}"] = value.item()
             else:
                 results.update({f"{split}/{name}/{i}": v for i, v in enumerate(value.flatten().tolist())})
-    return results
+        matrix = confusion.compute() if confusion is not None else None
+        if confusion is not None:
+            confusion.reset()
+    return results, matrix
+
+
+def classification(metrics: dict, names: tuple | None) -> tuple[object, list[str]]:
+    """(the test split's confusion matrix, the classes' names) for a recipe whose metrics classify: torchmetrics'
+    multiclass metrics of up to MAX_CLASSES classes, or its binary ones, with their classes, threshold and ignored
+    label; (None, []) for any other."""
+    from torchmetrics.classification import BinaryConfusionMatrix, BinaryStatScores, MulticlassConfusionMatrix
+
+    for m in metrics.values():
+        n = getattr(m, "num_classes", None)
+        if type(m).__name__.startswith("Multiclass") and isinstance(n, int) and n <= MAX_CLASSES:
+            matrix = MulticlassConfusionMatrix(n, ignore_index=m.ignore_index)
+            break
+        if isinstance(m, BinaryStatScores):
+            n, matrix = 2, BinaryConfusionMatrix(m.threshold, ignore_index=m.ignore_index)
+            break
+    else:
+        return None, []
+    if names is None:
+        return matrix, [str(i) for i in range(n)]
+    if len(names) != n:
+        raise RecipeError(f"the recipe's classes name {len(names)} classes, and its metrics count {n}")
+    return matrix, [str(name) for name in names]

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchmetrics.classification import (
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
 from tqdm import tqdm
 
 from conftest import (
@@ -21,6 +29,7 @@ from conftest import (
     clean_env,
     console,
     eval_record,
+    history,
     launch,
     ok,
     params,
@@ -148,9 +157,11 @@ def test_learning_rate_follows_optimizer_steps_on_any_number_of_processes(single
 
 def test_the_embedded_recipe_learns(tmp_path):
     """The README's first command: digits, two CPU processes, ≥ 95 % test accuracy, and a healthy run: no health
-    warning from start to end."""
+    warning from start to end. What it leaves: a summary, the console's log, the test split's confusion matrix, the
+    pictures, and all of it in W&B (offline) and TensorBoard, read back."""
     run = tmp_path / "run"
-    out = ok(launch(ROOT / "recipes" / "digits.py", "--cpu", "--procs", "2", "--wandb", "disabled", "--run-dir", run))
+    out = ok(launch(ROOT / "recipes" / "digits.py", "--cpu", "--procs", "2", "--wandb", "offline", "--tensorboard",
+                    "--run-dir", run))
     assert "batch 64 = 2 processes × 1 accumulation × 32 per device" in out.stdout
     assert eval_record(run, "test")["acc"] >= 0.95
     assert "check  pre-flight: no warning" in out.stdout and "verdict: no sign of trouble" in out.stdout
@@ -173,13 +184,45 @@ def test_the_embedded_recipe_learns(tmp_path):
     assert best_step == done["step"] or f"(step {best_step}'s weights)" in out.stdout
     last = f"step-{done['step']:08d}"
     tested = {name: evaluate_digits(run / "checkpoints" / name, tmp_path) for name in ("best", last)}
+    predicted = tested["best"].pop("predicted")
     assert tested["best"] == pytest.approx({"loss": done["metrics"]["test/loss"], "acc": done["metrics"]["test/acc"]},
                                            rel=1e-5)
+    tested[last].pop("predicted")
     assert best_step == done["step"] or tested["best"] != tested[last]
+    # the test split's confusion matrix and per-class scores are the best weights' (torchmetrics recomputes them)
+    classes = next(r for r in records(run) if r.get("event") == "classes")
+    truth = recipe.load(ROOT / "recipes" / "digits.py").data(None).test.tensors[1]
+    assert classes["names"] == [str(i) for i in range(10)] and classes["weights_step"] == best_step
+    assert classes["matrix"] == MulticlassConfusionMatrix(10)(predicted, truth).tolist()
+    for name, metric in (("precision", MulticlassPrecision), ("recall", MulticlassRecall), ("f1", MulticlassF1Score)):
+        assert classes[name] == pytest.approx(metric(10, average=None)(predicted, truth).tolist(), abs=1e-6), name
+    # the pictures: files of a sensible size that are not blank, the same in W&B's run and in TensorBoard's files
+    drawn = {path.stem: path for path in (run / "pictures").glob("*.png")}
+    assert sorted(drawn) == ["classes", "confusion", "curves", "metrics"]
+    assert f"pictures: curves.png, metrics.png, confusion.png, classes.png → {run / 'pictures'}" in out.stdout
+    for name, path in drawn.items():
+        with Image.open(path) as image:
+            assert 400 <= image.width <= 2000 and 300 <= image.height <= 2000, (name, image.size)
+            assert len(image.convert("L").getcolors(maxcolors=1 << 16)) > 20, f"{name}.png is (nearly) blank"
+    wandb_run = next((run / "wandb").glob("offline-run-*"))
+    logged = history(wandb_run)[done["step"]]
+    for name, path in drawn.items():
+        assert (wandb_run / "files" / logged[f"pictures/{name}.path"]).read_bytes() == path.read_bytes()
+    assert logged["test/classes.nrows"] == 10
+    board = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    board.Reload()
+    validated = {r["step"]: r["val/acc"] for r in records(run) if "val/acc" in r}
+    assert {e.step: e.value for e in board.Scalars("val/acc")} == pytest.approx(validated)
+    assert [e.step for e in board.Scalars("train/loss")] == sorted(train_records(run))
+    for name, path in drawn.items():
+        with Image.open(path) as image:
+            shown = board.Images(f"pictures/{name}")[-1]
+            assert (shown.step, shown.width, shown.height) == (done["step"], image.width, image.height)
 
 
 def evaluate_digits(checkpoint: Path, tmp_path: Path) -> dict:
-    """The digits recipe's test loss and accuracy with a checkpoint's weights, exported as safetensors."""
+    """The digits recipe's test loss, accuracy and predicted classes with a checkpoint's weights, exported as
+    safetensors."""
     digits = recipe.load(ROOT / "recipes" / "digits.py")
     hp = digits.Hparams()
     net = digits.model(hp).eval()
@@ -187,7 +230,8 @@ def evaluate_digits(checkpoint: Path, tmp_path: Path) -> dict:
     x, y = digits.data(hp).test.tensors
     with torch.no_grad():
         logits = net(x)
-    return {"loss": digits.loss(hp)(logits, y).item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+    return {"loss": digits.loss(hp)(logits, y).item(), "acc": (logits.argmax(1) == y).float().mean().item(),
+            "predicted": logits.argmax(1)}
 
 
 def test_the_console_log_keeps_what_a_terminal_ends_up_showing(tmp_path):
