@@ -7,7 +7,9 @@ matplotlib's Figure without pyplot: no global figure state, no display, nothing 
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,6 @@ ANNOTATED = 20  # up to this many classes the confusion matrix shows its counts
 
 def draw(folder: Path, records: list[dict], best: dict | None, title: str) -> list[Path]:
     """Every picture the records (metrics.jsonl's) allow, into `folder`; the paths written. `best`: summary.json's."""
-    folder.mkdir(parents=True, exist_ok=True)
     figures = {"curves": curves(records, best, title), "metrics": metrics(records, title)}
     classes = next((r for r in reversed(records) if r.get("event") == "classes"), None)
     if classes:
@@ -27,10 +28,18 @@ def draw(folder: Path, records: list[dict], best: dict | None, title: str) -> li
         figures["classes"] = class_bars(classes, title)
     written = []
     for name, fig in figures.items():
-        if fig is not None:
-            fig.savefig(folder / f"{name}.png")
+        if fig is not None:  # whole or not at all: a process stopped while it draws leaves no half picture
+            folder.mkdir(parents=True, exist_ok=True)
+            fig.savefig(folder / f"{name}.png.tmp", format="png")
+            os.replace(folder / f"{name}.png.tmp", folder / f"{name}.png")
             written.append(folder / f"{name}.png")
     return written
+
+
+def draw_run(run_dir: Path, best: dict | None, title: str) -> list[Path]:
+    """A run's pictures from its metrics.jsonl, into RUN_DIR/pictures."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return draw(run_dir / "pictures", records, best, title)
 
 
 def series(records: list[dict], key: str) -> tuple[list, list]:

@@ -196,7 +196,7 @@ class Silent:
     def classes(self, step: int, names: list[str], matrix: list[list[int]], weights_step: int) -> None:
         pass
 
-    def close(self, step: int, ok: bool) -> None:
+    def close(self, step: int, ok: bool, last: str | None = None) -> None:
         pass
 
 
@@ -328,8 +328,7 @@ class Sinks:
         A picture that cannot be drawn never changes how the run ends: a warning says why."""
         run_dir = Path(self.plan.run_dir)
         try:
-            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            written = pictures.draw(run_dir / "pictures", records, self.summary.get("best"), self.plan.name)
+            written = pictures.draw_run(run_dir, self.summary.get("best"), self.plan.name)
         except Exception as e:
             warn(f"the run's pictures were not drawn ({type(e).__name__}: {first_line(e)})")
             return
@@ -347,11 +346,15 @@ class Sinks:
         if written:
             self.print(f"pictures: {', '.join(path.name for path in written)} → {run_dir / 'pictures'}")
 
-    def close(self, step: int, ok: bool) -> None:
+    def close(self, step: int, ok: bool, last: str | None = None) -> None:
+        """The end: the pictures drawn, the `last` line (done: ...) printed, the state written (a failure's and a
+        stop's by the launcher) and W&B's run finished."""
         self.bar.close()
         self.file.close()
         if self.plan.pictures:
             self.draw(step)
+        if last:
+            self.print(last)
         if self.board:
             self.board.close()
         # a failure's reason, or a stop's, is the launcher's to write: it knows what happened on every rank

@@ -17,7 +17,7 @@ from . import checkpoint
 from .boot import settle
 from .errors import PLAIN, RecipeError, Stopped
 from .plan import PARENT_ENV, PLAN_ENV, Plan
-from .sinks import detach_terminal, update_summary
+from .sinks import detach_terminal, read_summary, update_summary
 from .stop import SIGNALS
 from .text import count, first_line
 
@@ -76,9 +76,24 @@ def launch(plan: Plan, sock: socket.socket | None, banner: str) -> int:
 
 
 def _ended(plan: Plan, state: str, reason: str | None = None) -> None:
-    """How the job ended, in the run's summary.json: node 0's launcher alone writes it."""
+    """How the job ended, in the run's summary.json: node 0's launcher alone writes it. A job that did not complete
+    gets its pictures here where rank zero could not draw them (the launcher stopped it at another rank's failure)."""
     if plan.node_rank == 0:
         update_summary(plan.run_dir, state=state, reason=reason, eta_s=None)
+        if state != "completed" and plan.pictures:
+            _draw(Path(plan.run_dir), plan.name)
+
+
+def _draw(run_dir: Path, title: str) -> None:
+    curves, records = run_dir / "pictures" / "curves.png", run_dir / "metrics.jsonl"
+    if not records.exists() or curves.exists() and curves.stat().st_mtime >= records.stat().st_mtime:
+        return
+    from . import pictures
+
+    try:  # a record, which never changes how the run ended, nor hides why
+        pictures.draw_run(run_dir, read_summary(str(run_dir)).get("best"), title)
+    except Exception:
+        pass
 
 
 def _failed(plan: Plan, text: str, reason: str | None = None) -> None:

@@ -191,9 +191,8 @@ class Trainer:
         except BaseException:
             self.sinks.close(self.step, ok=False)
             raise
-        if final is not None:  # None: the run had already finished
-            self.sinks.print(self.done_line(final))
-        self.sinks.close(self.step, ok=True)
+        # None: the run had already finished
+        self.sinks.close(self.step, ok=True, last=None if final is None else self.done_line(final))
         return final or {}
 
     def done_line(self, final: dict) -> str:

@@ -77,7 +77,8 @@ def wait_for_step(folder: Path, step: int, timeout: float = 60) -> None:
 
 
 def test_a_raising_rank_ends_the_job_fast_with_its_traceback_once_and_nothing_left(tmp_path):
-    process, tag, folder = start(tmp_path, "raise", "--max-steps", "40", "--slow", "0.05", "--crash-at", "5")
+    process, tag, folder = start(tmp_path, "raise", "--max-steps", "40", "--slow", "0.05", "--crash-at", "5",
+                                 "--log-every", "2")
     out, err = process.communicate(timeout=120)
     ended = time.time()
     assert process.returncode == 1
@@ -93,6 +94,7 @@ def test_a_raising_rank_ends_the_job_fast_with_its_traceback_once_and_nothing_le
     assert sorted(logged) == sorted(out.splitlines() + err.splitlines())
     assert logged[0].startswith("launch: tiny.py · 2 CPU processes")
     assert [line for line in logged if line][-1] == "RuntimeError: planted crash at forward 5"
+    assert (folder / "run" / "pictures" / "curves.png").stat().st_size > 10_000  # the curves up to the failure
 
 
 def test_a_rank_that_dies_without_a_word_is_reported_with_where_to_look(tmp_path):
@@ -151,6 +153,7 @@ def test_a_signal_saves_a_checkpoint_that_resume_continues_exactly(tmp_path, uns
     stopped = summary(folder / "run")
     assert (stopped["state"], stopped["reason"], stopped["step"]) == (
         "stopped", err.strip().splitlines()[-1].removeprefix("launch: "), int(saved[0][5:]))
+    assert "pictures: curves.png" in out and f"→ {folder / 'run' / 'pictures'}" in out  # drawn at the stop
     if signum == signal.SIGTERM:  # launch resume: the command the run was started with, --resume auto
         resumed = ok(launch("resume", folder / "run", "--slow", "0"))
     else:
