@@ -28,13 +28,17 @@ This module knows nothing about devices or ranks either.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
 import importlib.util
 import inspect
+import io
 import math
 import re
 import sys
+import textwrap
+import tokenize
 import traceback
 import typing
 from collections.abc import Callable
@@ -215,6 +219,7 @@ def add_flags(parser: argparse.ArgumentParser, Hparams: type, path: Path) -> Non
     """Every field of Hparams becomes `--field-name`, type-checked, its default shown in --help."""
     group = parser.add_argument_group(f"hyperparameters of {path.name} (Hparams)")
     hints = _hints(Hparams, path)
+    comments = field_comments(Hparams)
     for f in dataclasses.fields(Hparams):
         default = _default(f)
         required = default is dataclasses.MISSING
@@ -226,7 +231,7 @@ def add_flags(parser: argparse.ArgumentParser, Hparams: type, path: Path) -> Non
                 "a flag needs int, float, str, bool, a Literal of those, or Optional of int/float/str"
             ) from None
         flag = option(f.name)
-        help_text = f.metadata.get("help", "")
+        help_text = (f.metadata.get("help") or comments.get(f.name, "")).replace("%", "%%")  # argparse's format
         shown_default = "required" if required else f"default: {default}"
         options = {"dest": f.name, "required": required, "default": None if required else default,
                    "help": f"{help_text + ' ' if help_text else ''}[{shown}, {shown_default}]"}
@@ -238,6 +243,31 @@ def add_flags(parser: argparse.ArgumentParser, Hparams: type, path: Path) -> Non
             group.add_argument(flag, **options)
         except argparse.ArgumentError:
             raise RecipeError(f"recipe {path}: Hparams.{f.name} clashes with the launcher's own flag {flag}") from None
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The comment of each field of a class, the help text of its flag where field metadata gives none: the one
+    at the end of the field's line(s), else the comment lines right above it. {} where the source is not there."""
+    try:
+        lines, first = inspect.getsourcelines(cls)
+    except (OSError, TypeError):
+        return {}
+    source = textwrap.dedent("".join(lines))
+    comments = {}  # line number (from 1) → the comment's text
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    found = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            after = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+            above, n = [], node.lineno - 1
+            while n in comments and source.splitlines()[n - 1].lstrip().startswith("#"):
+                above.insert(0, comments[n])
+                n -= 1
+            if after or above:
+                found[node.target.id] = " ".join(after or above)
+    return found
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -23,6 +23,53 @@ def test_help_lists_the_recipes_hyperparameters_with_types_and_defaults():
     assert "hyperparameters of digits.py" in out
 
 
+COMMENTED = """
+from dataclasses import dataclass, field
+from torch import nn
+from launcher import Splits
+
+@dataclass
+class Hparams:
+    epochs: int = 2  # passes over the data
+    # global: samples per optimizer step,
+    # however many processes share them
+    batch_size: int = 8
+    lr: float = 0.1
+    width: int = field(default=4,  # channels
+                       metadata={"help": "the metadata's text wins"})
+    dropout: float = 0.5  # a share: 50 % of the units
+    # a comment with a blank line under it is nobody's
+
+    depth: int = 2
+
+
+def data(hp):
+    return Splits(train=[])
+
+
+def model(hp):
+    return nn.Linear(1, 1)
+
+
+def loss(hp):
+    return nn.MSELoss()
+"""
+
+
+def test_a_hyperparameters_help_comes_from_its_metadata_or_its_comment(tmp_path, capsys):
+    path = tmp_path / "commented.py"
+    path.write_text(COMMENTED)
+    code, out, _ = in_process(capsys, path, "--help")
+    shown = " ".join(out.split("hyperparameters of commented.py (Hparams):", 1)[1].split())
+    assert code == 0
+    for expected in ("--epochs INT passes over the data [int, default: 2]",
+                     "--batch-size INT global: samples per optimizer step, however many processes share them [int,",
+                     "--lr FLOAT [float, default: 0.1]", "--width INT the metadata's text wins [int, default: 4]",
+                     "--dropout FLOAT a share: 50 % of the units [float, default: 0.5]",
+                     "--depth INT [int, default: 2]"):
+        assert expected in shown, expected
+
+
 def test_launcher_help_without_a_recipe(capsys):
     out = ok(launch("--help")).stdout
     assert "launch RECIPE" in out and "--cpu" in out
