@@ -2,14 +2,15 @@
 
 The public API a recipe uses is small: `Splits` (what `data(hp)` returns), the
 optimizer helpers `warmup_cosine`, `param_groups` (per-layer learning rates) and `freeze`,
-and the losses `class_weights` and `FocalLoss`. Everything else is the CLI's.
+the losses `class_weights` and `FocalLoss`, and `progress` (a bar over a long loop of the
+recipe's own, decoding data say). Everything else is the CLI's.
 """
 
 from .recipe import Splits
 
-__all__ = ["Splits", "warmup_cosine", "param_groups", "freeze", "class_weights", "FocalLoss"]
+__all__ = ["Splits", "warmup_cosine", "param_groups", "freeze", "class_weights", "FocalLoss", "progress"]
 HELPERS = {"warmup_cosine": "optim", "param_groups": "optim", "freeze": "optim", "class_weights": "losses",
-           "FocalLoss": "losses"}
+           "FocalLoss": "losses", "progress": "bars"}
 
 
 def __getattr__(name):

@@ -14,6 +14,7 @@ import netrc
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
 
 from . import checkpoint, flags, record, rundir, slurm, spawn, zero
@@ -289,11 +290,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.slurm:
             sys.exit(slurm.submit_run(plan, args, argv))
         if hasattr(module, "prepare"):
+            began = time.perf_counter()
             try:
                 module.prepare(hp)  # once per node, before any process starts: downloads, caches
             except Exception as e:
                 raise UsageError(f"{Path(plan.recipe).name}: preparing the data failed: "
                                  f"{recipes.describe_error(e, Path(plan.recipe))}") from None
+            took = time.perf_counter() - began
+            if took >= 1:  # a first run's download or decoding; a cached one says nothing
+                print(f"launch: {Path(plan.recipe).name} prepared its data in {took:.1f} s", flush=True)
         if args.check:
             from . import preflight
 

@@ -26,6 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import data, steps
+from .bars import progress
 from .errors import RecipeError
 from .modules import buffers_kept
 from .text import count, first_line
@@ -375,7 +376,7 @@ def digest(tree) -> bytes:
     return h.digest()
 
 
-def fingerprints(loader, seed: int) -> tuple[set[bytes], str]:
+def fingerprints(loader, seed: int, name: str) -> tuple[set[bytes], str]:
     """(hashes of the split's inputs, how many were hashed), reading a sample of a split too big to read whole."""
     ds = loader.ds
     if loader.size is None:  # a stream: its first samples
@@ -391,12 +392,13 @@ def fingerprints(loader, seed: int) -> tuple[set[bytes], str]:
         rows = [t[index.to(t.device)].detach().cpu().contiguous().reshape(len(index), -1).view(torch.uint8).numpy()
                 for t in columns]
         return {hashlib.blake2b(b"".join(r[i].tobytes() for r in rows), digest_size=16).digest()
-                for i in range(len(index))}, shown
-    return {digest(inputs_of(ds[i])) for i in index.tolist()}, shown
+                for i in progress(range(len(index)), f"pre-flight: hashing {name}", unit="sample")}, shown
+    samples = progress(index.tolist(), f"pre-flight: hashing {name}", unit="sample")
+    return {digest(inputs_of(ds[i])) for i in samples}, shown
 
 
 def leakage(splits: dict, seed: int, report: Report) -> None:
-    hashed = {name: fingerprints(loader, seed) for name, loader in splits.items()}
+    hashed = {name: fingerprints(loader, seed, name) for name, loader in splits.items()}
     if len(hashed) < 2:
         report.lines.append("splits   only a training split: nothing to compare")
         return

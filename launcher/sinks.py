@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import pictures
+from .bars import progress
 from .plan import Plan
 from .text import first_line
 
@@ -250,8 +251,7 @@ class Sinks:
 
     def progress(self, iterable, what: str, total: int):
         """`iterable` with a bar of its own under the training's, on a terminal alone; erased when it ends."""
-        return tqdm(iterable, desc=what, total=total, unit="batch", dynamic_ncols=True, disable=None, leave=False,
-                    file=sys.stderr)
+        return progress(iterable, what, total, unit="batch")
 
     def summarise(self, **fields) -> None:
         self.summary.update(fields)

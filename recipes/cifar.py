@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from launcher import Splits
+from launcher import Splits, progress
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -197,7 +197,8 @@ def decode(source: Path) -> dict[str, torch.Tensor]:
     images: dict[tuple, bytes] = {}  # image folders: (split, class index, file name) → bytes
     if source.is_file():
         with tarfile.open(source, "r:*") as tar:
-            files = ((m.name, tar.extractfile(m).read) for m in tar if m.isfile())
+            files = ((m.name, tar.extractfile(m).read) for m in progress(tar, f"reading {source.name}", unit="file")
+                     if m.isfile())
             _sort(files, batches, images)
     else:
         _sort(((p.relative_to(source).as_posix(), p.read_bytes) for p in sorted(source.rglob("*")) if p.is_file()),
@@ -214,7 +215,8 @@ def decode(source: Path) -> dict[str, torch.Tensor]:
             keys = sorted(k for k in images if k[0] == split)
             if not keys:
                 raise ValueError(f"{source}: no {split}/<class>/ images")
-            arrays[split] = (np.stack([_image(images[k], "/".join(map(str, k))) for k in keys]),
+            arrays[split] = (np.stack([_image(images[k], "/".join(map(str, k)))
+                                       for k in progress(keys, f"decoding {split}", unit="image")]),
                              np.array([k[1] for k in keys], dtype=np.int64))
     else:
         raise ValueError(f"{source} holds neither CIFAR-10's pickle batches nor train/<class>/, test/<class>/ images")

@@ -30,6 +30,7 @@ from conftest import (
     console,
     eval_record,
     history,
+    in_process,
     launch,
     ok,
     params,
@@ -37,7 +38,7 @@ from conftest import (
     summary,
     train_records,
 )
-from launcher import export, recipe, sinks
+from launcher import export, progress, recipe, sinks
 from launcher.plan import PLAN_ENV, Plan
 
 
@@ -163,6 +164,8 @@ def test_the_embedded_recipe_learns(tmp_path):
     out = ok(launch(ROOT / "recipes" / "digits.py", "--cpu", "--procs", "2", "--wandb", "offline", "--tensorboard",
                     "--run-dir", run))
     assert "batch 64 = 2 processes × 1 accumulation × 32 per device" in out.stdout
+    started = r"^start-up [\d.]+ s: data and model [\d.]+ s · pre-flight [\d.]+ s · engine [\d.]+ s$"
+    assert re.search(started, out.stdout, re.M), out.stdout
     assert eval_record(run, "test")["acc"] >= 0.95
     assert "check  pre-flight: no warning" in out.stdout and "verdict: no sign of trouble" in out.stdout
     assert "warning" not in out.stdout.replace("pre-flight: no warning", "")
@@ -256,6 +259,27 @@ def test_the_console_log_keeps_what_a_terminal_ends_up_showing(tmp_path):
     for line in ("launch: error: the disk is full", "and this line too"):
         print(line, file=full, flush=True)
     assert terminal.getvalue() == "launch: error: the disk is full\nand this line too\n" and full.fd is None
+
+
+def test_long_phases_draw_a_bar_on_a_terminal_alone_and_say_how_long_they_took(tmp_path, monkeypatch, capsys):
+    terminal = io.StringIO()
+    terminal.isatty = lambda: True
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.delenv("RANK", raising=False)  # the launcher's own process
+    assert list(progress(range(3), "decoding", unit="image")) == [0, 1, 2]
+    assert re.search(r"decoding: +0%\|.*\| 0/3", terminal.getvalue())  # drawn, then erased at the end
+    for rank, tty in (("1", True), ("0", False)):  # another rank, or no terminal: nothing drawn
+        monkeypatch.setenv("RANK", rank)
+        terminal = io.StringIO()
+        terminal.isatty = lambda tty=tty: tty
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert list(progress(range(3), "decoding")) == [0, 1, 2] and terminal.getvalue() == ""
+    monkeypatch.undo()
+    # a recipe's prepare(hp) that takes a second or more says so when it ends
+    slow = tmp_path / "slow.py"
+    slow.write_text(TINY.read_text() + "\n\ndef prepare(hp):\n    import time\n    time.sleep(1.1)\n")
+    code, out, _ = in_process(capsys, slow, "--cpu", "--check")
+    assert code == 0 and re.search(r"^launch: slow\.py prepared its data in 1\.\d s$", out, re.M), out
 
 
 @pytest.mark.slow
