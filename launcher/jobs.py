@@ -23,7 +23,8 @@ from .rundir import holder
 from .sinks import read_summary, update_summary
 from .text import duration
 
-ACTIVE = ("queued", "running")
+ACTIVE = ("queued", "running", "preempted")  # the states a live launcher or Slurm's queue answers for
+REQUEUED = ("PENDING", "REQUEUED", "REQUEUE_HOLD")  # Slurm's states of a job that will start again
 SQUEUE_TIMEOUT = 30  # seconds squeue, scontrol or scancel may take to answer
 
 
@@ -64,8 +65,10 @@ def status(run_dir: Path) -> dict:
     summary = read_summary(run_dir)
     row = {"run": str(run_dir), **summary, "state": summary.get("state") or "unknown"}
     job = summary.get("slurm_job")
-    if job and row["state"] in ACTIVE:
+    if job and row["state"] in (*ACTIVE, "stopped"):
         row["queue"] = queue_state(job)
+    if row["state"] == "stopped" and row.get("queue") in REQUEUED:  # Slurm requeued the job it stopped: preempted
+        row["state"], row["reason"] = "preempted", f"stopped by Slurm and requeued (job {job}): {row['reason']}"
     if row["state"] in ACTIVE and not holder(run_dir) and not row.get("queue"):
         row["reason"] = (f"Slurm no longer lists job {job}, and no launcher holds the run directory" if job else
                          "its launcher ended without a word (killed, or its machine went down)")

@@ -137,6 +137,7 @@ def render(plan: Plan, args: Flags, command: list[str], python: str, cwd: Path) 
         # auto unless a checkpoint was named: the job finds the newest one when it starts, not now
         "resume": _quote(plan.resume if args.resume not in (None, "auto") else "auto", "--resume"),
         "python": _quote(python, "the Python path"),
+        "run_dir": _quote(run_dir, "--run-dir"),
         "checkpoints": _quote(run_dir / "checkpoints", "--run-dir"),
         "exit_codes": _quote(run_dir / "logs" / "exit-codes", "--run-dir"),
         "max_requeues": str(args.max_requeues),

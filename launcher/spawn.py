@@ -157,9 +157,10 @@ def listen(host: str, port: int) -> socket.socket:
 
 def _local_group(plan: Plan, sock: socket.socket | None) -> int:
     from torch.distributed import DistError
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from .ranklogs import RankLogs
 
     _register_rendezvous()
     for name in list(logging.root.manager.loggerDict):  # torch sets a level on each; failures are reported below
@@ -180,7 +181,6 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
     rendezvous = {"rank": plan.node_rank, "timeout": plan.rendezvous_timeout if sock else plan.rendezvous_timeout // 2}
     if sock:
         rendezvous["listen_fd"] = sock.detach()  # the store owns it from here
-    logs = Path(plan.run_dir) / "logs" if single else Path(plan.run_dir) / "logs" / f"node-{plan.node_rank}"
     config = LaunchConfig(
         min_nodes=plan.nnodes,
         max_nodes=plan.nnodes,
@@ -193,8 +193,7 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
         max_restarts=plan.max_restarts,
         monitor_interval=0.1,
         shutdown_timeout=SHUTDOWN_TIMEOUT,
-        # local rank 0 talks to this console; the others write to files under logs/
-        logs_specs=DefaultLogsSpecs(log_dir=str(logs), redirects={r: Std.ALL for r in range(1, plan.nproc)}),
+        logs_specs=RankLogs(plan.run_dir),  # local rank 0 talks to this console; the others write to logs/rank-R.*
     )
     print(f"launch: {count(plan.nproc, 'process')}"
           f"{f' on node {plan.node_rank} of {plan.nnodes}' if not single else ''}, rendezvous on "
@@ -203,10 +202,10 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
     settle()  # this process's set-up is done: from here it supervises
     try:
         # -P: the installed launcher, never a folder of that name in the working directory
-        elastic_launch(config, sys.executable)("-u", "-P", "-m", "launcher.boot")
+        _agent(elastic_launch(config, sys.executable))
     except ChildFailedError as e:
         rank, failure = root_cause(e.failures)
-        text = _describe(rank, failure, plan.run_dir)
+        text = _describe(rank, failure, plan)
         # a traceback: the summary's one line is the exception's
         _failed(plan, text, f"rank {rank} failed: {first_line(failure.message['message'])}" if "\n" in text else None)
         return 2 if failure.error_file_data.get("launcher", {}).get("usage") else 1
@@ -215,6 +214,17 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
                       "start every node with the same --nodes, --master-addr and --master-port")
         return 1
     return 0
+
+
+def _agent(launch) -> None:
+    """torch's agent runs the job. Once it returns or raises, the job has ended and a signal has nothing left to
+    stop: srun stopping every node after one failed must not cut this node's report short with a traceback of torch's
+    signal handler, still installed."""
+    try:
+        launch("-u", "-P", "-m", "launcher.boot")
+    finally:
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
 
 
 def cores() -> int:
@@ -244,7 +254,7 @@ def root_cause(failures: dict) -> tuple:
     return min(enumerate(failures.items()), key=key)[1]
 
 
-def _describe(rank: int, failure, run_dir: str) -> str:
+def _describe(rank: int, failure, plan: Plan) -> str:
     ours = failure.error_file_data.get("launcher")
     if ours and ours.get("usage"):  # the recipe breaks the contract: the same on every rank
         return f"error: {ours['text']}"
@@ -258,7 +268,12 @@ def _describe(rank: int, failure, run_dir: str) -> str:
         return f"rank {rank} failed: " + (message.get("extraInfo", {}).get("py_callstack") or message["message"])
     how = (f"was killed by {failure.signal_name()} (out of memory, or killed from outside?)" if failure.exitcode < 0
            else f"exited with code {failure.exitcode} without a traceback")
-    return f"rank {rank} {how}; its output is under {Path(run_dir) / 'logs'}"
+    if failure.local_rank == 0:  # its node's launcher printed its output
+        return f"rank {rank} {how}; its output is above"
+    from .ranklogs import files
+
+    out, err, _ = files(plan.run_dir, rank, plan.max_restarts)  # the job fails once every restart has been used
+    return f"rank {rank} {how}; its output is in {err} and {out.name}"
 
 
 def _bound_static_rendezvous(params):

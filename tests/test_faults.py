@@ -102,7 +102,7 @@ def test_a_rank_that_dies_without_a_word_is_reported_with_where_to_look(tmp_path
     out, err = process.communicate(timeout=120)
     assert process.returncode == 1
     assert err.strip().splitlines()[-1] == (f"launch: rank 1 exited with code 3 without a traceback; its output is "
-                                            f"under {folder / 'run' / 'logs'}")
+                                            f"in {folder / 'run' / 'logs' / 'rank-1.err'} and rank-1.out")
     assert tagged(tag) == []
 
 
@@ -126,7 +126,7 @@ def test_a_silent_rank_fails_the_job_after_the_collective_timeout(tmp_path):
     assert "Warning" not in err
     # torch's agent SIGTERMs the silent rank, which exits at once (a stalled rank has no step to save at) rather
     # than after the 30 s the agent would give it before a SIGKILL
-    logs = "".join(p.read_text() for p in (folder / "run" / "logs").rglob("*.log"))
+    logs = "".join(p.read_text() for p in (folder / "run" / "logs").glob("rank-1.*"))
     assert f"SIGTERM while training was stalled (stacks: {stacks / 'rank-1.txt'}): exiting without a checkpoint" \
         in logs, logs
     assert time.monotonic() - start_time < 45
@@ -165,6 +165,10 @@ def test_a_signal_saves_a_checkpoint_that_resume_continues_exactly(tmp_path, uns
     assert sum(line.startswith("launch: tiny.py") for line in logged) == 2 and logged[-1].startswith("done: 16 steps")
     for rank in range(procs):
         assert_same(params(folder, rank), params(straight, 0))
+    if procs == 2:  # rank 1's output: the resumed start's, and the stopped start's kept beside it
+        logs = folder / "run" / "logs"
+        assert [(logs / name).exists() for name in ("rank-1.out", "rank-1.err", "rank-1.out.1", "rank-1.err.1",
+                                                     "rank-1.out.2")] == [True, True, True, True, False]
     # the log and the verdict of the stopped-and-resumed run are the unstopped run's, the window cut by the stop too
     assert losses(folder / "run") == losses(straight / "run")
     assert judged(resumed.stdout) == judged(reference.stdout)
@@ -190,6 +194,11 @@ def test_max_restarts_recovers_from_a_crash_with_the_uninterrupted_parameters(tm
     assert "step-00000008 at step 8" in result.stdout
     for rank in (0, 1):
         assert_same(params(folder, rank), params(straight, 0))
+    logs = folder / "run" / "logs"  # the crashed start's output and exception, and the restart's output beside them
+    assert "RuntimeError: planted crash at forward 10" in (logs / "errors" / "rank-1.json").read_text()
+    assert [(logs / name).exists() for name in ("rank-1.out", "rank-1.err", "rank-1.restart-1.out",
+                                                 "rank-1.restart-1.err", "errors/rank-1.restart-1.json")] == \
+        [True, True, True, True, False]
 
 
 def test_a_non_finite_gradient_stops_the_run_naming_step_and_parameter(tmp_path):
@@ -362,7 +371,8 @@ def test_a_rank_killed_from_outside_is_the_one_blamed(tmp_path):
     out, err = process.communicate(timeout=120)
     assert process.returncode == 1
     assert err.strip().splitlines()[-1] == (f"launch: rank 1 was killed by SIGKILL (out of memory, or killed from "
-                                            f"outside?); its output is under {folder / 'run' / 'logs'}")
+                                            f"outside?); its output is in {folder / 'run' / 'logs' / 'rank-1.err'} and "
+                                            "rank-1.out")
     assert tagged(tag) == []
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import slurm_lab
-from conftest import TINY, assert_same, clean_env, in_process, launch, ok, params, records, refused
+from conftest import TINY, assert_same, clean_env, in_process, launch, ok, params, records, refused, summary
 from launcher import cli, slurm, spawn
 
 WHY_NOT = slurm_lab.unavailable()
@@ -68,7 +68,7 @@ def test_a_two_node_job_trains_one_model_with_one_wandb_run(reference):
     for rank in range(1, 4):
         assert_same(final[rank], final[0])
     assert len(list(run_dir.rglob("offline-run-*"))) == 1
-    assert (run_dir / "slurm.sbatch").exists() and (run_dir / "logs" / "node-1").is_dir()
+    assert (run_dir / "slurm.sbatch").exists() and (run_dir / "logs" / "rank-3.out").exists()
     # the job name went through quoting intact and ran nothing
     assert f"launch: job {job} (it's \"quoted\" $(touch {tmp}/pwned)) on node[" in text
     assert not (tmp / "pwned").exists()
@@ -79,15 +79,23 @@ def test_a_two_node_job_trains_one_model_with_one_wandb_run(reference):
 @pytest.mark.slow
 def test_a_signalled_job_checkpoints_requeues_and_ends_like_an_unsignalled_one(lab, reference, tmp_path):
     job, run_dir, dump = submit(lab, tmp_path, "signalled", *COMMON, "--wandb", "disabled", "--slow", "0.3")
-    deadline = time.monotonic() + 120
-    while not ((run_dir / "metrics.jsonl").exists() and max((r["step"] for r in records(run_dir)), default=0) >= 5):
-        assert time.monotonic() < deadline, log(run_dir, job) if (run_dir / f"slurm-{job}.out").exists() else "no log"
-        time.sleep(0.5)
+    reached(lab, run_dir, job, 5)
     subprocess.run(["scancel", "--batch", "--signal=USR2", job], env=lab.env, check=True)  # as Slurm would
-    lab.wait(job, timeout=300)
+    seen = []  # the summary's states, from the warning to the end: requeued, the run is "preempted" until it restarts
+    deadline = time.monotonic() + 300
+    while lab.state(job):
+        assert time.monotonic() < deadline, lab.logs()
+        state = summary(run_dir)
+        if not seen or seen[-1] != (state["state"], state["reason"]):
+            seen.append((state["state"], state["reason"]))
+        time.sleep(0.1)
     text = log(run_dir, job)
     assert re.search(r"launch: stopped by SIGTERM at step \d+: saved checkpoint ", text), text
     assert f"launch: requeueing job {job}" in text, text
+    saved = int(re.search(r"stopped by SIGTERM at step (\d+)", text)[1])
+    preempted = ("preempted", f"Slurm's time limit: requeued (job {job}) to resume from step {saved}")
+    assert [s for s, _ in seen if s != "stopped"] == ["running", "preempted", "running", "completed"], seen
+    assert preempted in seen and seen[-1] == ("completed", None)
     assert re.search(rf"launch: job {job} .* start 2,", text) and "resumed from" in text
     assert "done: 24 steps" in text
     reference_dump = reference[2]
@@ -125,15 +133,15 @@ def test_a_start_that_saves_nothing_is_not_requeued(lab, tmp_path):
     assert "launch: no checkpoint newer than none was saved in this start: not requeueing a job that makes no " \
            "progress (give it more --time)" in text, text
     assert "start 2," not in text and "requeueing job" not in text
+    assert [summary(run_dir)[k] for k in ("state", "reason")] == ["stopped", "Slurm's time limit came before this "
+                                                                   "start saved a checkpoint: not requeued (give the "
+                                                                   "job more --time)"]
 
 
 def test_requeues_stop_at_max_requeues(lab, tmp_path):
     job, run_dir, _ = submit(lab, tmp_path, "capped", *COMMON, "--wandb", "disabled", "--slow", "0.3",
                              "--max-requeues", "0")
-    deadline = time.monotonic() + 120
-    while not ((run_dir / "metrics.jsonl").exists() and max((r["step"] for r in records(run_dir)), default=0) >= 3):
-        assert time.monotonic() < deadline, log(run_dir, job) if (run_dir / f"slurm-{job}.out").exists() else "no log"
-        time.sleep(0.5)
+    reached(lab, run_dir, job, 3)
     subprocess.run(["scancel", "--batch", "--signal=USR2", job], env=lab.env, check=True)
     lab.wait(job)
     text = log(run_dir, job)
@@ -141,19 +149,23 @@ def test_requeues_stop_at_max_requeues(lab, tmp_path):
     assert f"launch: the job was requeued 0 times (--max-requeues): not again; continue it with sbatch " \
            f"{run_dir / 'slurm.sbatch'}" in text, text
     assert "start 2," not in text and list((run_dir / "checkpoints").glob("step-*"))
+    assert [summary(run_dir)[k] for k in ("state", "reason")] == ["stopped", "Slurm's time limit, after 0 requeues "
+                                                                   "(--max-requeues): continue with sbatch "
+                                                                   f"{run_dir / 'slurm.sbatch'}"]
 
 
-def test_status_and_cancel_reach_a_queued_and_a_running_job(lab, tmp_path):
-    """A running job stops through `launch cancel` as through Slurm's warning, with a checkpoint and no requeue; a
-    second one, queued behind it (each takes 2 of the 3 nodes' CPUs), is cancelled before it starts."""
+def test_status_and_cancel_reach_a_queued_a_running_and_a_preempted_job(lab, tmp_path):
+    """A running job stops through `launch cancel` as through Slurm's warning, with a checkpoint and no requeue. A
+    second one, queued behind it (each takes 2 of the 3 nodes' CPUs), starts then, and is preempted: Slurm stops it
+    and requeues it (`scontrol requeue`, as a preemption does); `launch status` tells, and `launch cancel` cancels
+    it in the queue."""
     env = clean_env(SLURM_CONF=lab.env["SLURM_CONF"])
     job, run_dir, _ = submit(lab, tmp_path, "running", "--max-steps", "400", "--log-every", "1", "--wandb", "disabled",
                              "--slow", "0.3")
-    queued, queued_dir, _ = submit(lab, tmp_path, "queued", *COMMON, "--wandb", "disabled")
-    deadline = time.monotonic() + 120
-    while not ((run_dir / "metrics.jsonl").exists() and max((r["step"] for r in records(run_dir)), default=0) >= 3):
-        assert time.monotonic() < deadline, log(run_dir, job) if (run_dir / f"slurm-{job}.out").exists() else "no log"
-        time.sleep(0.5)
+    queued, queued_dir, _ = submit(lab, tmp_path, "queued", "--max-steps", "400", "--log-every", "1", "--wandb",
+                                   "disabled", "--slow", "0.3")
+    reached(lab, run_dir, job, 3)
+
     def rows() -> dict[str, dict]:
         out = ok(launch("status", tmp_path, "--json", env=env)).stdout
         return {Path(row["run"]).parent.name: row for row in map(json.loads, out.splitlines())}
@@ -163,19 +175,36 @@ def test_status_and_cancel_reach_a_queued_and_a_running_job(lab, tmp_path):
     assert [now["queued"][k] for k in ("state", "queue", "slurm_job")] == ["queued", "PENDING", queued]
     assert f"queued (PENDING job {queued})" in ok(launch("status", queued_dir, env=env)).stdout
 
-    assert ok(launch("cancel", queued_dir, env=env)).stdout == f"launch: cancelled queued job {queued}\n"
     assert ok(launch("cancel", run_dir, env=env)).stdout.startswith(f"launch: sent SIGTERM to job {job}: ")
     lab.wait(job)
-    lab.wait(queued)
     text = log(run_dir, job)
     assert re.search(r"launch: stopped by SIGTERM at step \d+: saved checkpoint ", text), text
     assert "start 2," not in text and "requeueing" not in text
-    ended = rows()
-    assert ended["running"]["state"] == "stopped"
-    assert ended["running"]["reason"].startswith("stopped by SIGTERM at step")
-    assert [ended["queued"][k] for k in ("state", "reason")] == [
+    ended = rows()["running"]
+    assert (ended["state"], ended.get("queue")) == ("stopped", None)
+    assert ended["reason"].startswith("stopped by SIGTERM at step")
+
+    reached(lab, queued_dir, queued, 2)  # the second job started once the first one's nodes were free
+    subprocess.run(["scontrol", "requeue", queued], env=lab.env, check=True)
+    deadline = time.monotonic() + 120
+    while (row := rows()["queued"])["state"] != "preempted":
+        assert time.monotonic() < deadline, (row, log(queued_dir, queued))
+        time.sleep(0.5)
+    assert row["queue"] in ("PENDING", "REQUEUED", "REQUEUE_HOLD") and row["reason"].startswith(
+        f"stopped by Slurm and requeued (job {queued}): stopped by SIGTERM at step ")
+    assert f"preempted ({row['queue']} job {queued})" in ok(launch("status", queued_dir, env=env)).stdout
+    assert ok(launch("cancel", queued_dir, env=env)).stdout == f"launch: cancelled queued job {queued}\n"
+    lab.wait(queued)
+    assert [rows()["queued"][k] for k in ("state", "reason")] == [
         "stopped", f"cancelled while queued (Slurm job {queued})"]
-    assert not (queued_dir / f"slurm-{queued}.out").exists()  # it never started
+
+
+def reached(lab, run_dir: Path, job: str, step: int) -> None:
+    """Wait until the job's run has logged `step`."""
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and max((r["step"] for r in records(run_dir)), default=0) >= step):
+        assert time.monotonic() < deadline, log(run_dir, job) if (run_dir / f"slurm-{job}.out").exists() else "no log"
+        time.sleep(0.5)
 
 
 def test_gpus_requested_but_not_visible_fail_the_job_with_a_message(lab, tmp_path):
