@@ -674,7 +674,7 @@ def evaluate(engine, loader: data.Loader, step, metrics: dict, split: str, batch
     """Exact metrics over the whole split, each sample counted once across all ranks; and the confusion matrix
     where one is asked for. `progress` wraps the batches (rank zero draws a bar on a terminal)."""
     engine.sync_buffers()
-    kept = {"confusion": confusion} if confusion is not None else {}
+    counted = [*metrics.values(), *([] if confusion is None else [confusion])]
     with inference(engine) as model:
         totals = torch.zeros(2, dtype=torch.float64, device=loader.device)  # sum of loss × count, counts
         batches = loader.eval_batches(batch, world, rank, limit)
@@ -686,7 +686,7 @@ def evaluate(engine, loader: data.Loader, step, metrics: dict, split: str, batch
                 totals[1] += out.count
                 if metrics and out.preds is None:
                     raise RecipeError(METRICS_NEED)
-                for m in (*metrics.values(), *kept.values()):
+                for m in counted:
                     m.update(out.preds, out.target)
         if world > 1:
             torch.distributed.all_reduce(totals)
@@ -698,8 +698,9 @@ def evaluate(engine, loader: data.Loader, step, metrics: dict, split: str, batch
                 results[f"{split}/{name}"] = value.item()
             else:
                 results.update({f"{split}/{name}/{i}": v for i, v in enumerate(value.flatten().tolist())})
-        matrix = confusion.compute() if confusion is not None else None
+        matrix = None
         if confusion is not None:
+            matrix = confusion.compute()  # gathered from every rank, as the metrics
             confusion.reset()
     return results, matrix
 

@@ -61,6 +61,7 @@ class Hparams:
 
 
 best = ("val/acc", "max")  # the evaluation that picks checkpoints/best
+classes = CLASSES  # the names of the labels 0-9, for the test split's confusion matrix
 
 
 # ---------------------------------------------------------------- data
