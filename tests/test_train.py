@@ -237,17 +237,20 @@ def evaluate_digits(checkpoint: Path, tmp_path: Path) -> dict:
             "predicted": logits.argmax(1)}
 
 
-def test_the_console_log_keeps_what_a_terminal_ends_up_showing(tmp_path):
-    """The progress bar, drawn by tqdm as on a terminal, leaves nothing in console.log; lines written around it, and
-    a line written in pieces, arrive whole."""
+def test_the_console_log_keeps_what_a_terminal_ends_up_showing(tmp_path, monkeypatch):
+    """The progress bar, drawn by tqdm as on a terminal, leaves nothing in console.log, nor does an evaluation's bar
+    drawn while it is open; lines written around them, and a line written in pieces, arrive whole."""
     terminal = io.StringIO()
     terminal.isatty = lambda: True
     stream = sinks.Console(terminal, tmp_path / "console.log")
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setenv("COLUMNS", "100")
     bar = tqdm(total=50, file=stream, mininterval=0, leave=False)
     for step in range(1, 51):
         bar.update()
         if step % 20 == 0:
             bar.write(f"step {step}/50  loss 0.5", file=stream)
+            assert list(progress(range(4), "eval val")) == [0, 1, 2, 3]
     bar.close()
     stream.write("done: 50 ")
     stream.write("steps\r\n")
