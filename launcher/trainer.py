@@ -388,6 +388,8 @@ class Trainer:
         """Logs, evaluations and saves due after this step; True when training ends early: patience ran out, or
         the batches of --overfit-batches are memorised (on every rank alike: the logged loss is all ranks' mean)."""
         plan, step, spe = self.plan, self.step, self.steps_per_epoch
+        if plan.compile and step == self.first_step + 1:  # torch.compile compiles in a start's first step
+            self.sinks.print(f"compile: the first step took {time.perf_counter() - self.began:.1f} s")
         if step % plan.log_every == 0 or step == self.total:
             self.log()
         if plan.overfit_batches and step % plan.overfit_batches == 0 and debugging.memorised(

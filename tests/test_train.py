@@ -338,6 +338,7 @@ def test_compile_trains_like_eager_and_keeps_the_recipes_parameter_names(tmp_pat
     assert state["model"].keys() == params(eager, 0).keys()
     losses = [train_records(d / "run")[1]["train/loss"] for d in (eager, compiled)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert re.search(r"^compile: the first step took [\d.]+ s$", "\n".join(console(compiled / "run")), re.M)
 
 
 def test_mfu_is_the_counted_flops_over_the_peak(tmp_path):
