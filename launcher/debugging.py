@@ -10,7 +10,6 @@ from pathlib import Path
 
 from torch import nn
 
-from . import pictures
 from .errors import TrainingError
 from .text import count
 
@@ -76,6 +75,8 @@ def lr_finding(tried: list[tuple[float, float]], path: Path) -> dict:
     lowest = min(range(len(curve)), key=curve.__getitem__) if curve else 0
     slopes = [(curve[i + 1] - curve[i - 1]) / math.log(lrs[i + 1] / lrs[i - 1]) for i in range(1, lowest)]
     suggested = lrs[1 + min(range(len(slopes)), key=slopes.__getitem__)] if slopes else None
+    from . import pictures  # matplotlib: for this run alone
+
     pictures.lr_range(lrs, [loss for _, loss in tried], curve, suggested, path)
     values = {"suggested_lr": suggested, "min_loss_lr": lrs[lowest] if lrs else None, "lrs": lrs,
               "losses": [loss for _, loss in tried]}

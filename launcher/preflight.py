@@ -386,15 +386,15 @@ def fingerprints(loader, seed: int, name: str) -> tuple[set[bytes], str]:
     limit = HASH_LIMIT if data.indexable(ds) else SAMPLE_HASH_LIMIT
     index = torch.arange(n) if n <= limit else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
     shown = f"{n:,}" if n <= limit else f"{limit:,} of {n:,} sampled"
+    what = f"pre-flight: hashing {name}"
     if data.indexable(ds):
         columns = data.tensors(ds)
         columns = columns[:1] if isinstance(ds, torch.utils.data.TensorDataset) and len(columns) >= 2 else columns
         rows = [t[index.to(t.device)].detach().cpu().contiguous().reshape(len(index), -1).view(torch.uint8).numpy()
                 for t in columns]
         return {hashlib.blake2b(b"".join(r[i].tobytes() for r in rows), digest_size=16).digest()
-                for i in progress(range(len(index)), f"pre-flight: hashing {name}", unit="sample")}, shown
-    samples = progress(index.tolist(), f"pre-flight: hashing {name}", unit="sample")
-    return {digest(inputs_of(ds[i])) for i in samples}, shown
+                for i in progress(range(len(index)), what, unit="sample")}, shown
+    return {digest(inputs_of(ds[i])) for i in progress(index.tolist(), what, unit="sample")}, shown
 
 
 def leakage(splits: dict, seed: int, report: Report) -> None:

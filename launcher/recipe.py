@@ -249,10 +249,10 @@ def field_comments(cls: type) -> dict[str, str]:
     """The comment of each field of a class, the help text of its flag where field metadata gives none: the one
     at the end of the field's line(s), else the comment lines right above it. {} where the source is not there."""
     try:
-        lines, first = inspect.getsourcelines(cls)
+        source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
         return {}
-    source = textwrap.dedent("".join(lines))
+    lines = source.splitlines()
     comments = {}  # line number (from 1) → the comment's text
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:
@@ -262,7 +262,7 @@ def field_comments(cls: type) -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             after = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
             above, n = [], node.lineno - 1
-            while n in comments and source.splitlines()[n - 1].lstrip().startswith("#"):
+            while n in comments and lines[n - 1].lstrip().startswith("#"):  # a line of its own, not a field's end
                 above.insert(0, comments[n])
                 n -= 1
             if after or above:

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import pictures
 from .bars import progress
 from .plan import Plan
 from .text import first_line
@@ -314,6 +313,8 @@ class Sinks:
 
     def classes(self, step: int, names: list[str], matrix: list[list[int]], weights_step: int) -> None:
         """The test split's confusion matrix and each class's precision, recall and F1: a record, a W&B table."""
+        from . import pictures  # matplotlib: at the end, not in every process's start-up
+
         scores = pictures.per_class(matrix)
         record = {"names": names, "matrix": matrix, "weights_step": weights_step, **scores}
         self.file.write(json.dumps({"step": step, "time": time.time(), "event": "classes", **record}) + "\n")
@@ -326,6 +327,8 @@ class Sinks:
     def draw(self, step: int) -> None:
         """The run's pictures, from every record it wrote (an earlier start's too), into RUN_DIR/pictures and W&B.
         A picture that cannot be drawn never changes how the run ends: a warning says why."""
+        from . import pictures
+
         run_dir = Path(self.plan.run_dir)
         try:
             written = pictures.draw_run(run_dir, self.summary.get("best"), self.plan.name)

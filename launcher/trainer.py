@@ -32,6 +32,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -46,6 +47,9 @@ from .plan import Plan
 from .sinks import Silent, Sinks
 from .stop import Stop
 from .text import count, duration
+
+if TYPE_CHECKING:  # torchmetrics imports matplotlib: only where a recipe uses it
+    from torchmetrics import Metric
 
 END = object()  # what next(batches, END) gives when a stream has run dry
 UNOBSERVED = nullcontext()  # the context of a step that nothing watches or counts (reusable: it holds no state)
@@ -707,7 +711,7 @@ def evaluate(engine, loader: data.Loader, step, metrics: dict, split: str, batch
     return results, matrix
 
 
-def classification(metrics: dict, names: tuple | None) -> tuple[object, list[str]]:
+def classification(metrics: dict, names: tuple | None) -> tuple[Metric | None, list[str]]:
     """(the test split's confusion matrix, the classes' names) for a recipe whose metrics classify: torchmetrics'
     multiclass metrics of up to MAX_CLASSES classes, or its binary ones, with their classes, threshold and ignored
     label; (None, []) for any other."""
