@@ -91,7 +91,8 @@ def _check_environment(args: Flags) -> None:
         raise UsageError(f"--procs {args.procs}: this machine gives this command {count(cores, 'CPU core')}, and "
                          "each process needs one")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise UsageError("--tensorboard needs the tensorboard package: pip install 'launcher[tensorboard]'")
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard==2.21.0 (in a clone "
+                         "of the launcher: pip install -e '.[tensorboard]')")
 
 
 def _float(text: str) -> float:

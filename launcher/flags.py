@@ -169,7 +169,7 @@ class Flags:
     wandb_entity: str | None = flag(LOGGING, None, metavar="E")
     tensorboard: bool = flag(LOGGING, False, "also write TensorBoard event files to RUN_DIR/tensorboard, to look at "
                                              "with `tensorboard --logdir RUN_DIR` and no account (pip install "
-                                             "'launcher[tensorboard]')")
+                                             "tensorboard==2.21.0)")
     pictures: bool = flag(LOGGING, True, "draw the run's pictures into RUN_DIR/pictures at its end: loss curves, "
                                          "metrics, a classifier's confusion matrix (default)")
 
