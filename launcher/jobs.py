@@ -24,7 +24,7 @@ from .sinks import read_summary, update_summary
 from .text import duration
 
 ACTIVE = ("queued", "running", "preempted")  # the states a live launcher or Slurm's queue answers for
-REQUEUED = ("PENDING", "REQUEUED", "REQUEUE_HOLD")  # Slurm's states of a job that will start again
+WAITING = ("PENDING", "REQUEUED", "REQUEUE_HOLD")  # Slurm's states of a job waiting to start (again)
 SQUEUE_TIMEOUT = 30  # seconds squeue, scontrol or scancel may take to answer
 
 
@@ -50,13 +50,21 @@ def is_run(path: Path) -> bool:
     return (path / "summary.json").exists() or (path / "config.json").exists()
 
 
-def queue_state(job: str) -> str | None:
-    """Slurm's state of a job (PENDING, RUNNING, …), or None when Slurm no longer lists it."""
+def queue_state(job: str) -> tuple[str | None, float | None]:
+    """Slurm's state of a job (PENDING, RUNNING, …) and when its current start began (None while it waits), or
+    (None, None) when Slurm no longer lists it."""
     if not shutil.which("squeue"):
-        return None
-    result = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
+        return None, None
+    result = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %S"], capture_output=True, text=True,
                             timeout=SQUEUE_TIMEOUT)
-    return result.stdout.split()[0] if result.returncode == 0 and result.stdout.split() else None
+    fields = result.stdout.split() if result.returncode == 0 else []
+    if not fields:
+        return None, None
+    try:
+        began = time.mktime(time.strptime(fields[1], "%Y-%m-%dT%H:%M:%S")) if fields[0] != "PENDING" else None
+    except (IndexError, ValueError):  # N/A, Unknown
+        began = None
+    return fields[0], began
 
 
 def status(run_dir: Path) -> dict:
@@ -66,9 +74,12 @@ def status(run_dir: Path) -> dict:
     row = {"run": str(run_dir), **summary, "state": summary.get("state") or "unknown"}
     job = summary.get("slurm_job")
     if job and row["state"] in (*ACTIVE, "stopped"):
-        row["queue"] = queue_state(job)
-    if row["state"] == "stopped" and row.get("queue") in REQUEUED:  # Slurm requeued the job it stopped: preempted
-        row["state"], row["reason"] = "preempted", f"stopped by Slurm and requeued (job {job}): {row['reason']}"
+        row["queue"], began = queue_state(job)
+        if row["state"] == "stopped" and row["queue"] in WAITING:  # Slurm requeued the job it stopped: preempted
+            row["state"], row["reason"] = "preempted", f"stopped by Slurm and requeued (job {job}): {row['reason']}"
+        elif row["state"] == "stopped" and row["queue"] and began and began > summary.get("updated", began):
+            # a requeued job started again, and its launcher has not yet written: the stop was an earlier start's
+            row["state"], row["reason"] = "queued", f"Slurm started job {job} again after: {row['reason']}"
     if row["state"] in ACTIVE and not holder(run_dir) and not row.get("queue"):
         row["reason"] = (f"Slurm no longer lists job {job}, and no launcher holds the run directory" if job else
                          "its launcher ended without a word (killed, or its machine went down)")
@@ -127,7 +138,7 @@ def cancel(run_dir: Path, wait: float) -> int:
     if row["state"] not in ACTIVE:
         raise UsageError(f"{run_dir} is not running: it is {row['state']}")
     if job and row.get("queue"):
-        pending = row["queue"] == "PENDING"
+        pending = row["queue"] in WAITING  # held or pending: nothing runs that a signal could reach
         command = ["scancel", job] if pending else ["scancel", "--signal=TERM", job]
         result = subprocess.run(command, capture_output=True, text=True, timeout=SQUEUE_TIMEOUT)
         if result.returncode:

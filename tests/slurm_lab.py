@@ -5,6 +5,7 @@ though no CUDA device exists."""
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -140,6 +141,18 @@ class Lab:
                 return
             time.sleep(0.5)
         raise AssertionError(f"job {job} still {self.state(job)} after {timeout} s\n{self.logs()}")
+
+    def clear(self) -> None:
+        """Cancel whatever jobs a test left (a failed one, say), so that they hold no node the next test needs."""
+        if self.jobs():
+            subprocess.run(["scancel", "--user", getpass.getuser()], env=self.env, check=True)
+            deadline = time.monotonic() + 60
+            while self.jobs() and time.monotonic() < deadline:
+                time.sleep(0.5)
+
+    def jobs(self) -> list[str]:
+        out = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True)
+        return out.stdout.split()
 
     def stop(self) -> None:
         for pid_file in sorted((self.root / "run").glob("*.pid")) + [self.root / "munge" / "pid"]:

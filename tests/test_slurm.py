@@ -14,7 +14,8 @@ import pytest
 
 import slurm_lab
 from conftest import TINY, assert_same, clean_env, in_process, launch, ok, params, records, refused, summary
-from launcher import cli, slurm, spawn
+from launcher import cli, jobs, slurm, spawn
+from launcher.sinks import update_summary
 
 WHY_NOT = slurm_lab.unavailable()
 
@@ -28,6 +29,13 @@ def lab():
     cluster = slurm_lab.Lab().start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_queued(request):
+    yield
+    if "lab" in request.fixturenames:
+        request.getfixturevalue("lab").clear()
 
 
 def submit(lab, tmp_path: Path, name: str, *flags) -> tuple[str, Path, Path]:
@@ -157,8 +165,8 @@ def test_requeues_stop_at_max_requeues(lab, tmp_path):
 def test_status_and_cancel_reach_a_queued_a_running_and_a_preempted_job(lab, tmp_path):
     """A running job stops through `launch cancel` as through Slurm's warning, with a checkpoint and no requeue. A
     second one, queued behind it (each takes 2 of the 3 nodes' CPUs), starts then, and is preempted: Slurm stops it
-    and requeues it (`scontrol requeue`, as a preemption does); `launch status` tells, and `launch cancel` cancels
-    it in the queue."""
+    and requeues it (`scontrol requeuehold`: as a preemption does, and held there); `launch status` tells, and
+    `launch cancel` cancels it in the queue."""
     env = clean_env(SLURM_CONF=lab.env["SLURM_CONF"])
     job, run_dir, _ = submit(lab, tmp_path, "running", "--max-steps", "400", "--log-every", "1", "--wandb", "disabled",
                              "--slow", "0.3")
@@ -185,7 +193,8 @@ def test_status_and_cancel_reach_a_queued_a_running_and_a_preempted_job(lab, tmp
     assert ended["reason"].startswith("stopped by SIGTERM at step")
 
     reached(lab, queued_dir, queued, 2)  # the second job started once the first one's nodes were free
-    subprocess.run(["scontrol", "requeue", queued], env=lab.env, check=True)
+    # requeued and held, as a preempted job waiting for its nodes would be: free nodes would start it again at once
+    subprocess.run(["scontrol", "requeuehold", queued], env=lab.env, check=True)
     deadline = time.monotonic() + 120
     while (row := rows()["queued"])["state"] != "preempted":
         assert time.monotonic() < deadline, (row, log(queued_dir, queued))
@@ -249,6 +258,27 @@ def test_sbatch_refusing_the_job_is_one_line_and_exit_2(lab, tmp_path, monkeypat
     line = refused(capsys, TINY, "--slurm", "--cpu", *flags, "--run-dir", tmp_path / "run")
     assert line.startswith("launch: error: sbatch refused the job: ") and reason in line.lower()
     assert not tmp_path.joinpath("run").exists()  # nothing left that would block the next try
+
+
+@pytest.mark.parametrize("queue,again,state", [
+    ("RUNNING 2030-01-01T00:00:00", True, "queued"),  # began after the stop was written
+    ("RUNNING 2020-01-01T00:00:00", False, "stopped"),  # the stopped start itself, its script ending
+    ("PENDING N/A", False, "preempted"),
+    ("", False, "stopped"),
+], ids=["started-again", "still-ending", "requeued", "gone"])
+def test_the_status_of_a_stopped_job_tells_a_new_start_from_the_old_one(tmp_path, monkeypatch, queue, again, state):
+    """Between Slurm starting a requeued job again and its launcher writing "running", the summary still tells the
+    earlier start's stop: Slurm's start time, later than the summary's, says which. (squeue is faked: the window
+    lasts the second or two a launcher takes to start.)"""
+    fake = tmp_path / "bin" / "squeue"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho '{queue}'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    update_summary(str(tmp_path), state="stopped", reason="stopped by SIGTERM at step 3", slurm_job="7")
+    row = jobs.status(tmp_path)
+    assert row["state"] == state and row["reason"].endswith("stopped by SIGTERM at step 3")
+    assert ("Slurm started job 7 again" in row["reason"]) == again
 
 
 def test_a_hanging_sbatch_is_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
