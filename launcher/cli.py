@@ -36,13 +36,7 @@ def parse(argv: list[str]) -> tuple[Plan, object, object, Flags]:
             flags.parser(add_help=True).print_help()
             sys.exit(0)
         raise UsageError(f"missing RECIPE (usage: {flags.USAGE}; see launch --help)")
-    try:
-        module = recipes.load(known.recipe)
-        parser = flags.parser(add_help=True)
-        recipes.add_flags(parser, module.Hparams, Path(known.recipe))
-        _recipe_defaults(parser, module, Path(known.recipe))
-    except RecipeError as e:
-        raise UsageError(str(e)) from None
+    parser, module = recipe_parser(known.recipe)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         raise UsageError(_unknown(unknown, parser))
@@ -55,6 +49,18 @@ def parse(argv: list[str]) -> tuple[Plan, object, object, Flags]:
         args.find_unused_parameters = True
     given = Flags(**{name: getattr(args, name) for name in flags.FIELDS})  # checks each flag's bounds
     return make_plan(given, hp, Path(known.recipe).resolve()), module, hp, given
+
+
+def recipe_parser(recipe: str) -> tuple[flags.Parser, object]:
+    """The parser of the launcher's flags and the recipe's hyperparameters, and the recipe's module."""
+    try:
+        module = recipes.load(recipe)
+        parser = flags.parser(add_help=True)
+        recipes.add_flags(parser, module.Hparams, Path(recipe))
+        _recipe_defaults(parser, module, Path(recipe))
+    except RecipeError as e:
+        raise UsageError(str(e)) from None
+    return parser, module
 
 
 def _recipe_defaults(parser: argparse.ArgumentParser, module, path: Path) -> None:
@@ -270,12 +276,16 @@ def default_wandb_mode() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     command = argv is None  # the `launch` command itself, rather than a caller in Python
-    argv = sys.argv[1:] if command else argv
+    argv = with_files(sys.argv[1:] if command else argv)
     if argv[:1] == ["export"]:
         from . import export
 
         export.main(argv[1:])
         return
+    if argv[:1] == ["sweep"] or argv[:1] == ["status"] and any(Path(a, "sweep.json").exists() for a in argv[1:]):
+        from . import sweep
+
+        sys.exit(sweep.main(argv[1:]) if argv[0] == "sweep" else sweep.status_main(argv[1:]))
     if argv[:1] in (["status"], ["logs"], ["cancel"]):
         from . import jobs
 
@@ -336,6 +346,16 @@ def main(argv: list[str] | None = None) -> None:
     if command and plan.nnodes == 1:  # node 0 of several hosts the store the other nodes' agents still close on
         leave(code)
     sys.exit(code)
+
+
+def with_files(argv: list[str]) -> list[str]:
+    """argv with each `@FILE` replaced by the arguments FILE holds, one per line (a sweep's Slurm array task reads
+    its trial's so); a token that names no file stays as it is."""
+    expanded = []
+    for token in argv:
+        path = Path(token[1:]) if token.startswith("@") else None
+        expanded += path.read_text().splitlines() if path and path.is_file() else [token]
+    return expanded
 
 
 def _resumes_by_directory(argv: list[str]) -> bool:

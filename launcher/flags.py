@@ -27,6 +27,7 @@ COMMANDS = """commands on runs (each with its own --help):
   launch logs RUN_DIR [-f]      what a run printed (its console.log); -f follows it to the end
   launch cancel RUN_DIR         stop a run as SIGTERM does: it saves a checkpoint, and ends
   launch resume RUN_DIR [flags] continue a run with the command it was started with (and these flags)
+  launch sweep RECIPE [flags] (--trials N | --grid) SPEC ...   search hyperparameters: one run per trial
   launch export RUN_DIR|CHECKPOINT   a checkpoint's whole weights as safetensors"""
 GROUPS = {  # the sections of --help, in order, with what each says of its flags
     "where it runs": None,
@@ -167,6 +168,8 @@ class Flags:
                        "--debug)")
     wandb_project: str | None = flag(LOGGING, None, "default: the recipe's name", metavar="P")
     wandb_entity: str | None = flag(LOGGING, None, metavar="E")
+    wandb_group: str | None = flag(LOGGING, None, "W&B group of the run, to see related runs together (a sweep "
+                                                  "names its trials' group after itself)", metavar="G")
     tensorboard: bool = flag(LOGGING, False, "also write TensorBoard event files to RUN_DIR/tensorboard, to look at "
                                              "with `tensorboard --logdir RUN_DIR` and no account (pip install "
                                              "tensorboard==2.21.0)")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 SCORES = ("precision", "recall", "f1", "support")  # per class, as per_class gives them
 ANNOTATED = 20  # up to this many classes the confusion matrix shows its counts
@@ -28,12 +29,17 @@ def draw(folder: Path, records: list[dict], best: dict | None, title: str) -> li
         figures["classes"] = class_bars(classes, title)
     written = []
     for name, fig in figures.items():
-        if fig is not None:  # whole or not at all: a process stopped while it draws leaves no half picture
-            folder.mkdir(parents=True, exist_ok=True)
-            fig.savefig(folder / f"{name}.png.tmp", format="png")
-            os.replace(folder / f"{name}.png.tmp", folder / f"{name}.png")
-            written.append(folder / f"{name}.png")
+        if fig is not None:
+            written.append(save(fig, folder / f"{name}.png"))
     return written
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """Whole or not at all: a process stopped while it draws leaves no half picture."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path.with_name(path.name + ".tmp"), format="png")
+    os.replace(path.with_name(path.name + ".tmp"), path)
+    return path
 
 
 def draw_run(run_dir: Path, best: dict | None, title: str) -> list[Path]:
@@ -182,3 +188,25 @@ def lr_range(lrs, losses, curve, suggested, path: Path) -> None:
         ax.set_ylim(min(finite) * 0.9, min(max(finite), 4 * min(finite)) * 1.1)
     ax.legend()
     fig.savefig(path)
+
+
+def sweep(points: list[tuple[float, float]], spec: dict, best: list[str], title: str) -> Figure:
+    """A sweep's trials: each one's best metric against its value of a searched flag (sweep.Spec's fields), the
+    best ringed, a range's ends drawn."""
+    metric, mode, flag = *best, spec["flag"]
+    fig = Figure(figsize=(6, 4.5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    xs, ys = zip(*points, strict=True)
+    ax.scatter(xs, ys, color="C0", zorder=2)
+    top = (min if mode == "min" else max)(points, key=lambda p: p[1])
+    ax.scatter(*top, s=160, facecolors="none", edgecolors="C3", linewidths=2, zorder=3,
+               label=f"best: {flag} {top[0]:g}, {metric} {top[1]:.4g}")
+    for end in (spec["low"], spec["high"]):
+        if end is not None:
+            ax.axvline(end, color="0.5", linestyle="--", linewidth=1)
+    ax.set(xscale="log" if spec["log"] else "linear", xlabel=f"{flag} (dashed: the range searched)"
+           if spec["low"] is not None else flag, ylabel=f"best {metric} ({mode})", title=f"sweep {title}")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # a log axis labels its minor ticks too, one over another
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig

@@ -67,6 +67,7 @@ class Plan:
     wandb: str = "offline"  # online | offline | disabled
     wandb_project: str | None = None
     wandb_entity: str | None = None
+    wandb_group: str | None = None
     wandb_id: str | None = None  # the W&B run: kept across resumes
     tensorboard: bool = False
     pictures: bool = True

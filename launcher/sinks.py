@@ -50,7 +50,13 @@ def start_summary(plan: Plan) -> None:
     earlier = read_summary(plan.run_dir) if plan.resume else {}
     write_json(Path(plan.run_dir) / "summary.json", {
         **earlier, "state": "running", "reason": None, "eta_s": None, "started": time.time(), "wall_s": 0.0,
-        "pid": os.getpid(), "host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID")})
+        "pid": os.getpid(), "host": socket.gethostname(), "slurm_job": slurm_job()})
+
+
+def slurm_job() -> str | None:
+    """The Slurm job this process runs in, as squeue and scancel name it: an array's task as JOB_TASK."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
 def update_summary(run_dir: str, **fields) -> None:
@@ -128,6 +134,7 @@ def start_wandb(plan: Plan, config: dict):
         run = wandb.init(
             project=plan.wandb_project,
             entity=plan.wandb_entity,
+            group=plan.wandb_group,
             name=plan.name,
             dir=plan.run_dir,
             config=config,

@@ -110,8 +110,10 @@ def _quote(value: object, what: str) -> str:
     return shlex.quote(text)
 
 
-def render(plan: Plan, args: Flags, command: list[str], python: str, cwd: Path) -> str:
-    """The batch script: `args.slurm_template` (default slurm/launch.sbatch) with its {{placeholders}} filled."""
+def render(plan: Plan, args: Flags, command: list[str], python: str, cwd: Path, array: str | None = None,
+           task: dict | None = None) -> str:
+    """The batch script: `args.slurm_template` (default slurm/launch.sbatch) with its {{placeholders}} filled. A
+    job `array` (sbatch's --array) has `task` replace the values that each of its tasks works out for itself."""
     template = Path(args.slurm_template or TEMPLATE)
     try:
         text = template.read_text()
@@ -121,6 +123,8 @@ def render(plan: Plan, args: Flags, command: list[str], python: str, cwd: Path) 
     run_dir = Path(plan.run_dir)
     lines = [f"#SBATCH --{option}={_quote(getattr(args, flag), '--' + option)}"
              for flag, option in OPTIONS.items() if getattr(args, flag) is not None]
+    if array:
+        lines.append(f"#SBATCH --array={array}")
     if plan.device == "cuda":
         lines.append(f"#SBATCH --gpus-per-node={plan.nproc}")
     if args.cpus_per_task is None:  # a core for each process, and one for each of its DataLoader workers
@@ -142,6 +146,7 @@ def render(plan: Plan, args: Flags, command: list[str], python: str, cwd: Path) 
         "exit_codes": _quote(run_dir / "logs" / "exit-codes", "--run-dir"),
         "max_requeues": str(args.max_requeues),
         "args": " ".join(_quote(part, "an argument") for part in [*command, "--run-dir", run_dir, "--name", plan.name]),
+        **(task or {}),
     }
     unknown = sorted(set(re.findall(r"\{\{(\w+)\}\}", text)) - set(values))
     if unknown:
