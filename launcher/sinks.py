@@ -276,8 +276,7 @@ class Sinks:
                                 eta_s=None if eta is None else round(eta, 1))
             if line:
                 self.summarise()
-        if self.wandb:
-            self.wandb.log(values, step=step)
+        self.to_wandb(lambda run: run.log(values, step=step), step)
         if self.board:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
@@ -300,8 +299,7 @@ class Sinks:
             self.summarise(warnings=self.summary["warnings"] + list(values["warnings"]))
         if name == "verdict":
             self.summarise(verdict=values["findings"])
-        if self.wandb:
-            self.wandb.summary.update({f"{name}/{k}": v for k, v in values.items()})
+        self.to_wandb(lambda run: run.summary.update({f"{name}/{k}": v for k, v in values.items()}), step)
         if line:
             self.print(line)
 
@@ -313,7 +311,8 @@ class Sinks:
         if self.wandb:
             import wandb
 
-            self.wandb.log({name: wandb.Table(columns=["step", "text"], data=self.texts[name])}, step=step)
+            self.to_wandb(lambda run: run.log({name: wandb.Table(columns=["step", "text"], data=self.texts[name])},
+                                              step=step), step)
         if self.board:
             self.board.add_text(name, text, step)
         self.print(f"{name} step {step}: {text}")
@@ -329,7 +328,8 @@ class Sinks:
             import wandb
 
             rows = [[name, *(scores[k][i] for k in pictures.SCORES)] for i, name in enumerate(names)]
-            self.wandb.log({"test/classes": wandb.Table(columns=["class", *pictures.SCORES], data=rows)}, step=step)
+            self.to_wandb(lambda run: run.log({"test/classes": wandb.Table(columns=["class", *pictures.SCORES],
+                                                                           data=rows)}, step=step), step)
 
     def draw(self, step: int) -> None:
         """The run's pictures, from every record it wrote (an earlier start's too), into RUN_DIR/pictures and W&B.
@@ -345,7 +345,8 @@ class Sinks:
         if self.wandb and written:
             import wandb
 
-            self.wandb.log({f"pictures/{path.stem}": wandb.Image(str(path)) for path in written}, step=step)
+            self.to_wandb(lambda run: run.log({f"pictures/{path.stem}": wandb.Image(str(path)) for path in written},
+                                              step=step), step)
         if self.board:
             from PIL import Image
 
@@ -355,6 +356,27 @@ class Sinks:
                                          dataformats="HWC")
         if written:
             self.print(f"pictures: {', '.join(path.name for path in written)} → {run_dir / 'pictures'}")
+
+    def to_wandb(self, call, step: int) -> bool:
+        """call(the W&B run), if there is one; whether it went through. W&B never ends a run: its service process
+        can die under it (a signal to every process of a job, as Slurm's preemption sends, ends it too), and
+        then the run goes on without W&B, as metrics.jsonl keeps every record."""
+        if not self.wandb:
+            return False
+        try:
+            call(self.wandb)
+            return True
+        except Exception as e:
+            self.wandb = None
+            try:  # what is left of it, and its exit hook, which would print the same failure again at exit
+                import wandb
+
+                wandb.teardown(exit_code=1)
+            except Exception:
+                pass
+            warn(f"W&B stopped at step {step} ({type(e).__name__}: {first_line(e)}): training goes on without it; "
+                 f"metrics.jsonl keeps every record")
+            return False
 
     def close(self, step: int, ok: bool, last: str | None = None) -> None:
         """The end: the pictures drawn, the `last` line (done: ...) printed, the state written (a failure's and a
@@ -369,7 +391,6 @@ class Sinks:
             self.board.close()
         # a failure's reason, or a stop's, is the launcher's to write: it knows what happened on every rank
         self.summarise(step=step, **({"state": "completed", "reason": None} if ok else {}))
-        if self.wandb:
-            self.wandb.finish(exit_code=0 if ok else 1)
+        if self.to_wandb(lambda run: run.finish(exit_code=0 if ok else 1), step):
             if self.plan.wandb == "offline":  # at the end, where a requeued job's log is read
                 self.print(f"W&B: {upload(self.plan)}")

@@ -1,14 +1,18 @@
 """W&B with its real client: offline runs read back with `wandb leet inspect --json`."""
 
 import json
+import os
+import re
 import shlex
+import signal
 import subprocess
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY, WANDB, clean_env, history, launch, ok, records, refused
+from conftest import LAUNCH, TINY, WANDB, clean_env, history, launch, ok, records, refused
 from launcher import cli
 
 
@@ -117,3 +121,40 @@ def test_every_start_of_a_resumed_offline_run_is_uploaded_by_the_one_command_pri
     # the two starts hold the whole run between them
     steps = sorted(step for start in starts for step, item in history(start).items() if "train/loss" in item)
     assert steps == [r["step"] for r in records(run_dir) if "train/loss" in r] and steps[-1] == 16
+
+
+def tree(pid: int) -> list[int]:
+    """pid and every process under it."""
+    children = defaultdict(list)
+    for entry in Path("/proc").iterdir():
+        try:
+            children[int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])].append(int(entry.name))
+        except (ValueError, OSError):
+            pass
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children[found[-1]]
+    return found
+
+
+def test_a_signal_to_every_process_of_the_job_still_saves_a_checkpoint(tmp_path):
+    """Slurm's preemption and scancel signal every process of the job, W&B's service process too: the run goes on
+    without W&B to the checkpoint of its stop, and says so once."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([str(LAUNCH), TINY, "--cpu", "--procs", "2", "--wandb", "offline", "--run-dir", run_dir,
+                             "--max-steps", "200", "--log-every", "1", "--slow", "0.1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and sum("train/loss" in r for r in records(run_dir)) >= 2):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    processes = tree(proc.pid)
+    assert any(b"wandb-core" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in processes)
+    for pid in processes:
+        os.kill(pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (out, err)
+    assert re.search(r"launch: stopped by SIGTERM at step \d+: saved checkpoint ", err), err
+    assert err.count("launch: warning: W&B stopped at step ") == 1 and "Traceback" not in out + err, err
+    assert json.loads((run_dir / "summary.json").read_text())["state"] == "stopped"
