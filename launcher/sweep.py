@@ -220,14 +220,14 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         sweep, args = plan(argv)
+        slots = None if "--slurm" in sweep.fixed else _slots(sweep, args.max_parallel)
         print(trials_table(sweep))
         if args.dry_run:
             return 0
         rundir.make(sweep.folder)
         write_json(sweep.folder / "sweep.json", sweep.record())
-        if "--slurm" in sweep.fixed:
+        if slots is None:
             return submit(sweep, args)
-        slots = _slots(sweep, args.max_parallel)
     except UsageError as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import slurm_lab
-from conftest import TINY, assert_same, clean_env, in_process, launch, ok, params, records, refused, summary
+from conftest import TINY, WANDB, assert_same, clean_env, in_process, launch, ok, params, records, refused, summary
 from launcher import cli, jobs, slurm, spawn
 from launcher.sinks import update_summary
 
@@ -214,6 +214,38 @@ def reached(lab, run_dir: Path, job: str, step: int) -> None:
     while not ((run_dir / "metrics.jsonl").exists() and max((r["step"] for r in records(run_dir)), default=0) >= step):
         assert time.monotonic() < deadline, log(run_dir, job) if (run_dir / f"slurm-{job}.out").exists() else "no log"
         time.sleep(0.5)
+
+
+def test_a_sweep_is_one_job_array_whose_tasks_requeue_alone(lab, tmp_path):
+    """Three trials, two at a time, as ONE job array; Slurm stops and requeues task 0 mid-run (a preemption), which
+    resumes from its checkpoint while the others run on; three W&B runs in one group; `launch status` ranks them."""
+    folder, env = tmp_path / "sweep", clean_env(SLURM_CONF=lab.env["SLURM_CONF"])
+    out = ok(launch("sweep", TINY, "--slurm", "--cpu", "--procs", "2", "--wandb", "offline", "--max-steps", "40",
+                    "--log-every", "1", "--slow", "0.1", "--grid", "--lr", "0.01,0.03,0.1", "--max-parallel", "2",
+                    "--run-dir", folder, env=env, cwd=tmp_path)).stdout
+    job = re.search(r"launch: submitted job array (\d+) \(3 tasks, 2 at once\): task I runs trial I", out).group(1)
+    assert "#SBATCH --array=0,1,2%2" in (folder / "slurm.sbatch").read_text()
+    first = folder / "trial-0"
+    reached(lab, first, f"{job}_0", 3)
+    subprocess.run(["scontrol", "requeue", f"{job}_0"], env=lab.env, check=True)
+    lab.wait(job)
+    text = log(first, f"{job}_0")
+    assert re.search(r"launch: stopped by SIGTERM at step \d+: saved checkpoint ", text), text
+    assert ", start 2," in text and f"resumed from {first / 'checkpoints'}" in text
+    for index in (1, 2):
+        assert ", start 2," not in log(folder / f"trial-{index}", f"{job}_{index}")
+    rows = [json.loads(line) for line in ok(launch("status", folder, "--json", env=env)).stdout.splitlines()]
+    assert [(r["state"], r["step"], r["slurm_job"]) for r in sorted(rows, key=lambda r: r["trial"])] == [
+        ("completed", 40, f"{job}_{i}") for i in range(3)]
+    assert [r["best"]["value"] for r in rows] == sorted(r["best"]["value"] for r in rows)
+    for index, lr in enumerate((0.01, 0.03, 0.1)):
+        starts = sorted((folder / f"trial-{index}" / "wandb").glob("offline-run-*"))
+        assert len(starts) == (2 if index == 0 else 1)
+        run = json.loads(next(line for line in subprocess.run(
+            [str(WANDB), "leet", "inspect", "--json", str(starts[-1])], capture_output=True, text=True, check=True,
+            timeout=60).stdout.splitlines() if '"type":"run"' in line))["run"]
+        assert (run["run_group"], run["display_name"]) == ("sweep", f"sweep-{index}")
+        assert json.loads((folder / f"trial-{index}" / "config.json").read_text())["plan"]["hparams"]["lr"] == lr
 
 
 def test_gpus_requested_but_not_visible_fail_the_job_with_a_message(lab, tmp_path):
