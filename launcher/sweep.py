@@ -129,20 +129,30 @@ class Sweep:
                                       "best": self.best}))
 
 
+def options() -> flags.Parser:
+    """The sweep's own options; every other flag is a trial's."""
+    own = flags.Parser(prog="launch sweep", usage=USAGE, add_help=False, allow_abbrev=False,
+                       description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = own.add_argument_group("sweep options")
+    group.add_argument("--trials", type=int, metavar="N", help="random search: N trials, each value drawn at random")
+    group.add_argument("--grid", action="store_true", help="every combination of the lists instead")
+    group.add_argument("--sweep-seed", type=int, default=0, metavar="S", help="the seed of the draws (default 0)")
+    group.add_argument("--max-parallel", type=int, metavar="M",
+                       help="trials at once (default: here, as many as the GPUs hold, else 1; with --slurm, all)")
+    group.add_argument("--run-dir", metavar="SWEEP_DIR", help="the sweep's folder, a run directory per trial inside "
+                                                              "(default: runs/RECIPE-sweep-HASH of the command)")
+    group.add_argument("--name", help="the sweep's name: its W&B group, and its trials' names NAME-I (default: "
+                                      "the folder's name)")
+    group.add_argument("--dry-run", action="store_true", help="print the trials and start nothing")
+    return own
+
+
 def plan(argv: list[str]) -> tuple[Sweep, argparse.Namespace]:
     """The sweep `launch sweep ARGV` asks for, every trial's command checked as `launch` checks one, or UsageError."""
     if not argv or argv[0].startswith("-"):
         raise UsageError(f"usage: {USAGE}")
     recipe, rest = argv[0], argv[1:]
-    own = flags.Parser(prog="launch sweep", add_help=False, allow_abbrev=False)
-    own.add_argument("--trials", type=int)
-    own.add_argument("--grid", action="store_true")
-    own.add_argument("--sweep-seed", type=int, default=0)
-    own.add_argument("--max-parallel", type=int)
-    own.add_argument("--dry-run", action="store_true")
-    own.add_argument("--run-dir")
-    own.add_argument("--name")
-    args, rest = own.parse_known_args(rest)
+    args, rest = options().parse_known_args(rest)
     if args.grid == (args.trials is not None):
         raise UsageError("give --trials N (random search) or --grid (every combination of the lists), one of them")
     if args.trials is not None and args.trials < 1 or args.max_parallel is not None and args.max_parallel < 1:
@@ -214,9 +224,7 @@ def plan(argv: list[str]) -> tuple[Sweep, argparse.Namespace]:
 
 def main(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
-        print(f"usage: {USAGE}\n\n{__doc__.split(chr(10) * 2)[1]}\n\nsweep options: --trials N, --grid, "
-              "--sweep-seed S (default 0), --max-parallel M, --run-dir SWEEP_DIR (default runs/RECIPE-sweep-HASH), "
-              "--name NAME (the W&B group), --dry-run (print the trials and stop)")
+        print(options().format_help(), end="")
         return 0
     try:
         sweep, args = plan(argv)
@@ -246,9 +254,17 @@ def columns(cells: list[list[str]]) -> str:
 
 
 def _pending(sweep: Sweep) -> list[int]:
-    """The trials still to run: any but a completed one (a stopped or failed one resumes from its checkpoint)."""
-    return [i for i in range(len(sweep.trials))
-            if not (jobs.is_run(sweep.trial_dir(i)) and jobs.status(sweep.trial_dir(i))["state"] == "completed")]
+    """The trials still to run: a stopped or failed one resumes from its checkpoint; a completed one is kept, and
+    one that is queued or running (an earlier submission's job, say) left to finish."""
+    pending = []
+    for index in range(len(sweep.trials)):
+        row = jobs.status(sweep.trial_dir(index)) if jobs.is_run(sweep.trial_dir(index)) else {"state": "new"}
+        if row["state"] in jobs.ACTIVE:
+            job = f" (job {row['slurm_job']})" if row.get("slurm_job") else ""
+            print(f"launch: trial {index} is {row['state']}{job}: left to it")
+        elif row["state"] != "completed":
+            pending.append(index)
+    return pending
 
 
 def _slots(sweep: Sweep, parallel: int | None) -> list[dict]:
