@@ -192,3 +192,25 @@ def test_a_dry_run_prints_the_trials_and_starts_nothing(capsys, tmp_path):
     assert [line.split()[0] for line in out[2:]] == ["0", "1", "2"]
     assert all(1e-3 <= float(line.split()[1]) <= 1e-1 and not math.isnan(float(line.split()[1])) for line in out[2:])
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("gpus,parallel,visible", [
+    (1, None, [str(i) for i in range(8)]),
+    (2, None, ["0,1", "2,3", "4,5", "6,7"]),
+    (2, 3, ["0,1", "2,3", "4,5"]),
+    (2, 5, "--max-parallel 5: 8 GPUs give 4 trials of 2 at once"),
+], ids=["one-gpu-each", "two-gpus-each", "three-at-once", "more-than-fit"])
+def test_gpu_trials_run_side_by_side_each_on_its_own_gpus(monkeypatch, tmp_path, gpus, parallel, visible):
+    """The machine's 8 GPUs are shared out among the trials that run at once. torch.cuda's count is faked: this
+    machine has no GPU (the GPU proof issue's script runs the real thing)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    planned = sweep.plan([str(TINY), "--gpus", str(gpus), "--precision", "fp32", "--grid", "--lr", "0.1,0.2",
+                          "--run-dir", str(tmp_path)])[0]
+    if isinstance(visible, str):
+        with pytest.raises(sweep.UsageError, match=visible):
+            sweep._slots(planned, parallel)
+    else:
+        assert [slot["CUDA_VISIBLE_DEVICES"] for slot in sweep._slots(planned, parallel)] == visible
