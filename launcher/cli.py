@@ -39,7 +39,7 @@ def parse(argv: list[str]) -> tuple[Plan, object, object, Flags]:
     parser, module = recipe_parser(known.recipe)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        raise UsageError(_unknown(unknown, parser))
+        raise UsageError(unknown_flag(unknown, parser))
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(module.Hparams)}
     try:
         hp = recipes.hparams(module.Hparams, values)
@@ -76,7 +76,7 @@ def _recipe_defaults(parser: argparse.ArgumentParser, module, path: Path) -> Non
     parser.set_defaults(**defaults)
 
 
-def _unknown(unknown: list[str], parser: argparse.ArgumentParser) -> str:
+def unknown_flag(unknown: list[str], parser: argparse.ArgumentParser) -> str:
     flag = next((u for u in unknown if u.startswith("-")), None)
     if flag is None:
         return f"unexpected argument {unknown[0]!r} (usage: {flags.USAGE})"

@@ -27,7 +27,7 @@ COMMANDS = """commands on runs (each with its own --help):
   launch logs RUN_DIR [-f]      what a run printed (its console.log); -f follows it to the end
   launch cancel RUN_DIR         stop a run as SIGTERM does: it saves a checkpoint, and ends
   launch resume RUN_DIR [flags] continue a run with the command it was started with (and these flags)
-  launch sweep RECIPE [flags] (--trials N | --grid) SPEC ...   search hyperparameters: one run per trial
+  launch sweep RECIPE [flags] SPEC ...   search hyperparameters (--lr log:1e-4:1e-1): a run per trial
   launch export RUN_DIR|CHECKPOINT   a checkpoint's whole weights as safetensors"""
 GROUPS = {  # the sections of --help, in order, with what each says of its flags
     "where it runs": None,

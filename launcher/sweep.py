@@ -164,7 +164,7 @@ def plan(argv: list[str]) -> tuple[Sweep, argparse.Namespace]:
         flag, eq, value = token.partition("=")
         action = actions.get(flag)
         if action is None:
-            raise UsageError(cli._unknown([token], parser))
+            raise UsageError(cli.unknown_flag([token], parser))
         if flag in OWN:
             raise UsageError(f"{flag}: a sweep sets it for each trial")
         if action.nargs == 0:  # a switch
@@ -253,18 +253,20 @@ def columns(cells: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
 
 
-def _pending(sweep: Sweep) -> list[int]:
-    """The trials still to run: a stopped or failed one resumes from its checkpoint; a completed one is kept, and
-    one that is queued or running (an earlier submission's job, say) left to finish."""
-    pending = []
+def _pending(sweep: Sweep) -> tuple[list[int], int]:
+    """The trials still to run (a stopped or failed one resumes from its checkpoint), and how many completed
+    before. One that is queued or running (an earlier submission's job, say) is left to finish."""
+    pending, completed = [], 0
     for index in range(len(sweep.trials)):
         row = jobs.status(sweep.trial_dir(index)) if jobs.is_run(sweep.trial_dir(index)) else {"state": "new"}
         if row["state"] in jobs.ACTIVE:
             job = f" (job {row['slurm_job']})" if row.get("slurm_job") else ""
             print(f"launch: trial {index} is {row['state']}{job}: left to it")
-        elif row["state"] != "completed":
+        elif row["state"] == "completed":
+            completed += 1
+        else:
             pending.append(index)
-    return pending
+    return pending, completed
 
 
 def _slots(sweep: Sweep, parallel: int | None) -> list[dict]:
@@ -292,10 +294,9 @@ def _slots(sweep: Sweep, parallel: int | None) -> list[dict]:
 def run_here(sweep: Sweep, slots: list[dict]) -> int:
     """Run the pending trials on this machine, as many at once as there are slots; a stop signal stops every
     running trial as it stops a run (each saves a checkpoint), and rerunning the command continues."""
-    pending = _pending(sweep)
-    done = len(sweep.trials) - len(pending)
-    if done:
-        print(f"launch: {done} of {count(len(sweep.trials), 'trial')} completed before"
+    pending, completed = _pending(sweep)
+    if completed:
+        print(f"launch: {completed} of {count(len(sweep.trials), 'trial')} completed before"
               + (f"; running the other {len(pending)}" if pending else ""), flush=True)
     logs = sweep.folder / "logs"
     logs.mkdir(exist_ok=True)
@@ -379,9 +380,9 @@ def submit(sweep: Sweep, args: argparse.Namespace) -> int:
     Each task's command is in SWEEP_DIR/trials/I.args; each task requeues itself as a single job does."""
     from . import record, slurm
 
-    pending = _pending(sweep)
+    pending, completed = _pending(sweep)
     if not pending:
-        print(f"launch: every trial of {sweep.folder} has completed")
+        print(f"launch: no trial of {sweep.folder} is left to submit ({completed} completed)")
         return 0
     (sweep.folder / "trials").mkdir(exist_ok=True)
     plans = {}

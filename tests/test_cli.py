@@ -74,8 +74,8 @@ def test_launcher_help_without_a_recipe(capsys):
     out = ok(launch("--help")).stdout
     assert "launch RECIPE" in out and "--cpu" in out
     commands = out.split("commands on runs (each with its own --help):\n", 1)[1].splitlines()
-    assert [line.split()[1] for line in commands] == ["status", "logs", "cancel", "resume", "export"]
-    for command in ("status", "logs", "cancel"):
+    assert [line.split()[1] for line in commands] == ["status", "logs", "cancel", "resume", "sweep", "export"]
+    for command in ("status", "logs", "cancel", "sweep"):
         code, text, _ = in_process(capsys, command, "--help")
         assert code == 0 and text.startswith(f"usage: launch {command}"), text
     cli.main(["resume", "--help"])
@@ -277,3 +277,10 @@ def test_secrets_stay_out_of_the_run_record(tmp_path):
     record = run_record.record(plan)
     assert record["plan"]["hparams"]["hub_token"] == "<redacted>"
     assert "SENTINEL" not in str(record)
+
+
+def test_an_at_file_holds_arguments_one_per_line(tmp_path):
+    args = tmp_path / "trial.args"
+    args.write_text("recipes/digits.py\n--lr\n0.001\n--name\nwith space\n")
+    assert cli.with_files([f"@{args}", "--cpu", "@nowhere"]) == [
+        "recipes/digits.py", "--lr", "0.001", "--name", "with space", "--cpu", "@nowhere"]
