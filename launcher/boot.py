@@ -13,7 +13,7 @@ import gc
 
 def launch() -> None:
     gc.disable()
-    from .cli import main
+    from .commands import main
 
     main()
 

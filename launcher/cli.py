@@ -277,19 +277,6 @@ def default_wandb_mode() -> str:
 def main(argv: list[str] | None = None) -> None:
     command = argv is None  # the `launch` command itself, rather than a caller in Python
     argv = with_files(sys.argv[1:] if command else argv)
-    if argv[:1] == ["export"]:
-        from . import export
-
-        export.main(argv[1:])
-        return
-    if argv[:1] == ["sweep"] or argv[:1] == ["status"] and any(Path(a, "sweep.json").exists() for a in argv[1:]):
-        from . import sweep
-
-        sys.exit(sweep.main(argv[1:]) if argv[0] == "sweep" else sweep.status_main(argv[1:]))
-    if argv[:1] in (["status"], ["logs"], ["cancel"]):
-        from . import jobs
-
-        sys.exit(jobs.main(argv[0], argv[1:]))
     try:
         if argv[:1] == ["resume"] or _resumes_by_directory(argv):
             from . import jobs

@@ -60,10 +60,10 @@ def in_process(capsys, *argv) -> tuple[int, str, str]:
     dry run or submission): (exit code, stdout, stderr)."""
     import pytest
 
-    from launcher import cli
+    from launcher import commands
 
     with pytest.raises(SystemExit) as exited:
-        cli.main([str(a) for a in argv])
+        commands.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return exited.value.code, out, err
 
