@@ -27,9 +27,20 @@ from .plan import Plan
 from .sinks import keep_console, start_summary, update_summary, write_json
 from .text import count
 
+# the launcher flags a training script takes: where it runs, what Accelerate reads from the environment, restarts,
+# Slurm and its run directory; the others are the launcher's training loop's, which a script does not run
+SCRIPT_FLAGS = {"gpus", "cpu", "procs", "nodes", "node_rank", "master_addr", "master_port", "rendezvous_timeout",
+                "precision", "grad_accum", "compile", "max_restarts", "resume", "run_dir", "name",
+                *(name for name, f in flags.FIELDS.items() if f.metadata.get("group") == flags.SLURM)}
+
 
 def parse(argv: list[str]) -> tuple[Plan, object, object, Flags]:
-    """(plan, recipe module, Hparams, flags) from argv, or UsageError."""
+    """(plan, recipe module, Hparams, flags) from argv, or UsageError. A training script gives no module nor
+    Hparams: `launch [launcher flags] SCRIPT [its arguments]`."""
+    at = script_at(argv)
+    if at is not None:
+        plan, given = parse_script(argv[:at], argv[at], argv[at + 1:])
+        return plan, None, None, given
     known, _ = flags.parser(add_help=False).parse_known_args(argv)
     if known.recipe is None:
         if "-h" in argv or "--help" in argv:
@@ -49,6 +60,51 @@ def parse(argv: list[str]) -> tuple[Plan, object, object, Flags]:
         args.find_unused_parameters = True
     given = Flags(**{name: getattr(args, name) for name in flags.FIELDS})  # checks each flag's bounds
     return make_plan(given, hp, Path(known.recipe).resolve()), module, hp, given
+
+
+def script_at(argv: list[str]) -> int | None:
+    """Where a training script stands in argv, if the file there is one rather than a recipe: the first word that
+    is neither a launcher flag nor a flag's value. Every word after it is the script's own."""
+    value = False
+    for at, token in enumerate(argv):
+        if value:
+            value = False
+        elif token.startswith("-"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            value = token.startswith("--") and "=" not in token and name in flags.FIELDS and flags.takes_value(name)
+        else:
+            return at if token.endswith(".py") and Path(token).is_file() and not recipes.is_recipe(token) else None
+    return None
+
+
+def parse_script(given: list[str], script: str, script_args: list[str]) -> tuple[Plan, Flags]:
+    """The plan of a training script's run: the launcher starts its processes, with torchrun's environment and
+    Accelerate's, and the script does the rest."""
+    args = flags.parser(add_help=False).parse_args(given)
+    args.recipe = script
+    for flag in flags.FIELDS:
+        if flag in SCRIPT_FLAGS or flag == "recipe" or getattr(args, flag) == flags.FIELDS[flag].default:
+            continue
+        if flags.FIELDS[flag].metadata["group"] == flags.ENGINE:
+            raise UsageError(f"{flags.option(flag)} {getattr(args, flag)} with a script: its engine is its own (DDP, FSDP or DeepSpeed in "
+                             "its code, or Accelerate's config); the launcher starts its processes")
+        raise UsageError(f"{flags.option(flag)} is for a recipe, which the launcher trains; {Path(script).name} is a "
+                         "script, which trains itself")
+    if args.resume not in (None, "auto"):
+        raise UsageError(f"--resume {args.resume}: a script resumes from its own checkpoints; --resume auto reuses "
+                         "its run directory")
+    given_flags = Flags(**{name: getattr(args, name) for name in flags.FIELDS})  # checks each flag's bounds
+    _check_environment(given_flags)
+    _check_slurm(given_flags)
+    device, nproc = _where(given_flags)
+    run_dir, name, _, _ = rundir.choose(given_flags, Path(script).stem)
+    same = {flag: getattr(given_flags, flag) for flag in SCRIPT_FLAGS if flag in Plan.__dataclass_fields__}
+    plan = Plan(**{**same, "recipe": str(Path(script).resolve()), "hparams": {}, "run_dir": str(run_dir),
+                   "name": name, "device": device, "nproc": nproc, "nnodes": given_flags.nodes,
+                   "master_addr": given_flags.master_addr or "127.0.0.1", "resume": None, "wandb": "disabled",
+                   "master_port": given_flags.master_port or (29500 if given_flags.nodes > 1 else 0),
+                   "script_args": list(script_args)})
+    return plan, given_flags
 
 
 def recipe_parser(recipe: str) -> tuple[flags.Parser, object]:

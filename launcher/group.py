@@ -26,15 +26,21 @@ def accelerator(plan: Plan):
     return acc
 
 
+def attempt_store(world_size: int, timeout: timedelta):
+    """A client of the launcher's store whose keys are this restart attempt's own, which env:// does not give: a
+    restarted worker reading the attempt before's would look for the address of a dead process and hang."""
+    env = os.environ
+    store = torch.distributed.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False,
+                                       timeout=timeout)
+    return torch.distributed.PrefixStore(f"launcher/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def join(plan: Plan) -> None:
     """Join the process group (Accelerate then finds it ready), with two things env:// does not give:
-    keys of their own in the launcher's store for every restart attempt (else a restarted worker can read
-    the address of a dead one and hang), and the plan's timeout for a collective waiting on a silent rank."""
+    keys of its own for every restart attempt, and the plan's timeout for a collective waiting on a silent rank."""
     env = os.environ
     if "MASTER_ADDR" in env:
-        store = torch.distributed.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), plan.world_size,
-                                           is_master=False, timeout=timedelta(seconds=plan.timeout))
-        store = torch.distributed.PrefixStore(f"launcher/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        store = attempt_store(plan.world_size, timedelta(seconds=plan.timeout))
     else:  # one process, inside launch itself
         store = torch.distributed.HashStore()
     if plan.device == "cuda":

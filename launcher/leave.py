@@ -10,8 +10,11 @@ have closed; cli.main called from Python (a test, a notebook) exits as usual.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import sys
+
+PR_SET_PDEATHSIG = 1  # Linux prctl(): a signal for this process when its parent dies
 
 
 def leave(code: int) -> None:
@@ -19,3 +22,12 @@ def leave(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def die_with(parent: int, signum: int) -> None:
+    """The kernel sends this process `signum` the moment its `parent` dies, however it died (kill -9, the OOM
+    killer); if the parent is gone already, this process leaves now."""
+    if sys.platform == "linux" and parent:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signum)
+        if os.getppid() != parent:  # it died before the line above
+            os._exit(1)

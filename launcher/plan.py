@@ -23,8 +23,8 @@ class Plan:
     """A field named like a launcher flag holds that flag's value (flags.py says what it means); the comments
     here are on the fields that cli.make_plan resolves from several flags, the recipe and the machine."""
 
-    recipe: str  # absolute path of the recipe file
-    hparams: dict  # the recipe's Hparams, resolved, as plain values
+    recipe: str  # absolute path of the recipe file, or of a training script
+    hparams: dict  # the recipe's Hparams, resolved, as plain values ({} for a script)
     run_dir: str
     name: str
     device: str = "cpu"  # "cuda" or "cpu"
@@ -71,6 +71,7 @@ class Plan:
     wandb_id: str | None = None  # the W&B run: kept across resumes
     tensorboard: bool = False
     pictures: bool = True
+    script_args: list[str] | None = None  # a training script's own arguments; None for a recipe
 
     @property
     def world_size(self) -> int:

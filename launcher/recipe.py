@@ -89,6 +89,29 @@ class Splits:
     collate_fn: Callable | dict[str, Callable] | None = None
 
 
+def is_recipe(path: str | Path) -> bool:
+    """Whether a Python file is a recipe rather than a training script, from its syntax alone: running it to find
+    out would run a script's training (torchrun's scripts train at import). A recipe defines Hparams, or two of
+    its functions (data, model, loss, step) at the top level; a file that does not parse is taken for a recipe,
+    so that its error is reported as one."""
+    try:
+        tree = ast.parse(Path(path).read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError):
+        return True
+    named = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            named.add(node.name)
+        elif isinstance(node, ast.ClassDef) and node.name == "Hparams":
+            return True
+        elif isinstance(node, (ast.Import, ast.ImportFrom)) and any(
+                (alias.asname or alias.name) == "Hparams" for alias in node.names):
+            return True
+        elif isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "Hparams" for t in node.targets):
+            return True
+    return len(named & {"data", "model", "loss", "step"}) >= 2
+
+
 def load(path: str | Path) -> ModuleType:
     """Import a recipe file and check that it has what the launcher needs."""
     path = Path(path).resolve()

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
 
 from . import flags
-from .plan import Plan
+from .plan import SECRET, Plan
 from .text import count
 
 REDACTED = "<redacted>"
@@ -23,13 +24,23 @@ def record(plan: Plan, argv: list[str] | None = None) -> dict:
     (`launch resume`), the code's commit, the versions."""
     return {"plan": {**dataclasses.asdict(plan), "hparams": plan.public_hparams()},
             **({"command": command(plan, argv)} if argv is not None else {}),
+            **({"environment": environment()} if plan.script_args is not None else {}),
             "git": _git(Path(plan.recipe).parent),
             "versions": _versions()}
 
 
+def environment() -> dict[str, str]:
+    """The environment a script was started in (it may read anything there), values of secret-looking names
+    masked."""
+    return {k: REDACTED if SECRET.search(k) else v for k, v in sorted(os.environ.items())}
+
+
 def command(plan: Plan, argv: list[str]) -> list[str]:
     """The launch command as given, less what names the run or its checkpoint, the recipe by its absolute path
-    (a resume may start elsewhere) and secret values masked."""
+    (a resume may start elsewhere) and secret values masked; a script's own arguments as they were."""
+    if plan.script_args is not None:
+        at = len(argv) - len(plan.script_args) - 1
+        return [*flags.without(argv[:at], RUN_OPTIONS), plan.recipe, *plan.script_args]
     secret = {flags.option(k) for k in plan.secret_hparams() if not isinstance(plan.hparams[k], bool)}
     kept = [plan.recipe if Path(token).resolve() == Path(plan.recipe) else token
             for token in flags.without(argv, RUN_OPTIONS)]
@@ -66,5 +77,7 @@ def banner(plan: Plan) -> str:
         where += f" · FSDP2 {plan.sharding}{' with CPU offload' if plan.offload != 'none' else ''}"
     if plan.engine == "deepspeed":
         where += f" · DeepSpeed ZeRO-{plan.zero}{f' offload {plan.offload}' if plan.offload != 'none' else ''}"
+    if plan.script_args is not None:  # its W&B, if any, is its own
+        return f"launch: {Path(plan.recipe).name} (a script) · {where} · {plan.precision} · run dir {plan.run_dir}"
     return (f"launch: {Path(plan.recipe).name}{' (debug)' if plan.debug else ''} · {where} · {plan.precision}"
             f" · W&B {plan.wandb} · run dir {plan.run_dir}{resume}")

@@ -22,6 +22,7 @@ from .stop import SIGNALS
 from .text import count, first_line
 
 RENDEZVOUS = "launcher-static"
+PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # --precision as Accelerate's mixed precision
 SHUTDOWN_TIMEOUT = 120  # seconds the workers get to save a checkpoint after SIGTERM / SIGINT
 # the agent SIGKILLs a rank 30 s after it SIGTERMed it: a SIGKILL sooner after the first failure came from outside
 OUTSIDE_KILL = 10
@@ -29,7 +30,7 @@ OUTSIDE_KILL = 10
 
 def in_process(plan: Plan) -> bool:
     """One process runs right here (a debugger works) unless it may need restarting: that takes the agent."""
-    return plan.world_size == 1 and plan.max_restarts == 0
+    return plan.world_size == 1 and plan.max_restarts == 0 and plan.script_args is None
 
 
 def rendezvous_socket(plan: Plan) -> socket.socket | None:
@@ -125,6 +126,11 @@ def _stopped(plan: Plan, signum: int, started: float) -> None:
     name, resume = signal.Signals(signum).name, f"--resume auto --run-dir {plan.run_dir}"
     if signum == signal.SIGHUP:
         detach_terminal()
+    if plan.script_args is not None:  # what it saved is the script's business
+        where = f"{Path(plan.recipe).name} was sent it in each process (a handler of its own saves what it saves)"
+        print(f"launch: stopped by {name}: {where}", file=sys.stderr, flush=True)
+        _ended(plan, "stopped", f"stopped by {name}: {where}")
+        return
     metrics = Path(plan.run_dir) / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     stop = next((r for r in reversed(records) if r.get("event") == "stopped" and r["time"] >= started), None)
@@ -195,6 +201,10 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
         shutdown_timeout=SHUTDOWN_TIMEOUT,
         logs_specs=RankLogs(plan.run_dir),  # local rank 0 talks to this console; the others write to logs/rank-R.*
     )
+    if plan.script_args is not None:  # what `accelerate launch` gives, for an unmodified Accelerator() to read
+        os.environ.update(ACCELERATE_USE_CPU=str(plan.device == "cpu"), ACCELERATE_MIXED_PRECISION=PRECISION[
+            plan.precision], ACCELERATE_GRADIENT_ACCUMULATION_STEPS=str(plan.grad_accum),
+            ACCELERATE_DYNAMO_BACKEND="INDUCTOR" if plan.compile else "NO")
     print(f"launch: {count(plan.nproc, 'process')}"
           f"{f' on node {plan.node_rank} of {plan.nnodes}' if not single else ''}, rendezvous on "
           f"{plan.master_addr}:{port}{f', up to {plan.max_restarts} restarts' if plan.max_restarts else ''}",
@@ -202,7 +212,7 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
     settle()  # this process's set-up is done: from here it supervises
     try:
         # -P: the installed launcher, never a folder of that name in the working directory
-        _agent(elastic_launch(config, sys.executable))
+        _agent(elastic_launch(config, sys.executable), plan)
     except ChildFailedError as e:
         rank, failure = root_cause(e.failures)
         text = _describe(rank, failure, plan)
@@ -216,12 +226,13 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
     return 0
 
 
-def _agent(launch) -> None:
+def _agent(launch, plan: Plan) -> None:
     """torch's agent runs the job. Once it returns or raises, the job has ended and a signal has nothing left to
     stop: srun stopping every node after one failed must not cut this node's report short with a traceback of torch's
     signal handler, still installed."""
+    script = [] if plan.script_args is None else [plan.recipe, *plan.script_args]
     try:
-        launch("-u", "-P", "-m", "launcher.boot")
+        launch("-u", "-P", "-m", "launcher.script" if script else "launcher.boot", *script)
     finally:
         for s in SIGNALS:
             signal.signal(s, signal.SIG_IGN)

@@ -11,7 +11,6 @@ product of lists. Any other flag is the same for every trial.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import hashlib
 import json
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from . import cli, flags, jobs, rundir
 from .errors import UsageError
+from .leave import die_with
 from .plan import SECRET
 from .record import REDACTED
 from .sinks import update_summary, write_json
@@ -41,7 +41,6 @@ OWN = ("--run-dir", "--name", "--resume", "--wandb-group")
 # with --slurm every task of the array gets one allocation: these cannot differ between trials
 ALLOCATION = ("--nodes", "--gpus", "--procs", "--workers", "--partition", "--time", "--account", "--qos",
               "--constraint", "--mem", "--cpus-per-task")
-PR_SET_PDEATHSIG = 1  # Linux prctl(): a signal for this process when its parent dies
 USAGE = ("launch sweep RECIPE [launcher or hyperparameter flags] (--trials N | --grid) SPEC ...\n"
          "  SPEC: --FLAG A,B,C (a list) | --FLAG LOW:HIGH (uniform) | --FLAG log:LOW:HIGH (log-uniform)")
 
@@ -349,10 +348,7 @@ def _start(sweep: Sweep, index: int, slot: dict, logs: Path) -> subprocess.Popen
     parent = os.getpid()
 
     def child():
-        if sys.platform == "linux":
-            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-            if os.getppid() != parent:  # the sweep died before the line above
-                os._exit(1)
+        die_with(parent, signal.SIGTERM)
         if slot.get("cores"):
             os.sched_setaffinity(0, slot["cores"])
 

@@ -18,7 +18,7 @@ import torch
 from . import checkpoint, group, hang, recipe, trainer
 from .boot import settle
 from .errors import PLAIN, CheckpointError, RecipeError, Stopped, TrainingError
-from .leave import leave
+from .leave import die_with, leave
 from .plan import PARENT_ENV, Plan
 from .sinks import keep_console
 from .text import first_line
@@ -28,7 +28,6 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
 LOST_PEER = re.compile(r"connection (closed|reset|refused)|broken pipe|by peer|remote process exited|timed out|"
                        r"a collective waited", re.I)
 RESERVED, SPARE = 64 << 10, ".reserved"  # bytes set aside for the error report, and its file's suffix
-PR_SET_PDEATHSIG = 1  # Linux prctl(): a signal for this process when its parent dies
 
 
 def steady_host_memory() -> None:
@@ -49,11 +48,7 @@ def die_with_launcher() -> None:
     """The kernel kills this worker the moment the launcher that started it dies, however it died (kill -9,
     the OOM killer): each worker has a session of its own, so nothing else would reach it, and an orphan
     would train on unsupervised, writing into a run directory that a rerun may be using."""
-    parent = int(os.environ.get(PARENT_ENV, "0"))
-    if sys.platform == "linux" and parent:
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # it died before the line above
-            os._exit(1)
+    die_with(int(os.environ.get(PARENT_ENV, "0")), signal.SIGKILL)
 
 
 def run(plan: Plan) -> dict:

@@ -190,15 +190,15 @@ def test_nodes_need_a_run_directory_they_share(tmp_path, monkeypatch, capsys):
 
 def test_recipe_that_fails_to_import(tmp_path, capsys):
     recipe = tmp_path / "broken.py"
-    recipe.write_text("import torch\n\nimport no_such_module\n")
+    recipe.write_text("import torch\n\nimport no_such_module\n\n\nclass Hparams:\n    pass\n")
     assert refused(capsys, recipe) == (f"launch: error: recipe {recipe} failed to import: "
                                        "ModuleNotFoundError: No module named 'no_such_module' (line 3)")
 
 
 def test_recipe_without_the_contract(tmp_path, capsys):
     recipe = tmp_path / "partial.py"
-    recipe.write_text("def data(hp):\n    pass\n")
-    assert "lacks Hparams, model, loss" in refused(capsys, recipe)
+    recipe.write_text("def data(hp):\n    pass\n\n\ndef model(hp):\n    pass\n")
+    assert "lacks Hparams, loss" in refused(capsys, recipe)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -1,0 +1,90 @@
+"""Each process of a training script (`launch [flags] SCRIPT [its arguments]`), started by torch's agent as
+`python -P -m launcher.script SCRIPT ARGS`: the script runs as `python SCRIPT ARGS` runs it (`__main__`, its
+arguments in sys.argv, its folder first on sys.path), with these things added. The process dies with its
+launcher, as a recipe's does; rank 0's output joins RUN_DIR/console.log. An exception goes to torch's error file
+alone, from which the launcher shows the root cause once. And rank 0 says so when the script never joined a
+process group of all the processes started: each would have trained a model of its own on all the data, the
+classic silent failure of a multi-process launch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .leave import die_with
+from .plan import PARENT_ENV, Plan
+from .sinks import keep_console
+
+
+def main() -> None:
+    die_with(int(os.environ.get(PARENT_ENV, "0")), signal.SIGKILL)
+    if os.environ.get("RANK") == "0":  # its output is the console's, whose log it joins
+        keep_console(Plan.from_env().run_dir)
+    script, *args = sys.argv[1:]
+    sys.argv = [script, *args]
+    sys.path.insert(0, str(Path(script).resolve().parent))
+    # a script trains with torch: importing it first costs nothing, and lets the process groups be seen
+    import torch.distributed as dist
+
+    sizes = []
+    for module in (dist, dist.distributed_c10d):
+        module.init_process_group = _noting(module.init_process_group, sizes)
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except Exception as e:  # not SystemExit: a script's sys.exit(code) is its exit code
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if not error_file:
+            raise
+        _record(e, str(Path(script).resolve()), error_file)  # the launcher prints it, once for the job
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    if dist.is_initialized():
+        sizes.append(dist.get_world_size())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("RANK") == "0" and world > 1 and world not in sizes:
+        joined = f"joined a process group of {max(sizes)}" if sizes else "never joined a process group"
+        print(f"launch: warning: {Path(script).name} {joined}, though {world} processes were started: each trained "
+              f"on its own, as {world} separate runs (call torch.distributed.init_process_group() or use "
+              "Accelerate's Accelerator(), which read the environment the launcher gives)", file=sys.stderr,
+              flush=True)
+
+
+def _record(e: Exception, script: str, error_file: str) -> None:
+    """The exception in torch's error file format, its traceback from the script's first frame on."""
+    tb = e.__traceback__
+    while tb and tb.tb_frame.f_code.co_filename != script:  # this module's frames and runpy's
+        tb = tb.tb_next
+    callstack = "".join(traceback.format_exception(type(e), e, tb or e.__traceback__))
+    with open(error_file, "w") as f:
+        json.dump({"message": {"message": f"{type(e).__name__}: {e}",
+                               "extraInfo": {"py_callstack": callstack, "timestamp": str(int(time.time()))}}}, f)
+
+
+def _noting(init, sizes: list[int]):
+    """init_process_group, noting the size of each group joined. Joined through env:// (the default), the group's
+    keys go under this restart attempt's own prefix in the launcher's store, as a recipe's do (group.py)."""
+    def init_process_group(*args, **kwargs):
+        import torch.distributed as dist
+
+        from .group import attempt_store
+
+        if len(args) < 2 and kwargs.get("init_method") in (None, "env://") and kwargs.get("store") is None:
+            world = int(os.environ["WORLD_SIZE"])
+            kwargs.update(init_method=None, rank=int(os.environ["RANK"]), world_size=world,
+                          store=attempt_store(world, kwargs.get("timeout") or dist.constants.default_pg_timeout))
+        result = init(*args, **kwargs)
+        sizes.append(dist.get_world_size())
+        return result
+
+    return init_process_group
+
+if __name__ == "__main__":
+    main()
