@@ -86,14 +86,16 @@ def parse_script(given: list[str], script: str, script_args: list[str]) -> tuple
         if flag in SCRIPT_FLAGS or flag == "recipe" or getattr(args, flag) == flags.FIELDS[flag].default:
             continue
         if flags.FIELDS[flag].metadata["group"] == flags.ENGINE:
-            raise UsageError(f"{flags.option(flag)} {getattr(args, flag)} with a script: its engine is its own (DDP, FSDP or DeepSpeed in "
-                             "its code, or Accelerate's config); the launcher starts its processes")
+            raise UsageError(f"{flags.option(flag)} {getattr(args, flag)} with a script: its engine is its own "
+                             "(DDP, FSDP or DeepSpeed in its code, or Accelerate's config); the launcher starts its "
+                             "processes")
         raise UsageError(f"{flags.option(flag)} is for a recipe, which the launcher trains; {Path(script).name} is a "
                          "script, which trains itself")
     if args.resume not in (None, "auto"):
         raise UsageError(f"--resume {args.resume}: a script resumes from its own checkpoints; --resume auto reuses "
                          "its run directory")
     given_flags = Flags(**{name: getattr(args, name) for name in flags.FIELDS})  # checks each flag's bounds
+    _node_rank(given_flags)
     _check_environment(given_flags)
     _check_slurm(given_flags)
     device, nproc = _where(given_flags)
@@ -270,7 +272,16 @@ def _where(args: Flags) -> tuple[str, int]:
     return device, nproc
 
 
+def _node_rank(args: Flags) -> None:
+    """--node-rank, or in a Slurm job step the node Slurm runs this task on: the batch script passes none, as a
+    flag after a training script would be the script's."""
+    if args.node_rank is None:
+        stepped = "SLURM_STEP_ID" in os.environ and "SLURM_NODEID" in os.environ and not args.slurm
+        args.node_rank = int(os.environ["SLURM_NODEID"]) if stepped else 0
+
+
 def make_plan(args: Flags, hp, recipe_path: Path) -> Plan:
+    _node_rank(args)
     _check_environment(args)
     _check_slurm(args)
     deepspeed_config = _check_engine(args)

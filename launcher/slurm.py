@@ -79,11 +79,13 @@ def check_time(time_limit: str, signal_spec: str) -> None:
                          f"give a --time of at least {(lead + MIN_WORK + 59) // 60} minutes, or a shorter lead")
 
 
-def node_command(argv: list[str], recipe: str) -> list[str]:
-    """The user's launch command as each node runs it: the recipe by its absolute path, without the flags
-    that only the submission needs."""
-    return [str(Path(token).resolve()) if token == recipe else token
-            for token in flags.without(argv, SUBMISSION_ONLY)]
+def node_command(argv: list[str], recipe: str, script_args: list[str] | None = None) -> list[str]:
+    """The user's launch command as each node runs it: the recipe (or script) by its absolute path, without the
+    flags that only the submission needs; a training script's own arguments as they are."""
+    at = len(argv) - (len(script_args) + 1 if script_args is not None else 0)
+    ours = [str(Path(token).resolve()) if token == recipe else token
+            for token in flags.without(argv[:at], SUBMISSION_ONLY)]
+    return ours + ([str(Path(recipe).resolve()), *script_args] if script_args is not None else [])
 
 
 class FromEnv(str):
@@ -121,6 +123,8 @@ def render(plan: Plan, args: Flags, command: list[str], python: str, cwd: Path, 
         raise SlurmError(f"--slurm-template {template}: {getattr(e, 'strerror', None) or e}") from None
     signal_name, seconds = parse_signal(args.slurm_signal)
     run_dir = Path(plan.run_dir)
+    at = len(command) - (len(plan.script_args) + 1 if plan.script_args is not None else 0)
+    ours, script = command[:at], command[at:]  # a training script and its arguments go last, as they are
     lines = [f"#SBATCH --{option}={_quote(getattr(args, flag), '--' + option)}"
              for flag, option in OPTIONS.items() if getattr(args, flag) is not None]
     if array:
@@ -145,7 +149,8 @@ def render(plan: Plan, args: Flags, command: list[str], python: str, cwd: Path, 
         "checkpoints": _quote(run_dir / "checkpoints", "--run-dir"),
         "exit_codes": _quote(run_dir / "logs" / "exit-codes", "--run-dir"),
         "max_requeues": str(args.max_requeues),
-        "args": " ".join(_quote(part, "an argument") for part in [*command, "--run-dir", run_dir, "--name", plan.name]),
+        "args": " ".join(_quote(part, "an argument") for part in [*ours, "--run-dir", run_dir, "--name", plan.name,
+                                                                     *script]),
         **(task or {}),
     }
     unknown = sorted(set(re.findall(r"\{\{(\w+)\}\}", text)) - set(values))
@@ -207,7 +212,7 @@ def submit_run(plan: Plan, args: Flags, argv: list[str]) -> int:
     """--slurm: the batch script for this run; printed with --dry-run, else written and submitted."""
     try:
         secret = {flags.option(k) for k in plan.secret_hparams() if not isinstance(plan.hparams[k], bool)}
-        command, secrets = hide_secrets(node_command(argv, args.recipe), secret)
+        command, secrets = hide_secrets(node_command(argv, args.recipe, plan.script_args), secret)
         script = render(plan, args, command, sys.executable, Path.cwd())
         if args.dry_run:
             print(script, end="")

@@ -11,13 +11,28 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import slurm_lab
-from conftest import TINY, WANDB, assert_same, clean_env, in_process, launch, ok, params, records, refused, summary
+from conftest import (
+    ROOT,
+    TINY,
+    WANDB,
+    assert_same,
+    clean_env,
+    in_process,
+    launch,
+    ok,
+    params,
+    records,
+    refused,
+    summary,
+)
 from launcher import cli, jobs, slurm, spawn
 from launcher.sinks import update_summary
 
 WHY_NOT = slurm_lab.unavailable()
+SCRIPTS = ROOT / "tests" / "scripts"
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +261,43 @@ def test_a_sweep_is_one_job_array_whose_tasks_requeue_alone(lab, tmp_path):
             timeout=60).stdout.splitlines() if '"type":"run"' in line))["run"]
         assert (run["run_group"], run["display_name"]) == ("sweep", f"sweep-{index}")
         assert json.loads((folder / f"trial-{index}" / "config.json").read_text())["plan"]["hparams"]["lr"] == lr
+
+
+def test_a_training_script_runs_on_two_nodes_as_under_torchrun(lab, tmp_path):
+    """A torchrun-style script, launched as it is on 2 nodes × 2 processes, trains what torchrun trains with 4
+    processes; its own arguments, quotes and spaces and launcher-like flags included, reach it as they were."""
+    out, note = tmp_path / "with space", "it's \"quoted\" --nodes 9"
+    out.mkdir()
+    run_dir = tmp_path / "run"
+    submitted = ok(launch("--slurm", "--nodes", "2", "--cpu", "--procs", "2", "--run-dir", run_dir,
+                          SCRIPTS / "ddp_train.py", "--out", out / "slurm.pt", "--note", note,
+                          env=clean_env(SLURM_CONF=lab.env["SLURM_CONF"]), cwd=tmp_path)).stdout
+    job = re.search(r"submitted job (\d+)", submitted).group(1)
+    lab.wait(job)
+    text = log(run_dir, job)
+    assert f"world 4 note {note!r} loss " in text, text
+    ok(subprocess.run([str(Path(os.sys.executable).parent / "torchrun"), "--nproc-per-node", "4",
+                       str(SCRIPTS / "ddp_train.py"), "--out", str(out / "torchrun.pt")], capture_output=True,
+                      text=True, timeout=300, env=clean_env()))
+    trained, expected = (torch.load(out / f"{name}.pt", weights_only=True) for name in ("slurm", "torchrun"))
+    assert all(torch.equal(trained[k], expected[k]) for k in expected)
+    assert json.loads((run_dir / "summary.json").read_text())["state"] == "completed"
+
+
+def test_a_preempted_script_gets_sigterm_in_its_own_handler(lab, tmp_path):
+    run_dir, saved = tmp_path / "run", tmp_path / "saved"
+    submitted = ok(launch("--slurm", "--cpu", "--procs", "2", "--run-dir", run_dir, SCRIPTS / "handler.py", "--saved",
+                          saved, env=clean_env(SLURM_CONF=lab.env["SLURM_CONF"]), cwd=tmp_path)).stdout
+    job = re.search(r"submitted job (\d+)", submitted).group(1)
+    deadline = time.monotonic() + 120
+    while "training" not in (log(run_dir, job) if (run_dir / f"slurm-{job}.out").exists() else ""):
+        assert time.monotonic() < deadline, lab.state(job)
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "requeue", job], env=lab.env, check=True)
+    while not all((tmp_path / f"saved-{rank}").exists() for rank in (0, 1)):
+        assert time.monotonic() < deadline, log(run_dir, job)
+        time.sleep(0.5)
+    assert [(tmp_path / f"saved-{rank}").read_text() for rank in (0, 1)] == ["SIGTERM", "SIGTERM"]
 
 
 def test_gpus_requested_but_not_visible_fail_the_job_with_a_message(lab, tmp_path):
