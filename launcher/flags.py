@@ -253,7 +253,8 @@ class Parser(argparse.ArgumentParser):
 def parser(add_help: bool) -> Parser:
     """argparse's parser of every flag, in GROUPS' sections of --help."""
     p = Parser(prog="launch", usage=USAGE, add_help=add_help, allow_abbrev=False, epilog=COMMANDS,
-               description="Run a training recipe in one process or many, on Accelerate.",
+               description="Run a training recipe in one process or many, on Accelerate; or a training script as "
+                           "it is: launch [launcher flags] SCRIPT [its arguments].",
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", metavar="RECIPE", help=FIELDS["recipe"].metadata["help"])
     p.add_argument("--version", action="version", version=f"launch {importlib.metadata.version('launcher')}")
