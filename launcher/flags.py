@@ -252,9 +252,10 @@ class Parser(argparse.ArgumentParser):
 
 def parser(add_help: bool) -> Parser:
     """argparse's parser of every flag, in GROUPS' sections of --help."""
-    p = Parser(prog="launch", usage=USAGE, add_help=add_help, allow_abbrev=False, epilog=COMMANDS,
-               description="Run a training recipe in one process or many, on Accelerate; or a training script as "
-                           "it is: launch [launcher flags] SCRIPT [its arguments].",
+    p = Parser(prog="launch", usage=f"{USAGE}\n       launch [launcher flags] SCRIPT [its arguments]",
+               add_help=add_help, allow_abbrev=False, epilog=COMMANDS,
+               description="Run a training recipe in one process or many, on Accelerate; or a training script "
+                           "(torchrun's or Accelerate's) as it is, everything after SCRIPT its own.",
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", metavar="RECIPE", help=FIELDS["recipe"].metadata["help"])
     p.add_argument("--version", action="version", version=f"launch {importlib.metadata.version('launcher')}")
