@@ -30,7 +30,7 @@ from .text import count
 # the launcher flags a training script takes: where it runs, what Accelerate reads from the environment, restarts,
 # Slurm and its run directory; the others are the launcher's training loop's, which a script does not run
 SCRIPT_FLAGS = {"gpus", "cpu", "procs", "nodes", "node_rank", "master_addr", "master_port", "rendezvous_timeout",
-                "precision", "grad_accum", "compile", "max_restarts", "resume", "run_dir", "name",
+                "precision", "grad_accum", "compile", "max_restarts", "timeout", "resume", "run_dir", "name",
                 *(name for name, f in flags.FIELDS.items() if f.metadata.get("group") == flags.SLURM)}
 
 

@@ -9,13 +9,12 @@ classic silent failure of a multi-process launch.
 
 from __future__ import annotations
 
-import json
 import os
 import runpy
 import signal
 import sys
-import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 from .leave import die_with
@@ -33,9 +32,9 @@ def main() -> None:
     # a script trains with torch: importing it first costs nothing, and lets the process groups be seen
     import torch.distributed as dist
 
-    sizes = []
+    sizes, timeout = [], timedelta(seconds=Plan.from_env().timeout)
     for module in (dist, dist.distributed_c10d):
-        module.init_process_group = _noting(module.init_process_group, sizes)
+        module.init_process_group = _noting(module.init_process_group, sizes, timeout)
     try:
         runpy.run_path(script, run_name="__main__")
     except Exception as e:  # not SystemExit: a script's sys.exit(code) is its exit code
@@ -58,28 +57,31 @@ def main() -> None:
 
 
 def _record(e: Exception, script: str, error_file: str) -> None:
-    """The exception in torch's error file format, its traceback from the script's first frame on."""
+    """The exception as a recipe's worker records it (worker.record), its traceback from the script's first frame
+    on; a collective that timed out, or a peer gone, is marked as following another rank's failure."""
+    from .worker import record
+
     tb = e.__traceback__
     while tb and tb.tb_frame.f_code.co_filename != script:  # this module's frames and runpy's
         tb = tb.tb_next
-    callstack = "".join(traceback.format_exception(type(e), e, tb or e.__traceback__))
-    with open(error_file, "w") as f:
-        json.dump({"message": {"message": f"{type(e).__name__}: {e}",
-                               "extraInfo": {"py_callstack": callstack, "timestamp": str(int(time.time()))}}}, f)
+    record(e, error_file, "".join(traceback.format_exception(type(e), e, tb or e.__traceback__)))
 
 
-def _noting(init, sizes: list[int]):
-    """init_process_group, noting the size of each group joined. Joined through env:// (the default), the group's
-    keys go under this restart attempt's own prefix in the launcher's store, as a recipe's do (group.py)."""
+def _noting(init, sizes: list[int], timeout: timedelta):
+    """init_process_group, noting the size of each group joined. Its collectives time out after --timeout unless
+    the script gives a timeout of its own; joined through env:// (the default), its keys go under this restart
+    attempt's own prefix in the launcher's store, as a recipe's do (group.py)."""
     def init_process_group(*args, **kwargs):
         import torch.distributed as dist
 
         from .group import attempt_store
 
+        if len(args) < 3:
+            kwargs.setdefault("timeout", timeout)
         if len(args) < 2 and kwargs.get("init_method") in (None, "env://") and kwargs.get("store") is None:
             world = int(os.environ["WORLD_SIZE"])
             kwargs.update(init_method=None, rank=int(os.environ["RANK"]), world_size=world,
-                          store=attempt_store(world, kwargs.get("timeout") or dist.constants.default_pg_timeout))
+                          store=attempt_store(world, kwargs["timeout"] or dist.constants.default_pg_timeout))
         result = init(*args, **kwargs)
         sizes.append(dist.get_world_size())
         return result

@@ -81,14 +81,14 @@ def reserve(path: str) -> None:
         f.write(b" " * RESERVED)
 
 
-def record(e: BaseException, path: str) -> None:
+def record(e: BaseException, path: str, callstack: str | None = None) -> None:
     """The failure in torch's error-file format, which the elastic agent hands to the launcher, plus the
     exact time (the launcher shows the earliest failure: the others usually follow from it). Written over
     the reserved blocks and renamed into place, the report is whole or absent, never a torn file."""
     now = time.time()
     data = {
         "message": {"message": f"{type(e).__name__}: {e}",
-                    "extraInfo": {"py_callstack": traceback.format_exc()[-RESERVED // 2:],
+                    "extraInfo": {"py_callstack": (callstack or traceback.format_exc())[-RESERVED // 2:],
                                   "timestamp": str(int(now))}},
         "launcher": {"time": now, "plain": isinstance(e, PLAIN), "usage": isinstance(e, RecipeError),
                      "text": str(e), "peer": bool(LOST_PEER.search(str(e)))},

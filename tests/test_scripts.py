@@ -139,3 +139,12 @@ def test_a_recipe_is_told_from_a_script_by_its_syntax_alone(tmp_path):
         assert recipe.is_recipe(path), path
     for path in SCRIPTS.glob("*.py"):
         assert not recipe.is_recipe(path), path
+
+
+def test_a_silent_rank_fails_the_script_after_the_collective_timeout(tmp_path):
+    """--timeout is the script's collective timeout unless it gives one of its own; the rank that timed out is
+    told as one that lost another, not as the cause."""
+    began = time.monotonic()
+    result = launch("--cpu", "--procs", "2", "--timeout", "10", "--run-dir", tmp_path / "run", SCRIPTS / "silent.py")
+    assert result.returncode == 1 and time.monotonic() - began < 60
+    assert "launch: rank 0 lost another rank (" in result.stderr and "Timed out waiting 10000ms" in result.stderr

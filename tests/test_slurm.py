@@ -263,22 +263,25 @@ def test_a_sweep_is_one_job_array_whose_tasks_requeue_alone(lab, tmp_path):
         assert json.loads((folder / f"trial-{index}" / "config.json").read_text())["plan"]["hparams"]["lr"] == lr
 
 
-def test_a_training_script_runs_on_two_nodes_as_under_torchrun(lab, tmp_path):
-    """A torchrun-style script, launched as it is on 2 nodes × 2 processes, trains what torchrun trains with 4
-    processes; its own arguments, quotes and spaces and launcher-like flags included, reach it as they were."""
+@pytest.mark.parametrize("script", ["ddp_train.py", "accelerate_train.py"])
+def test_a_training_script_runs_on_two_nodes_as_under_torchrun(lab, tmp_path, script):
+    """A torchrun-style script and an Accelerate one, launched as they are on 2 nodes × 2 processes, train what
+    torchrun trains with 4 processes (with the variables `accelerate launch` sets, for Accelerate's); the DDP
+    script's own arguments, quotes, spaces and launcher-like flags included, reach it as they were."""
     out, note = tmp_path / "with space", "it's \"quoted\" --nodes 9"
     out.mkdir()
     run_dir = tmp_path / "run"
-    submitted = ok(launch("--slurm", "--nodes", "2", "--cpu", "--procs", "2", "--run-dir", run_dir,
-                          SCRIPTS / "ddp_train.py", "--out", out / "slurm.pt", "--note", note,
-                          env=clean_env(SLURM_CONF=lab.env["SLURM_CONF"]), cwd=tmp_path)).stdout
+    extra = ["--note", note] if script == "ddp_train.py" else []
+    submitted = ok(launch("--slurm", "--nodes", "2", "--cpu", "--procs", "2", "--run-dir", run_dir, SCRIPTS / script,
+                          "--out", out / "slurm.pt", *extra, env=clean_env(SLURM_CONF=lab.env["SLURM_CONF"]),
+                          cwd=tmp_path)).stdout
     job = re.search(r"submitted job (\d+)", submitted).group(1)
     lab.wait(job)
     text = log(run_dir, job)
-    assert f"world 4 note {note!r} loss " in text, text
+    assert (f"world 4 note {note!r} loss " if extra else "processes 4 precision no accumulation 1") in text, text
     ok(subprocess.run([str(Path(os.sys.executable).parent / "torchrun"), "--nproc-per-node", "4",
-                       str(SCRIPTS / "ddp_train.py"), "--out", str(out / "torchrun.pt")], capture_output=True,
-                      text=True, timeout=300, env=clean_env()))
+                       str(SCRIPTS / script), "--out", str(out / "torchrun.pt")], capture_output=True,
+                      text=True, timeout=300, env=clean_env(ACCELERATE_USE_CPU="True")))
     trained, expected = (torch.load(out / f"{name}.pt", weights_only=True) for name in ("slurm", "torchrun"))
     assert all(torch.equal(trained[k], expected[k]) for k in expected)
     assert json.loads((run_dir / "summary.json").read_text())["state"] == "completed"

@@ -34,3 +34,4 @@ if accelerator.is_main_process:
     torch.save(accelerator.unwrap_model(model).state_dict(), args.out)
     print(f"processes {accelerator.num_processes} precision {accelerator.mixed_precision} accumulation "
           f"{accelerator.gradient_accumulation_steps} device {accelerator.device} evaluated {len(predicted)}")
+accelerator.end_training()
