@@ -14,25 +14,12 @@ import pytest
 import torch
 
 import slurm_lab
-from conftest import (
-    ROOT,
-    TINY,
-    WANDB,
-    assert_same,
-    clean_env,
-    in_process,
-    launch,
-    ok,
-    params,
-    records,
-    refused,
-    summary,
-)
+from conftest import TINY, WANDB, assert_same, clean_env, in_process, launch, ok, params, records, refused, summary
 from launcher import cli, jobs, slurm, spawn
 from launcher.sinks import update_summary
 
 WHY_NOT = slurm_lab.unavailable()
-SCRIPTS = ROOT / "tests" / "scripts"
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 @pytest.fixture(scope="module")
