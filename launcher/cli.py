@@ -91,6 +91,8 @@ def parse_script(given: list[str], script: str, script_args: list[str]) -> tuple
                              "processes")
         raise UsageError(f"{flags.option(flag)} is for a recipe, which the launcher trains; {Path(script).name} is a "
                          "script, which trains itself")
+    if args.script_signal != flags.FIELDS["script_signal"].default and not args.slurm:
+        raise UsageError("--script-signal goes with --slurm: it is what the script gets at Slurm's time-limit warning")
     if args.resume not in (None, "auto"):
         raise UsageError(f"--resume {args.resume}: a script resumes from its own checkpoints; --resume auto reuses "
                          "its run directory")
@@ -179,6 +181,7 @@ def _check_slurm(args: Flags) -> None:
             raise UsageError("--slurm needs what each node runs: --gpus N, or --cpu [--procs N]")
         try:
             slurm.parse_signal(args.slurm_signal)
+            slurm.parse_stop(args.script_signal)
             if args.time:
                 slurm.check_time(args.time, args.slurm_signal)
         except slurm.SlurmError as e:
@@ -281,6 +284,8 @@ def _node_rank(args: Flags) -> None:
 
 
 def make_plan(args: Flags, hp, recipe_path: Path) -> Plan:
+    if args.script_signal != flags.FIELDS["script_signal"].default:
+        raise UsageError("--script-signal is for a training script; a recipe saves and stops on SIGTERM")
     _node_rank(args)
     _check_environment(args)
     _check_slurm(args)

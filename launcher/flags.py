@@ -159,6 +159,9 @@ class Flags:
                                                 "requeue (default USR2@120)", metavar="SIG@SECONDS")
     max_requeues: int = flag(SLURM, 20, "requeue after a time limit at most N times (default 20); a start that saves "
                                         "no new checkpoint is never requeued", metavar="N", low=0)
+    script_signal: str = flag(SLURM, "TERM", "a training script's: the signal its processes get at the time-limit "
+                                             "warning, to save and stop (default TERM; USR1 for a script that saves "
+                                             "on it)", metavar="SIG")
 
     run_dir: str | None = flag(LOGGING, None, "where config.json, metrics.jsonl, checkpoints, logs and W&B files go "
                                               "(default: runs/NAME)", metavar="DIR")

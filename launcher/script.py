@@ -26,6 +26,9 @@ def main() -> None:
     die_with(int(os.environ.get(PARENT_ENV, "0")), signal.SIGKILL)
     if os.environ.get("RANK") == "0":  # its output is the console's, whose log it joins
         keep_console(Plan.from_env().run_dir)
+    stop = os.environ.get("LAUNCH_STOP_SIGNAL", "TERM")
+    if stop != "TERM":  # the batch script's tasks ignore --script-signal on its way here: the script's to handle
+        signal.signal(getattr(signal, f"SIG{stop}"), signal.SIG_DFL)
     script, *args = sys.argv[1:]
     sys.argv = [script, *args]
     sys.path.insert(0, str(Path(script).resolve().parent))

@@ -41,13 +41,24 @@ class SlurmError(Exception):
     """Bad Slurm input or a refused submission: one line, exit 2."""
 
 
+SIGNALS = {s.name[3:] for s in signal.Signals if s.name.startswith("SIG") and not s.name.startswith("SIG_")} - {
+    "KILL", "STOP"}  # the signals a process can handle, by their names less SIG
+
+
 def parse_signal(text: str) -> tuple[str, int]:
     """`USR2@120` → ("USR2", 120): the signal Slurm sends, and how many seconds before the time limit."""
     match = re.fullmatch(r"(?:SIG)?([A-Z0-9]+)@(\d+)", text.upper())
-    names = {s.name[3:] for s in signal.Signals if s.name.startswith("SIG") and not s.name.startswith("SIG_")}
-    if not match or match.group(1) not in names or match.group(1) in ("KILL", "STOP"):
+    if not match or match.group(1) not in SIGNALS:
         raise SlurmError(f"--slurm-signal {text}: expected SIGNAL@SECONDS, e.g. USR2@120")
     return match.group(1), int(match.group(2))
+
+
+def parse_stop(text: str) -> str:
+    """--script-signal `USR1` or `SIGUSR1` → "USR1"."""
+    match = re.fullmatch(r"(?:SIG)?([A-Z0-9]+)", text.upper())
+    if not match or match.group(1) not in SIGNALS:
+        raise SlurmError(f"--script-signal {text}: expected a signal a script can handle, e.g. TERM or USR1")
+    return match.group(1)
 
 
 def parse_time(text: str) -> int | None:
@@ -149,6 +160,9 @@ def render(plan: Plan, args: Flags, command: list[str], python: str, cwd: Path, 
         "checkpoints": _quote(run_dir / "checkpoints", "--run-dir"),
         "exit_codes": _quote(run_dir / "logs" / "exit-codes", "--run-dir"),
         "max_requeues": str(args.max_requeues),
+        # a training script's: the signal it stops on, and no checkpoints of the launcher's to judge progress by
+        "stop_signal": parse_stop(args.script_signal),
+        "script_run": "1" if plan.script_args is not None else "0",
         "args": " ".join(_quote(part, "an argument") for part in [*ours, "--run-dir", run_dir, "--name", plan.name,
                                                                      *script]),
         **(task or {}),

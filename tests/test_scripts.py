@@ -118,10 +118,20 @@ def test_a_script_that_never_joins_a_process_group_is_told_so(tmp_path, procs, w
     (["--resume", "runs/x"], "--resume runs/x: a script resumes from its own checkpoints; --resume auto reuses its "
                              "run directory"),
     (["--procs", "2"], "--procs N needs --cpu (for GPU processes use --gpus N)"),
-], ids=["engine", "training-flag", "debug", "resume-checkpoint", "procs-without-cpu"])
+    (["--script-signal", "USR1"], "--script-signal goes with --slurm: it is what the script gets at Slurm's "
+                                  "time-limit warning"),
+    (["--slurm", "--cpu", "--script-signal", "KILL"], "--script-signal KILL: expected a signal a script can handle, "
+                                                      "e.g. TERM or USR1"),
+], ids=["engine", "training-flag", "debug", "resume-checkpoint", "procs-without-cpu", "script-signal-alone",
+        "script-signal-kill"])
 def test_a_launcher_flag_a_script_cannot_take_is_one_line_and_exit_2(capsys, tmp_path, flags, message):
     assert refused(capsys, *flags, "--run-dir", tmp_path / "run", DDP, "--out", "x") == f"launch: error: {message}"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_takes_no_script_signal(capsys, tmp_path):
+    assert refused(capsys, TINY, "--slurm", "--cpu", "--script-signal", "USR1", "--run-dir", tmp_path / "run") == (
+        "launch: error: --script-signal is for a training script; a recipe saves and stops on SIGTERM")
 
 
 def test_a_recipe_is_told_from_a_script_by_its_syntax_alone(tmp_path):

@@ -290,6 +290,26 @@ def test_a_preempted_script_gets_sigterm_in_its_own_handler(lab, tmp_path):
     assert [(tmp_path / f"saved-{rank}").read_text() for rank in (0, 1)] == ["SIGTERM", "SIGTERM"]
 
 
+def test_a_script_saves_on_its_own_signal_at_the_time_limit_and_is_requeued(lab, tmp_path):
+    """--script-signal USR1: at Slurm's time-limit warning every process of the script gets USR1 (the launchers
+    and the batch script's tasks ignore it), saves and stops, and the job is requeued to start again."""
+    run_dir, saved = tmp_path / "run", tmp_path / "saved"
+    submitted = ok(launch("--slurm", "--cpu", "--procs", "2", "--script-signal", "USR1", "--run-dir", run_dir,
+                          SCRIPTS / "handler.py", "--saved", saved, "--signal", "USR1",
+                          env=clean_env(SLURM_CONF=lab.env["SLURM_CONF"]), cwd=tmp_path)).stdout
+    job = re.search(r"submitted job (\d+)", submitted).group(1)
+    deadline = time.monotonic() + 120
+    while "training" not in (log(run_dir, job) if (run_dir / f"slurm-{job}.out").exists() else ""):
+        assert time.monotonic() < deadline, lab.state(job)
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job], env=lab.env, check=True)  # as Slurm would
+    while ", start 2," not in log(run_dir, job):
+        assert time.monotonic() < deadline, log(run_dir, job)
+        time.sleep(0.5)
+    assert [(tmp_path / f"saved-{rank}").read_text() for rank in (0, 1)] == ["SIGUSR1", "SIGUSR1"]
+    assert f"launch: requeueing job {job}" in log(run_dir, job)
+
+
 def test_gpus_requested_but_not_visible_fail_the_job_with_a_message(lab, tmp_path):
     """The lab's nodes have two fake GPUs each: Slurm sets CUDA_VISIBLE_DEVICES, but CUDA sees none."""
     run_dir = tmp_path / "run"

@@ -1,4 +1,5 @@
-"""A script with its own SIGTERM handler, as a preemptible job has: it saves a checkpoint of its own and exits."""
+"""A script with its own handler of SIGTERM (or --signal), as a preemptible job has: it saves a checkpoint of its
+own and exits."""
 
 import argparse
 import signal
@@ -10,6 +11,7 @@ import torch.distributed as dist
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--saved", required=True)
+parser.add_argument("--signal", default="TERM")
 args = parser.parse_args()
 dist.init_process_group("gloo")
 
@@ -19,7 +21,7 @@ def save(signum, frame):
     sys.exit(0)
 
 
-signal.signal(signal.SIGTERM, save)
+signal.signal(getattr(signal, f"SIG{args.signal}"), save)
 print("training", flush=True)
 while True:
     time.sleep(0.1)
