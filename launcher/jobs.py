@@ -194,7 +194,8 @@ def resume_command(argv: list[str]) -> list[str] | None:
         update_summary(str(run_dir), state="queued", reason=None, slurm_job=job)
         print(f"launch: submitted job {job}, which continues {run_dir} from its newest checkpoint")
         return None
-    recorded = json.loads((run_dir / "config.json").read_text()).get("command")
+    config = json.loads((run_dir / "config.json").read_text())
+    recorded = config.get("command")
     if recorded is None:
         raise UsageError(f"{run_dir} was started by a launcher that did not record its command: continue it with "
                          f"that command and --resume auto --run-dir {run_dir}")
@@ -204,7 +205,9 @@ def resume_command(argv: list[str]) -> list[str] | None:
     if missing:
         raise UsageError(f"{run_dir} was started with {', '.join(missing)}, whose value is not recorded (a secret): "
                          "give it again")
-    return [*recorded, *extra, "--run-dir", str(run_dir), "--resume", "auto"]
+    script_args = config["plan"].get("script_args")
+    at = len(recorded) - (len(script_args) + 1 if script_args is not None else 0)  # a script's part stays last
+    return [*recorded[:at], *extra, "--run-dir", str(run_dir), "--resume", "auto", *recorded[at:]]
 
 
 def main(command: str, argv: list[str]) -> int:

@@ -158,3 +158,11 @@ def test_a_silent_rank_fails_the_script_after_the_collective_timeout(tmp_path):
     result = launch("--cpu", "--procs", "2", "--timeout", "10", "--run-dir", tmp_path / "run", SCRIPTS / "silent.py")
     assert result.returncode == 1 and time.monotonic() - began < 60
     assert "launch: rank 0 lost another rank (" in result.stderr and "Timed out waiting 10000ms" in result.stderr
+
+
+def test_a_script_run_resumes_with_its_own_arguments_last(tmp_path):
+    run_dir = tmp_path / "run"
+    ok(launch("--cpu", "--procs", "2", "--run-dir", run_dir, DDP, "--out", tmp_path / "first.pt"))
+    again = ok(launch("resume", run_dir, "--max-restarts", "1"))
+    assert "world 2 note '' loss " in again.stdout and (tmp_path / "first.pt").exists()
+    assert json.loads((run_dir / "config.json").read_text())["plan"]["max_restarts"] == 1
