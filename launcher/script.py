@@ -24,8 +24,9 @@ from .sinks import keep_console
 
 def main() -> None:
     die_with(int(os.environ.get(PARENT_ENV, "0")), signal.SIGKILL)
+    plan = Plan.from_env()
     if os.environ.get("RANK") == "0":  # its output is the console's, whose log it joins
-        keep_console(Plan.from_env().run_dir)
+        keep_console(plan.run_dir)
     stop = os.environ.get("LAUNCH_STOP_SIGNAL", "TERM")
     if stop != "TERM":  # the batch script's tasks ignore --script-signal on its way here: the script's to handle
         signal.signal(getattr(signal, f"SIG{stop}"), signal.SIG_DFL)
@@ -35,7 +36,7 @@ def main() -> None:
     # a script trains with torch: importing it first costs nothing, and lets the process groups be seen
     import torch.distributed as dist
 
-    sizes, timeout = [], timedelta(seconds=Plan.from_env().timeout)
+    sizes, timeout = [], timedelta(seconds=plan.timeout)
     for module in (dist, dist.distributed_c10d):
         module.init_process_group = _noting(module.init_process_group, sizes, timeout)
     try:
@@ -90,6 +91,7 @@ def _noting(init, sizes: list[int], timeout: timedelta):
         return result
 
     return init_process_group
+
 
 if __name__ == "__main__":
     main()

@@ -28,9 +28,9 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "launch.sbatch"
 OPTIONS = {"partition": "partition", "time": "time", "account": "account", "qos": "qos", "constraint": "constraint",
            "mem": "mem", "cpus_per_task": "cpus-per-task"}
 # launcher flags the job sets itself, or that only the submission needs
-SUBMISSION_ONLY = ("--slurm", "--dry-run", "--slurm-signal", "--slurm-template", "--max-requeues", "--job-name",
-                   "--nodes", "--node-rank", "--master-addr", "--master-port", "--run-dir", "--name", "--resume",
-                   *(flags.option(o) for o in OPTIONS))
+SUBMISSION_ONLY = ("--slurm", "--dry-run", "--slurm-signal", "--slurm-template", "--max-requeues", "--script-signal",
+                   "--job-name", "--nodes", "--node-rank", "--master-addr", "--master-port", "--run-dir", "--name",
+                   "--resume", *(flags.option(o) for o in OPTIONS))
 
 
 MIN_WORK = 300  # seconds of training a start must have before the time limit's warning signal

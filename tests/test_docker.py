@@ -87,4 +87,4 @@ def test_what_the_image_copies_is_enough_to_train_and_render_a_job(tmp_path):
     assert "done: 3 steps" in trained.stdout and (workspace / "run" / "metrics.jsonl").exists()
     script = ok(subprocess.run([*run, "--slurm", "--dry-run", "--run-dir", "job"], cwd=workspace, env=env,
                                capture_output=True, text=True, timeout=300)).stdout
-    assert script.startswith("#!/bin/bash") and f"-m launcher {image / 'recipes' / 'digits.py'} --cpu" in script
+    assert script.startswith("#!/bin/bash") and f'"$resume" {image / "recipes" / "digits.py"} --cpu' in script

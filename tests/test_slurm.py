@@ -299,8 +299,8 @@ def test_a_script_saves_on_its_own_signal_at_the_time_limit_and_is_requeued(lab,
                           env=clean_env(SLURM_CONF=lab.env["SLURM_CONF"]), cwd=tmp_path)).stdout
     job = re.search(r"submitted job (\d+)", submitted).group(1)
     deadline = time.monotonic() + 120
-    while "training" not in (log(run_dir, job) if (run_dir / f"slurm-{job}.out").exists() else ""):
-        assert time.monotonic() < deadline, lab.state(job)
+    while "training" not in (text := log(run_dir, job) if (run_dir / f"slurm-{job}.out").exists() else ""):
+        assert time.monotonic() < deadline, (lab.state(job), text)
         time.sleep(0.5)
     subprocess.run(["scancel", "--batch", "--signal=USR2", job], env=lab.env, check=True)  # as Slurm would
     while ", start 2," not in log(run_dir, job):
@@ -417,7 +417,10 @@ def test_dry_run_renders_a_readable_script_with_every_value_quoted(tmp_path, mon
     command = script.split('\n  "$codes" ', 1)[1].split("&\n", 1)[0]
     words = shlex.split(command.replace("\\\n", " "))
     assert Path(words[0]).parent == Path(os.sys.executable).parent  # the environment launch runs from
-    assert words[1:5] == ["-P", "-m", "launcher", str(TINY)]  # -P: never a folder named launcher in the cwd
+    assert words[1:4] == ["-P", "-m", "launcher"]  # -P: never a folder named launcher in the cwd
+    # the job's own flags first, then the recipe (a training script's arguments would end the line)
+    assert words[4:13] == ["--nodes", "$SLURM_NNODES", "--master-addr", "$addr", "--master-port", "$port",
+                           "--resume", "$resume", str(TINY)]
     assert words[words.index("--dump-dir") + 1] == str(dump)
     assert "--slurm" not in words and "--partition" not in words and "--job-name" not in words
     assert "\nresume=auto\n" in script  # the job looks for the newest checkpoint when it starts
@@ -448,7 +451,8 @@ def test_a_site_template_is_rendered_and_a_wrong_placeholder_named(tmp_path, cap
     site.write_text(slurm.TEMPLATE.read_text().replace("set -uo pipefail", "set -uo pipefail\nmodule load cuda/12")
                     .replace("{{python}} -P -m launcher", "launch"))  # as in a container image
     script = dry_run(capsys, "--cpu", "--slurm-template", site, "--run-dir", tmp_path / "run")
-    assert "module load cuda/12\n" in script and f'"$codes" launch {TINY} ' in script and "{{" not in script
+    assert "module load cuda/12\n" in script and '"$codes" launch \\\n' in script and f' {TINY} ' in script
+    assert "{{" not in script
     assert "--slurm-template" not in script
     site.write_text(site.read_text() + "echo {{partiton}}\n")
     err = refused(capsys, TINY, "--slurm", "--cpu", "--slurm-template", site, "--run-dir", tmp_path / "run",
