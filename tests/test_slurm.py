@@ -218,6 +218,7 @@ def reached(lab, run_dir: Path, job: str, step: int) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_a_sweep_is_one_job_array_whose_tasks_requeue_alone(lab, tmp_path):
     """Three trials, two at a time, as ONE job array; Slurm stops and requeues task 0 mid-run (a preemption), which
     resumes from its checkpoint while the others run on; three W&B runs in one group; `launch status` ranks them."""
@@ -250,6 +251,7 @@ def test_a_sweep_is_one_job_array_whose_tasks_requeue_alone(lab, tmp_path):
         assert json.loads((folder / f"trial-{index}" / "config.json").read_text())["plan"]["hparams"]["lr"] == lr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["ddp_train.py", "accelerate_train.py"])
 def test_a_training_script_runs_on_two_nodes_as_under_torchrun(lab, tmp_path, script):
     """A torchrun-style script and an Accelerate one, launched as they are on 2 nodes × 2 processes, train what
