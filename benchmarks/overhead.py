@@ -14,6 +14,10 @@
 4. Start-up, command start to the end of the first optimizer step, 2 CPU processes: `launch` against
    `torchrun` and `accelerate launch` running the hand-written loop.
 
+With --gpu, the launcher runs `--gpus 1` and the hand-written loop `--device cuda`, one process each, for rows 1
+and 2 (Lightning and the start-up rows stay CPU measures): on a GPU a host–device sync the launcher added per
+step would show there (benchmarks/gpu.py runs it so).
+
 With --baseline DIR (another checkout of this repository, e.g. `git worktree add /tmp/base REV`), that
 checkout's launcher runs the MLP of 1. as one more side, and the start-up of 4. (its wall time and the CPU
 seconds of all the job's processes): what a change costs per step and per start, as ratios. With
@@ -43,6 +47,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BIN = Path(sys.executable).parent
+# the `launch` script beside this Python; where pip put it elsewhere (a system Python), the same entry by -m
+LAUNCH = [BIN / "launch"] if (BIN / "launch").exists() else [sys.executable, "-m", "launcher"]
 MLP, CIFAR = HERE / "mlp.py", ROOT / "recipes" / "cifar.py"
 LOG_EVERY, WARMUP = 100, 200  # MLP
 CIFAR_LOG, CIFAR_WARMUP, CIFAR_STEPS = 10, 10, 70
@@ -50,6 +56,8 @@ CIFAR_HP = {"width": "16", "batch_size": "256", "val_size": "0"}
 LOADER = ["--no-device-data", "--workers", "1"]
 STARTUP = ("--procs", "2", "--max-steps", "1", "--log-every", "1")  # start-up: to the end of the first step
 CALLGRIND_STEPS = (100, 600)  # two MLP run lengths; instructions per step from their difference
+WHERE = {"cpu": ["--cpu"], "cuda": ["--gpus", "1"]}
+DEVICE = "cpu"  # where rows 1 and 2 train: main() sets "cuda" for --gpu, before any command is built
 
 
 def env(threads: int | None = None) -> dict:
@@ -86,7 +94,7 @@ def flags(hp: dict) -> list[str]:
 
 
 def launch_cmd(recipe: Path, run_dir: Path, *extra) -> list:
-    return [BIN / "launch", recipe, "--cpu", *extra, "--wandb", "disabled", "--run-dir", run_dir]
+    return [*LAUNCH, recipe, *WHERE[DEVICE], *extra, "--wandb", "disabled", "--run-dir", run_dir]
 
 
 def mlp_launch(steps: int, run_dir: Path) -> list:
@@ -95,12 +103,12 @@ def mlp_launch(steps: int, run_dir: Path) -> list:
 
 def mlp_module(steps: int, run_dir: Path) -> list:
     """The MLP under `python -m launcher`: the launcher found first on PYTHONPATH (see checkout_env)."""
-    return [sys.executable, "-m", "launcher", *mlp_launch(steps, run_dir)[1:]]
+    return [sys.executable, "-m", "launcher", *mlp_launch(steps, run_dir)[len(LAUNCH):]]
 
 
 def startup_module(run_dir: Path) -> list:
     """The start-up run under `python -m launcher`, as mlp_module."""
-    return [sys.executable, "-m", "launcher", *launch_cmd(MLP, run_dir, *STARTUP)[1:]]
+    return [sys.executable, "-m", "launcher", *launch_cmd(MLP, run_dir, *STARTUP)[len(LAUNCH):]]
 
 
 def checkout_env(environ: dict, checkout: Path) -> dict:
@@ -125,7 +133,7 @@ def instructions_per_step(checkout: Path, tmp: Path) -> float:
 
 
 def mlp_hand(steps: int) -> list:
-    return [sys.executable, HERE / "handwritten.py", MLP, steps, LOG_EVERY, "--clip-grad", "1.0"]
+    return [sys.executable, HERE / "handwritten.py", MLP, steps, LOG_EVERY, "--clip-grad", "1.0", "--device", DEVICE]
 
 
 def mlp_lightning(steps: int) -> list:
@@ -139,7 +147,7 @@ def cifar_launch(run_dir: Path, cache: Path, *extra) -> list:
 def cifar_hand(cache: Path) -> list:
     hp = {**CIFAR_HP, "cache_dir": str(cache)}
     pairs = [f"{k}={v}" for k, v in hp.items()]
-    return [sys.executable, HERE / "handwritten.py", CIFAR, CIFAR_STEPS, CIFAR_LOG, *pairs]
+    return [sys.executable, HERE / "handwritten.py", CIFAR, CIFAR_STEPS, CIFAR_LOG, "--device", DEVICE, *pairs]
 
 
 # ------------------------------------------------------------------ the measures
@@ -229,11 +237,14 @@ def main() -> None:
     ap.add_argument("--callgrind", action="store_true",
                     help="with --baseline: also count both launchers' instructions per MLP step under valgrind "
                          "(about 10 minutes)")
+    ap.add_argument("--gpu", action="store_true", help="rows 1 and 2 on one GPU (the others are left out)")
     args = ap.parse_args()
 
     import torch
 
-    lightning = importlib.util.find_spec("lightning") is not None
+    global DEVICE
+    DEVICE = "cuda" if args.gpu else "cpu"
+    lightning = importlib.util.find_spec("lightning") is not None and not args.gpu
     cifar_dir = os.environ.get("CIFAR10_DIR")
     rows, commands = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -253,12 +264,13 @@ def main() -> None:
         commands += [shown(mlp_launch(args.steps, Path("RUN"))), shown(mlp_hand(args.steps)),
                      shown(mlp_lightning(args.steps))]
         hand = median(mlp["hand-written"])
-        rows.append(f"| steps/s, MLP 64-128-10, batch 32, 1 thread | {median(mlp['launcher']):.0f} | {hand:.0f} "
+        rows.append(f"| steps/s, MLP 64-128-10, batch 32, {'1 GPU' if args.gpu else '1 thread'} | "
+                    f"{median(mlp['launcher']):.0f} | {hand:.0f} "
                     f"(hand-written) | {ratio_cell(mlp['launcher'], mlp['hand-written'])} |")
         if lightning:
             rows.append(f"| steps/s, same, the peer | {median(mlp['launcher']):.0f} | {median(mlp['Lightning']):.0f} "
                         f"(Lightning Trainer) | {ratio_cell(mlp['launcher'], mlp['Lightning'])} |")
-        else:
+        elif not args.gpu:
             rows.append("| steps/s, same, the peer | – | not installed: pip install -e '.[bench]' | – |")
         if args.baseline:
             commands.append(f"PYTHONPATH={args.baseline} {shown(mlp_module(args.steps, Path('RUN')))}")
@@ -272,8 +284,8 @@ def main() -> None:
             rows.append(f"| instructions per step, same MLP, callgrind | {ours:,.0f} | {theirs:,.0f} (baseline) | "
                         f"{ours / theirs:.4f} |")
 
-        if cifar_dir:
-            cache = tmp / "cache"
+        cache = tmp / "cache"
+        if cifar_dir and args.cifar_reps:
             print("CIFAR-10 network steps/s", file=sys.stderr)
             extra = ("--max-steps", CIFAR_STEPS, "--log-every", CIFAR_LOG)
             cifar = alternate(args.cifar_reps, {
@@ -288,6 +300,7 @@ def main() -> None:
             waits = [100 * w for _, w in cifar["launcher"]]
             rows.append(f"| share of step time waiting for data, same runs | {median(waits):.2f} % (max "
                         f"{max(waits):.2f} %) | goal < 2 % | – |")
+        if cifar_dir and args.epoch_reps:
             print("CIFAR-10 data paths, one epoch", file=sys.stderr)
             paths = alternate(args.epoch_reps, {
                 "device data": lambda rep: epoch_run(tmp, cache, f"fast-{rep}", []),
@@ -299,10 +312,10 @@ def main() -> None:
             rows.append(f"| one CIFAR-10 epoch, s (test accuracy) | {median(fast):.1f} ({median(acc_fast):.3f}), "
                         f"device data | {median(slow):.1f} ({median(acc_slow):.3f}), DataLoader | "
                         f"{median(slow) / median(fast):.2f}× faster |")
-        else:
+        if not cifar_dir:
             rows.append("| CIFAR-10 rows | – | skipped: set CIFAR10_DIR (../shared/data) | – |")
 
-        if args.startup_reps:
+        if args.startup_reps and not args.gpu:
             print("start-up", file=sys.stderr)
             references = startup_references()
             sides = {"launch": lambda rep: launch_startup(launch_cmd(MLP, tmp / f"start-{rep}", *STARTUP),

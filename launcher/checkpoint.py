@@ -196,15 +196,15 @@ def _safe_globals(file: Path) -> list:
 
 
 def _deepspeed_globals() -> list:
-    """The plain-data classes DeepSpeed pickles into its optimizer files, and nothing that runs code."""
+    """The plain-data classes DeepSpeed pickles into its optimizer files (fp16's dynamic loss scaler among them), and nothing that runs code."""
     from .zero import import_deepspeed
 
     import_deepspeed()
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, ZeroStageEnum, fragment_address]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def causes(e: BaseException | None):

@@ -211,9 +211,10 @@ def _check_engine(args: Flags) -> dict | None:
         raise UsageError(f"--offload {offload} needs --zero 3: only stage 3 shards the parameters")
     if engine != "ddp" and args.compile:
         raise UsageError(f"--compile works with --engine ddp (and one process) for now, not {engine}")
-    if engine == "deepspeed" and args.precision == "fp16":
+    if engine == "deepspeed" and args.precision == "fp16" and (args.cpu or os.environ.get(zero.UNVERIFIED_FP16) != "1"):
         raise UsageError("--engine deepspeed with --precision fp16 is not supported: DeepSpeed's fp16 halves the "
-                         "weights themselves and needs a GPU to verify; use bf16, or fp16 with --engine fsdp or ddp")
+                         "weights themselves and needs a GPU to verify (benchmarks/gpu.py); use bf16, or fp16 with "
+                         "--engine fsdp or ddp")
     if not args.deepspeed_config:
         return None
     try:

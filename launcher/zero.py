@@ -2,8 +2,10 @@
 
 The launcher's flags own what they mean in every engine — the global batch, accumulation, clipping,
 precision, the ZeRO stage and offload — and a --deepspeed-config file may add anything else; a value
-it sets that contradicts a flag is an error naming both. DeepSpeed runs its fp32 engine: mixed
-precision is autocast over fp32 weights, as under DDP and FSDP. It divides the loss by the
+it sets that contradicts a flag is an error naming both. DeepSpeed runs its fp32 engine for bf16: mixed
+precision is autocast over fp32 weights, as under DDP and FSDP. fp16 is DeepSpeed's own (fp16 weights, an
+fp32 master copy, its dynamic loss scale set as torch's GradScaler sets it), which a GPU must verify
+before the launcher offers it (benchmarks/gpu.py). It divides the loss by the
 accumulation steps, clips, and steps the optimizer and the schedule at the accumulation boundary
 itself; the launcher never does any of these a second time.
 """
@@ -26,6 +28,13 @@ from .plan import Plan
 TAG = "zero"  # the one checkpoint tag inside a launcher checkpoint's deepspeed/ folder
 OFFLOAD = {"none": (), "optimizer": ("offload_optimizer",), "params": ("offload_param",),
            "both": ("offload_optimizer", "offload_param")}
+
+
+# DeepSpeed's loss scaler as torch.amp.GradScaler's defaults, which DDP and FSDP use: 2^16 at first, halved on
+# every overflow (no hysteresis), doubled after 2,000 steps without one; inputs cast to fp16 by the engine
+FP16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 2000, "hysteresis": 1,
+        "min_loss_scale": 1, "auto_cast": True}
+UNVERIFIED_FP16 = "LAUNCH_UNVERIFIED_DEEPSPEED_FP16"  # =1: allow fp16 under DeepSpeed before a GPU has verified it
 
 
 class ConfigError(Exception):
@@ -59,8 +68,10 @@ def config(plan: Plan, user: dict) -> dict:
         if device not in (None, "none") and key not in OFFLOAD[plan.offload]:
             raise ConfigError(f"--deepspeed-config: zero_optimization.{key}.device {device} contradicts --offload "
                               f"{plan.offload}")
+    if plan.precision == "fp16":
+        ours["fp16"] = FP16
     for block in ("fp16", "bf16"):
-        if _get(user, f"{block}.enabled"):
+        if _get(user, f"{block}.enabled") and block != plan.precision:
             raise ConfigError(f"--deepspeed-config: {block}.enabled true contradicts --precision {plan.precision} "
                               "(the launcher runs DeepSpeed in fp32 under autocast: choose with --precision)")
     for block in ("optimizer", "scheduler"):
@@ -116,7 +127,18 @@ def build(plan: Plan, module: nn.Module, make_optimizer) -> Zero:
     deepspeed.utils.logger.setLevel(logging.WARNING)
     if engine.zero_optimization_stage() != plan.zero:
         raise RuntimeError(f"--zero {plan.zero}, but DeepSpeed runs stage {engine.zero_optimization_stage()}")
-    return Zero(engine, engine.module, ds_optimizer, scheduler)
+    return Zero(engine, engine.module, ds_optimizer, scheduler,
+                LossScale(ds_optimizer) if plan.precision == "fp16" else None)
+
+
+@dataclass
+class LossScale:
+    """DeepSpeed's fp16 loss scale, read as the trainer reads torch's GradScaler."""
+
+    optimizer: torch.optim.Optimizer
+
+    def get_scale(self) -> float:
+        return float(self.optimizer.loss_scale)
 
 
 @dataclass
@@ -127,7 +149,7 @@ class Zero:
     module: nn.Module  # the recipe's module (ZeRO-3: parameters gathered by hooks in each forward)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler = None  # DeepSpeed runs fp32 under autocast: no fp16 loss scaler
+    scaler: LossScale | None  # fp16: DeepSpeed's own; bf16 and fp32 run its fp32 engine, with no loss scale
     whole_gradients = False  # they live in DeepSpeed's partitioned buffers
     buckets = False
 
@@ -142,16 +164,21 @@ class Zero:
 
     def update(self, clip: float, rescale: torch.Tensor | None = None) -> float:
         """Clip and step (DeepSpeed skips a step whose gradient norm is not finite); the norm before clipping.
-        `rescale` multiplies the gradients (a step's counts, see trainer.py): it goes in as the ZeRO optimizer's
-        loss scale, which DeepSpeed divides out of the gradients before it measures and clips them (in its fp32
-        engine the scale is otherwise 1, and the backward, which multiplies by it, has already run)."""
+        `rescale` multiplies the gradients (a step's counts, see trainer.py): it divides the ZeRO optimizer's
+        loss scale, which DeepSpeed divides out of the gradients before it measures and clips them (1 in its fp32
+        engine; the backward, which multiplied by it, has already run). fp16's scaler then halves or doubles
+        that scale, and the rescale comes off it again."""
+        scale = self.optimizer.loss_scale
         if rescale is not None:
-            self.optimizer.loss_scale = 1 / rescale.item()
+            self.optimizer.loss_scale = scale / rescale.item()
         try:
             self.model.step()
         finally:
             if rescale is not None:
-                self.optimizer.loss_scale = 1.0
+                self.optimizer.loss_scale = self.optimizer.loss_scale * rescale.item()
+        if self.scaler and self.optimizer.overflow:
+            self.scheduler.step()  # DeepSpeed holds the schedule on an overflow; it advances with the data here
+            return math.inf
         norm = self.model.get_global_grad_norm()
         return math.nan if norm is None else float(norm)
 

@@ -21,7 +21,8 @@ from conftest import (
     tiny,
     train_records,
 )
-from launcher import export
+from launcher import export, zero
+from launcher.plan import Plan
 
 COMMON = ("--max-steps", "12", "--noise", "0.1", "--log-every", "1", "--grad-accum", "2", "--clip-grad", "0.5",
           "--batch-size", "16")
@@ -179,6 +180,25 @@ def test_engine_settings_that_contradict_each_other_exit_2(tmp_path, capsys, fla
         flags = (*flags, "--deepspeed-config", tmp_path / "ds.json")
     assert message in refused(capsys, TINY, "--cpu", *flags, "--run-dir", tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_deepspeed_fp16_stays_refused_on_the_cpu_even_when_asked_for_unverified(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(zero.UNVERIFIED_FP16, "1")
+    assert "needs a GPU to verify (benchmarks/gpu.py)" in refused(
+        capsys, TINY, "--cpu", "--engine", "deepspeed", "--precision", "fp16", "--run-dir", tmp_path / "run")
+
+
+def test_deepspeed_fp16_scales_the_loss_as_torchs_grad_scaler_does():
+    """What benchmarks/gpu.py compares on a GPU, DeepSpeed's fp16 against DDP's: the same dynamic loss scale."""
+    plan = Plan(recipe="r.py", hparams={"batch_size": 32}, run_dir="run", name="r", engine="deepspeed", zero=2,
+                precision="fp16", device="cuda")
+    fp16 = zero.config(plan, {"fp16": {"enabled": True, "loss_scale_window": 100}})["fp16"]
+    scaler = torch.amp.GradScaler("cpu")
+    assert 2 ** fp16["initial_scale_power"] == scaler.get_scale()
+    assert fp16["loss_scale_window"] == scaler.get_growth_interval()
+    assert (fp16["hysteresis"], fp16["loss_scale"], fp16["enabled"]) == (1, 0, True)  # halve on each overflow
+    assert (scaler.get_backoff_factor(), scaler.get_growth_factor()) == (0.5, 2.0)  # DeepSpeed's fixed factors
+    assert "fp16" not in zero.config(Plan(**{**plan.__dict__, "precision": "bf16"}), {})
 
 
 NONFINITE = ("--max-steps", "8", "--nan-at", "5", "--skip-nonfinite")

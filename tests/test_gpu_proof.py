@@ -1,0 +1,94 @@
+"""benchmarks/gpu.py, the one script that proves the launcher on a GPU: its smoke mode runs every step on the CPU
+here, so that the GPU run, lent for minutes, does not fail on a typo. The GPU itself cannot be tested here."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, clean_env
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+sys.path.insert(0, str(ROOT / "recipes"))
+import cifar  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpu")
+    done = subprocess.run([sys.executable, ROOT / "benchmarks" / "gpu.py", "run", tmp / "out", "--smoke",
+                           "--scratch", tmp / "scratch"], capture_output=True, text=True, timeout=600,
+                          env=clean_env())
+    return tmp, done
+
+
+@pytest.mark.slow
+def test_every_step_runs_in_smoke_mode_and_reports(smoke):
+    tmp, done = smoke
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp / "out" / "results.json").read_text())
+    steps = results["steps"]
+    assert list(steps) == ["smoke", "cifar", "lm", "deepspeed-fp16", "overhead"]
+    assert {name: s["status"] for name, s in steps.items()} == {
+        "smoke": "ok", "cifar": "ok", "lm": "ok", "deepspeed-fp16": "skipped", "overhead": "ok"}
+    assert steps["deepspeed-fp16"]["why"] == "DeepSpeed's fp16 needs a GPU"
+    assert set(steps["smoke"]["result"]) == {"gpu bf16", "gpu fp16", "debug bf16", "debug fp16"}
+    assert all(r["steps"] == 20 for r in steps["smoke"]["result"].values())
+    ours = steps["cifar"]["result"]["launcher"]
+    assert [r["seed"] for r in ours["runs"]] == [0, 1] and all(0 <= r["test_acc"] <= 1 for r in ours["runs"])
+    assert ours["mean_acc"] == pytest.approx(sum(r["test_acc"] for r in ours["runs"]) / 2)
+    assert steps["cifar"]["result"]["airbench"] == {"skipped": "airbench needs CUDA"}
+    lm = steps["lm"]["result"]
+    assert list(lm) == ["DDP, --compile", "DDP", "FSDP", "DeepSpeed ZeRO-2"]
+    assert all(r["tokens_per_s"] > 0 and r["windows"] >= 2 for r in lm.values()), lm
+    assert steps["overhead"]["result"]["ratios"] and all(r > 0 for r in steps["overhead"]["result"]["ratios"])
+    md = (tmp / "out" / "results.md").read_text()
+    for heading in ("## smoke: ok", "## cifar: ok", "## lm: ok", "## deepspeed-fp16: skipped", "## overhead: ok"):
+        assert heading in md
+    assert "| DeepSpeed ZeRO-2 | " in md and "| mean ± sd | " in md
+    assert (tmp / "out" / "runs" / "lm-fsdp.metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_airbench_reads_the_images_the_recipe_reads(smoke):
+    """airbench's train.pt/test.pt (N×32×32×3 uint8) hold exactly the recipe's decoded images and labels."""
+    tmp, _ = smoke
+    decoded = cifar.decode(tmp / "scratch" / "fake-cifar")
+    for split in ("train", "test"):
+        theirs = torch.load(tmp / "scratch" / "airbench" / "cifar10" / f"{split}.pt", weights_only=True)
+        assert theirs["images"].dtype == torch.uint8 and theirs["images"].shape[1:] == (32, 32, 3)
+        assert torch.equal(theirs["images"].permute(0, 3, 1, 2), decoded[f"{split}_x"])
+        assert torch.equal(theirs["labels"], decoded[f"{split}_y"])
+        assert theirs["classes"] == list(cifar.CLASSES)
+
+
+def fp16_rows(scales, norms, losses):
+    return [{"step": i + 1, "loss_scale": s, "grad_norm": n, "train/loss": loss}
+            for i, (s, n, loss) in enumerate(zip(scales, norms, losses, strict=True))]
+
+
+DDP = fp16_rows([65536.0, 32768.0, 32768.0], [math.inf, 2.0, 1.5], [5.5, 5.4, 5.3])
+
+
+@pytest.mark.parametrize("ds,verdict", [
+    (fp16_rows([65536.0, 32768.0, 32768.0], [math.inf, 2.001, 1.5], [5.5, 5.4, 5.301]), None),
+    (fp16_rows([65536.0, 65536.0, 32768.0], [math.inf, 2.0, 1.5], [5.5, 5.4, 5.3]),
+     "step 2: loss_scale 32768 under DDP, 65536 under DeepSpeed"),
+    (fp16_rows([65536.0, 32768.0, 32768.0], [1.9, 2.0, 1.5], [5.5, 5.4, 5.3]),
+     "step 1: grad_norm inf under DDP, 1.9 under DeepSpeed"),
+    (fp16_rows([65536.0, 32768.0, 32768.0], [math.inf, 2.0, 1.6], [5.5, 5.4, 5.3]),
+     "step 3: grad_norm 1.5 under DDP, 1.6 under DeepSpeed"),
+    (fp16_rows([65536.0, 32768.0], [math.inf, 2.0], [5.5, 5.4]), "3 logged steps under DDP, 2 under DeepSpeed"),
+])
+def test_deepspeed_fp16_is_verified_only_when_every_step_matches_ddp(ds, verdict):
+    result = gpu.compare_fp16(DDP, ds)
+    if verdict is None:
+        assert result == {"verified": True, "steps": 3, "loss_scales": [32768.0, 65536.0], "skipped_steps": 1,
+                          "final_loss": [5.3, 5.301]}
+    else:
+        assert result == {"verified": False, "why": verdict}
