@@ -25,12 +25,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_data(source: Path, folder: Path) -> None:
-    """airbench's cifar10/{train,test}.pt from the recipe's decoding of `source`."""
+def write_data(source: Path, cache: Path, folder: Path) -> None:
+    """airbench's cifar10/{train,test}.pt from the recipe's decoding of `source` (its cache, when it is there)."""
     sys.path.insert(0, str(ROOT / "recipes"))
     import cifar
 
-    arrays = cifar.decode(source)
+    hp = cifar.Hparams(data_dir=str(source), cache_dir=str(cache), download=False)
+    arrays = torch.load(cifar.cached(hp), weights_only=True)
     folder.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
         images = arrays[f"{split}_x"].permute(0, 2, 3, 1).contiguous()  # airbench keeps images channels-last
@@ -62,11 +63,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="CIFAR-10 as recipes/cifar.py reads it")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--cache-dir", type=Path, default=Path("~/.cache/launcher"),
+                    help="where the recipe caches the decoded images (its default)")
     ap.add_argument("--work", type=Path, default=Path("airbench-work"), help="airbench's working folder")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     json_out = args.json and args.json.resolve()  # before the chdir into airbench's folder
-    write_data(args.data, args.work / "cifar10")
+    write_data(args.data, args.cache_dir, args.work / "cifar10")
     if not torch.cuda.is_available():
         result = {"skipped": "airbench needs CUDA"}
     else:

@@ -1,7 +1,7 @@
 """Proof on a GPU: every GPU path of the launcher once, and the figures users pick a launcher by, in one command.
 
     python benchmarks/gpu.py pack .gpu                  # here: the wheels and data that travel to the GPU machine
-    python benchmarks/gpu.py run OUT --carry .gpu       # there: about 9 minutes on one H200
+    python benchmarks/gpu.py run OUT --carry .gpu       # there: sized for 9 minutes on one H200
     python benchmarks/gpu.py run OUT --smoke            # the same steps on the CPU at tiny sizes (tested in CI)
 
 `run` installs what the machine lacks from the carried wheels (deepspeed and its small dependencies, airbench,
@@ -118,7 +118,7 @@ def last(rows: list[dict], key: str):
 
 def smoke(setup: Setup) -> dict:
     """digits.py on one GPU and in one process (--debug), bf16 and fp16: exit 0, and the validation accuracy."""
-    short = ["--max-steps", "20"] if setup.smoke else []
+    short = ["--max-steps", "20" if setup.smoke else "200"]
     runs = {}
     for where, flags in (("gpu", setup.where), ("debug", ["--debug"])):
         for precision in ("bf16", "fp16"):
@@ -140,7 +140,8 @@ def cifar(setup: Setup) -> dict:
     ref = setup.out / "airbench.json"
     try:  # the reference's failure (a torchvision that does not fit this torch) leaves the recipe's figures
         command([sys.executable, HERE / "airbench_ref.py", "--data", setup.cifar_data, "--seeds", setup.seeds,
-                 "--work", setup.scratch / "airbench", "--json", ref], "airbench", setup, timeout=600)
+                 "--cache-dir", setup.scratch / "cache", "--work", setup.scratch / "airbench", "--json", ref],
+                "airbench", setup, timeout=600)
         result["airbench"] = theirs = json.loads(ref.read_text())
     except StepError as e:
         result["airbench"] = theirs = {"error": str(e)}
@@ -165,7 +166,7 @@ def lm(setup: Setup) -> dict:
                  "--max-steps", "12", "--log-every", "2"]
         warmup = 4
     else:
-        shape = ["--size", "gpt2", "--max-steps", "120", "--log-every", "10"]
+        shape = ["--size", "gpt2", "--max-steps", "100", "--log-every", "10"]
         warmup = LM_WARMUP
     engines = {"DDP, --compile": ["--compile"], "DDP": [], "FSDP": ["--engine", "fsdp"]}
     if importlib.util.find_spec("deepspeed"):
@@ -228,8 +229,9 @@ def overhead(setup: Setup) -> dict:
     if setup.smoke:
         flags, env = ["--reps", "1", "--steps", "300", "--cifar-reps", "0"], {}
     else:
-        flags, env = ["--gpu", "--reps", "3", "--steps", "2000", "--cifar-reps", "2"], {"CIFAR10_DIR": str(setup.carry)}
-    text = command([sys.executable, HERE / "overhead.py", *flags, "--epoch-reps", "0", "--startup-reps", "0"],
+        flags, env = ["--gpu", "--reps", "3", "--steps", "1500", "--cifar-reps", "2"], {"CIFAR10_DIR": str(setup.carry)}
+    text = command([sys.executable, HERE / "overhead.py", *flags, "--epoch-reps", "0", "--startup-reps", "0",
+                    "--cache-dir", setup.scratch / "cache"],
                    "overhead", setup, timeout=540, env=env)
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| measure")]
     return {"table": rows, "ratios": [float(m.group(1)) for line in rows
@@ -249,13 +251,17 @@ def install(carry: Path | None) -> list[str]:
     wheels = sorted((carry / "wheels").glob("*.whl")) if carry else []
     modules = {w: MODULES.get(w.name.split("-")[0].lower()) for w in wheels}
     missing = [w for w, module in modules.items() if module is None or not importlib.util.find_spec(module)]
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index"]
+    env = {**os.environ, "PIP_BREAK_SYSTEM_PACKAGES": "1"}  # a machine's own Python, set up for throw-away runs
     if missing:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", *map(str, missing)],
-                       check=True)
+        subprocess.run([*pip, *map(str, missing)], check=True, env=env)
         done += [w.name for w in missing]
     if not importlib.util.find_spec("launcher"):
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)], check=True)
-        done.append("launcher (-e, no dependencies)")
+        if subprocess.run([*pip, "--no-build-isolation", "-e", str(ROOT)], env=env).returncode == 0:
+            done.append("launcher (-e, no dependencies)")
+        else:  # no setuptools to build with: every process finds the checkout on the path instead
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+            done.append(f"launcher on PYTHONPATH ({ROOT})")
     importlib.invalidate_caches()
     return done
 
@@ -373,9 +379,10 @@ def pack(folder: Path, python: str, torchvision: str) -> None:
                    check=True)
     for sdist in ("deepspeed==0.19.8", "airbench==0.1.8"):  # pure Python, shipped as sources: built here
         subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", sdist, "-w", wheels], check=True)
-    shared = ROOT.parent / "shared" / "data"
-    for name in ("cifar10-jpeg.tar.gz",):
-        shutil.copy(shared / name, folder / name)
+    data = Path(os.environ.get("CIFAR10_DIR", ROOT.parent / "shared" / "data")) / "cifar10-jpeg.tar.gz"
+    if not data.exists():
+        sys.exit(f"gpu.py pack: no {data}; set CIFAR10_DIR to the folder that holds cifar10-jpeg.tar.gz")
+    shutil.copy(data, folder / data.name)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     print(f"packed {folder}: {size / 2**20:.1f} MiB; on the GPU machine, with it carried: "
           f"python benchmarks/gpu.py run $OUT --carry {folder}")

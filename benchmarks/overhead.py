@@ -238,6 +238,7 @@ def main() -> None:
                     help="with --baseline: also count both launchers' instructions per MLP step under valgrind "
                          "(about 10 minutes)")
     ap.add_argument("--gpu", action="store_true", help="rows 1 and 2 on one GPU (the others are left out)")
+    ap.add_argument("--cache-dir", type=Path, help="the CIFAR-10 recipe's decoded images (default: decoded anew)")
     args = ap.parse_args()
 
     import torch
@@ -284,7 +285,7 @@ def main() -> None:
             rows.append(f"| instructions per step, same MLP, callgrind | {ours:,.0f} | {theirs:,.0f} (baseline) | "
                         f"{ours / theirs:.4f} |")
 
-        cache = tmp / "cache"
+        cache = args.cache_dir or tmp / "cache"
         if cifar_dir and args.cifar_reps:
             print("CIFAR-10 network steps/s", file=sys.stderr)
             extra = ("--max-steps", CIFAR_STEPS, "--log-every", CIFAR_LOG)

@@ -196,7 +196,8 @@ def _safe_globals(file: Path) -> list:
 
 
 def _deepspeed_globals() -> list:
-    """The plain-data classes DeepSpeed pickles into its optimizer files (fp16's dynamic loss scaler among them), and nothing that runs code."""
+    """The plain-data classes DeepSpeed pickles into its optimizer files (fp16's dynamic loss scaler among
+    them), and nothing that runs code."""
     from .zero import import_deepspeed
 
     import_deepspeed()

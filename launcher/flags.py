@@ -253,6 +253,13 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("launcher")
+    except importlib.metadata.PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+        return "(not installed)"
+
+
 def parser(add_help: bool) -> Parser:
     """argparse's parser of every flag, in GROUPS' sections of --help."""
     p = Parser(prog="launch", usage=f"{USAGE}\n       launch [launcher flags] SCRIPT [its arguments]",
@@ -261,7 +268,7 @@ def parser(add_help: bool) -> Parser:
                            "(torchrun's or Accelerate's) as it is, everything after SCRIPT its own.",
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", metavar="RECIPE", help=FIELDS["recipe"].metadata["help"])
-    p.add_argument("--version", action="version", version=f"launch {importlib.metadata.version('launcher')}")
+    p.add_argument("--version", action="version", version=f"launch {version()}")
     groups = {title: p.add_argument_group(title, description) for title, description in GROUPS.items()}
     for name, f in FIELDS.items():
         if name == "recipe":
