@@ -29,6 +29,7 @@ OVERFIT = 1.25  # the last validation loss over the best one, with the training 
 RATIO = (1e-6, 1e-1)  # healthy |Δw|/|w| per step lies well inside, around 1e-3
 SHORT_RATIO = 1.0  # in a run too short to judge (fresh weights move fast at first), only updates as large as them
 RELU_LIKE = (nn.ReLU, nn.ReLU6)
+GAP_Z = 5.0  # a test metric this many standard errors from its validation value earns a warning
 
 
 @dataclass
@@ -183,6 +184,30 @@ def verdict(train: list[tuple[int, float]], val: list[tuple[int, float]], monito
         found += ratios
         unjudged += too_short
     return found, unjudged
+
+
+def test_gap(val: dict, test: dict, sizes: dict) -> list[str]:
+    """A test metric that lies GAP_Z standard errors or more from the validation value of the same weights. The
+    metrics between 0 and 1 (accuracies, F1, …) are shares of the samples, whose standard error the two split
+    sizes give: sqrt(p (1 - p) (1/n_val + 1/n_test)), p their pooled value."""
+    found = []
+    for key, v in val.items():
+        name = key.removeprefix("val/")
+        t = test.get(f"test/{name}")
+        if t is None or "loss" in name or not (0 <= v <= 1 and 0 <= t <= 1) or not (sizes["val"] and sizes["test"]):
+            continue
+        p = (v * sizes["val"] + t * sizes["test"]) / (sizes["val"] + sizes["test"])
+        if not 0 < p < 1:
+            continue
+        error = math.sqrt(p * (1 - p) * (1 / sizes["val"] + 1 / sizes["test"]))
+        if abs(t - v) >= GAP_Z * error:
+            found.append(f"the test metrics are far from the validation metrics of the same weights: test/{name} "
+                         f"{t:.4g} against val/{name} {v:.4g} ({sizes['test']:,} and {sizes['val']:,} samples: chance "
+                         f"moves it by about {error:.2g}); look for labels that mean other things in the test split "
+                         "(a class mapping of its own), test data from another distribution than training's, or the "
+                         "validation split leaking into training or model selection")
+            break  # one metric says it
+    return found
 
 
 def ends(losses: list[float], initial: float | None) -> tuple[float, float, float]:

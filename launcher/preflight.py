@@ -25,18 +25,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import data, steps
+from . import data, neardup, steps
 from .bars import progress
 from .errors import RecipeError
 from .modules import buffers_kept
+from .optim import default_optimizer
 from .text import count, first_line
 
 SAMPLE_BATCHES = 4
 LABEL_SAMPLE = 2_000  # samples read for the class balance when the dataset holds no label tensor
 HASH_LIMIT = 200_000  # rows of a tensor data set hashed per split; more are sampled
 SAMPLE_HASH_LIMIT = 20_000  # samples of any other dataset (each one read through __getitem__), or of a stream
+NEAR_SHARE = 0.01  # near-duplicates of an earlier split's inputs in this share of a split earn a warning
+NEAR_EXAMPLES = 20  # (index, index) pairs of each pair of splits kept in the record
 IMBALANCE = 3.0  # largest over smallest class count that earns a warning
 LOSS_RATIO = (0.7, 1.4)  # initial loss / expected outside this range earns a warning
+EVAL_SAMPLES = 64  # of the sample batch, evaluated three times by the eval-mode check
+EVAL_TOLERANCE = 1e-3  # of an output's largest value: what two evaluations of the same sample may differ by
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 CLASSIFICATION = ("cross_entropy", "nll_loss")
 BINARY = ("binary_cross_entropy", "binary_cross_entropy_with_logits")
@@ -60,12 +65,14 @@ class Call:
     value: torch.Tensor
 
 
-def preflight(module: nn.Module, train, evals: dict, step: Callable, augment, batch: int, seed: int) -> Report:
+def preflight(module: nn.Module, train, evals: dict, step: Callable, augment, batch: int, seed: int,
+              evaluate: Callable) -> Report:
     """Every pre-flight check. Leaves the model as it found it (buffers such as batch-norm statistics are put
     back) and draws its sample from a generator of its own."""
     report = Report()
-    batches = [data.augmented(augment, b) for b in train.sample(SAMPLE_BATCHES, max(batch, 2), seed)]
-    calls = forwards(module, step, batches, report)
+    sampled = train.sample(SAMPLE_BATCHES, max(batch, 2), seed)
+    calls = forwards(module, step, [data.augmented(augment, b) for b in sampled], report)
+    checked(report, "eval", lambda: eval_mode(module, evaluate, sampled[0], report))
     checked(report, "labels", lambda: labels(train, calls, seed, report))
     checked(report, "splits", lambda: leakage({"train": train, **evals}, seed, report))
     checked(report, "model", lambda: parameters(module, report))
@@ -94,7 +101,11 @@ def check_only(plan, recipe, hp) -> int:
     """`launch RECIPE --check`: the pre-flight report in this process, nothing trained or written; exit 1 when
     something looks wrong."""
     parts = steps.build(recipe, hp, plan.seed, torch.device(plan.device), 0, plan.device_data)
-    report = preflight(parts.module, parts.train, parts.evals, parts.step, parts.augment, plan.micro_batch, plan.seed)
+    report = preflight(parts.module, parts.train, parts.evals, parts.step, parts.augment, plan.micro_batch, plan.seed,
+                       parts.evaluate)
+    # the schedule's length does not matter to what the optimizer holds
+    optimizer, _ = getattr(recipe, "optimizer", default_optimizer)(parts.module, hp, plan.max_steps or 100)
+    checked(report, "optimizer", lambda: optimizer_holds_frozen(parts.module, optimizer, report))
     print("\n".join(shown(report)), flush=True)
     return 1 if report.warnings else 0
 
@@ -294,6 +305,100 @@ def broadcast(out: steps.Output, made: list[Call], report: Report) -> None:
                 f"their mean; give both the same shape (the output's .squeeze(-1), say)")
 
 
+# ---------------------------------------------------------------- evaluation mode
+
+
+@contextmanager
+def module_outputs(module: nn.Module, into: dict):
+    """Fills `into` with each module's first tensor output of a forward (and whether the module was in training
+    mode), in the order the modules finish."""
+    def hook(name):
+        def record(mod, args, out):
+            if isinstance(out, torch.Tensor) and name not in into:
+                into[name] = (mod, mod.training, out.detach().float())
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in module.named_modules()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Beyond the rounding of a matrix product that a batch of another size computes in another order."""
+    return a.shape != b.shape or bool((a - b).abs().max() > EVAL_TOLERANCE * max(a.abs().max().item(), 1e-6))
+
+
+@torch.no_grad()
+def eval_mode(module: nn.Module, evaluate: Callable, batch, report: Report) -> None:
+    """In eval mode a sample's output depends on that sample alone: the same batch twice gives the same outputs
+    (no dropout left on), and its first half alone gives the same outputs as inside the whole (batch norm
+    normalises by its running statistics, not the batch's). The first module whose output breaks either is
+    named."""
+    n = data.size(batch)
+    if n < 2:
+        report.lines.append("eval     not checked: a sample batch of one")
+        return
+
+    def first(k: int, tree):
+        return data.tree_map(lambda t: t[:k] if isinstance(t, torch.Tensor) and t.ndim and len(t) == n else t, tree)
+
+    batch, n = first(min(n, EVAL_SAMPLES), batch), min(n, EVAL_SAMPLES)
+    half = first(n // 2, batch)
+    runs = [{}, {}, {}]
+    training = module.training
+    module.eval()
+    try:
+        with buffers_kept(module):
+            for into, b in zip(runs, (batch, batch, half), strict=True):
+                with module_outputs(module, into):
+                    evaluate(module, b)
+    finally:
+        module.train(training)
+    whole, again, part = runs
+    for name, (mod, stuck, out) in whole.items():
+        where = f"{name or 'the model'} ({type(mod).__name__}{', still in training mode' * stuck})"
+        if name in again and differs(out, again[name][2]):
+            return eval_warning(report, where, "the same batch evaluated twice gives other outputs",
+                                "the metrics change from one evaluation to the next", "dropout or another random "
+                                "layer left on")
+        alone = part[name][2] if name in part else None  # a per-sample output: n rows inside, n // 2 alone
+        if alone is not None and out.shape[1:] == alone.shape[1:] and (len(out), len(alone)) == (n, n // 2) \
+                and differs(out[: n // 2], alone):
+            return eval_warning(report, where, f"a sample's output depends on the other samples of its batch "
+                                f"({n // 2} samples alone and inside {n})", "the metrics change with the batch size "
+                                "and order", "batch norm normalising by the batch's statistics instead of its "
+                                "running ones")
+    report.lines.append(f"eval     outputs in eval mode depend on each sample alone ({n // 2} samples alone, inside "
+                        f"{n}, and {n} twice)")
+
+
+def eval_warning(report: Report, where: str, what: str, consequence: str, cause: str) -> None:
+    report.lines.append(f"eval     {what}, first at {where}")
+    report.warnings.append(
+        f"in eval mode, {what}, first at {where}: evaluation does not measure the model as trained, and "
+        f"{consequence}; look for {cause} (an overridden train() or eval(), or training=True passed to a functional "
+        "call), unless it is deliberate")
+
+
+def optimizer_holds_frozen(module: nn.Module, optimizer: torch.optim.Optimizer, report: Report) -> None:
+    """Parameters that require no gradient in the recipe's optimizer: a sign that the recipe does not do what
+    it says (torch's optimizers skip them, but not every optimizer does, and weight decay of its own may not)."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    frozen = [p for group in optimizer.param_groups for p in group["params"] if not p.requires_grad]
+    if not frozen:
+        return
+    shown = ", ".join(names.get(id(p), "?") for p in frozen[:4]) + (", …" if len(frozen) > 4 else "")
+    total = sum(p.numel() for p in frozen)
+    report.warnings.append(
+        f"the optimizer holds {count(len(frozen), 'frozen parameter tensor')} ({total:,} values: {shown}): frozen "
+        "parameters get no gradient, so they do not train; if they should, unfreeze them; if not, hand the "
+        "optimizer only the trainable ones ([p for p in model.parameters() if p.requires_grad], or "
+        "launcher.param_groups)")
+
+
 # ---------------------------------------------------------------- labels, splits, parameters
 
 
@@ -376,12 +481,14 @@ def digest(tree) -> bytes:
     return h.digest()
 
 
-def fingerprints(loader, seed: int, name: str) -> tuple[set[bytes], str]:
-    """(hashes of the split's inputs, how many were hashed), reading a sample of a split too big to read whole."""
+def fingerprints(loader, seed: int, name: str) -> tuple[set[bytes], str, torch.Tensor | None, torch.Tensor]:
+    """(hashes of the split's inputs, how many were hashed, the inputs as one tensor where they stack (for the
+    near-duplicate search), their indices in the split), reading a sample of a split too big to read whole."""
     ds = loader.ds
     if loader.size is None:  # a stream: its first samples
-        hashed = [digest(inputs_of(sample)) for sample in islice(ds, SAMPLE_HASH_LIMIT)]
-        return set(hashed), f"the stream's first {len(hashed):,}"
+        inputs = [inputs_of(sample) for sample in islice(ds, SAMPLE_HASH_LIMIT)]
+        return ({digest(x) for x in inputs}, f"the stream's first {len(inputs):,}", stacked(inputs),
+                torch.arange(len(inputs)))
     n = loader.size
     limit = HASH_LIMIT if data.indexable(ds) else SAMPLE_HASH_LIMIT
     index = torch.arange(n) if n <= limit else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
@@ -389,12 +496,21 @@ def fingerprints(loader, seed: int, name: str) -> tuple[set[bytes], str]:
     what = f"pre-flight: hashing {name}"
     if data.indexable(ds):
         columns = data.tensors(ds)
-        columns = columns[:1] if isinstance(ds, torch.utils.data.TensorDataset) and len(columns) >= 2 else columns
-        rows = [t[index.to(t.device)].detach().cpu().contiguous().reshape(len(index), -1).view(torch.uint8).numpy()
-                for t in columns]
-        return {hashlib.blake2b(b"".join(r[i].tobytes() for r in rows), digest_size=16).digest()
-                for i in progress(range(len(index)), what, unit="sample")}, shown
-    return {digest(inputs_of(ds[i])) for i in progress(index.tolist(), what, unit="sample")}, shown
+        labelled = isinstance(ds, torch.utils.data.TensorDataset) and len(columns) >= 2
+        picked = [t if n <= limit else t[index.to(t.device)] for t in (columns[:1] if labelled else columns)]
+        rows = [t.detach().cpu().contiguous().reshape(len(index), -1).view(torch.uint8).numpy() for t in picked]
+        hashes = {hashlib.blake2b(b"".join(r[i].tobytes() for r in rows), digest_size=16).digest()
+                  for i in progress(range(len(index)), what, unit="sample")}
+        return hashes, shown, picked[0] if labelled else None, index
+    inputs = [inputs_of(ds[i]) for i in progress(index.tolist(), what, unit="sample")]
+    return {digest(x) for x in inputs}, shown, stacked(inputs), index
+
+
+def stacked(inputs: list) -> torch.Tensor | None:
+    """The samples' inputs as one tensor, where they are tensors of one shape."""
+    if inputs and all(isinstance(x, torch.Tensor) and x.shape == inputs[0].shape for x in inputs):
+        return torch.stack(inputs)
+    return None
 
 
 def leakage(splits: dict, seed: int, report: Report) -> None:
@@ -408,16 +524,56 @@ def leakage(splits: dict, seed: int, report: Report) -> None:
         for b in names[i + 1:]:
             shared[f"{a}/{b}"] = len(hashed[a][0] & hashed[b][0])
     report.values["shared_samples"] = shared
-    sizes = " / ".join(f"{name} {n}" for name, (_, n) in hashed.items())
+    sizes = " / ".join(f"{name} {n}" for name, (_, n, _, _) in hashed.items())
     if not any(shared.values()):
         report.lines.append(f"splits   no input shared between {', '.join(names)} ({sizes} hashed)")
+    else:
+        at_least = "at least " if "sampled" in sizes or "stream" in sizes else ""
+        what = ", ".join(f"{at_least}{n:,} shared by {pair.replace('/', ' and ')}" for pair, n in shared.items() if n)
+        report.lines.append(f"splits   {what} ({sizes} hashed)")
+        report.warnings.append(
+            f"the same inputs appear in more than one split ({what}): the evaluation scores memorised samples, and "
+            "every metric on those splits overstates the model; remove them from the evaluation splits in data()")
+    checked(report, "near", lambda: near_duplicates({k: (rows, index) for k, (_, _, rows, index) in hashed.items()},
+                                                    seed, report))
+
+
+def near_duplicates(inputs: dict, seed: int, report: Report) -> None:
+    """Each later split's inputs that nearly copy an earlier split's (neardup.py): counted, a few shown, a warning
+    where they are NEAR_SHARE of a split or more."""
+    rows = {name: r for name, (r, _) in inputs.items() if r is not None}
+    if len(rows) < len(inputs):
+        report.lines.append("near     not searched: the inputs are not tensors of one shape")
         return
-    at_least = "at least " if "sampled" in sizes or "stream" in sizes else ""
-    what = ", ".join(f"{at_least}{n:,} shared by {pair.replace('/', ' and ')}" for pair, n in shared.items() if n)
-    report.lines.append(f"splits   {what} ({sizes} hashed)")
-    report.warnings.append(
-        f"the same inputs appear in more than one split ({what}): the evaluation scores memorised samples, and "
-        "every metric on those splits overstates the model; remove them from the evaluation splits in data()")
+    why = next(filter(None, map(neardup.eligible, rows.values())), None) or (
+        None if len({r.shape[1:] for r in rows.values()}) == 1 else "the splits' inputs differ in shape")
+    if why:
+        report.lines.append(f"near     not searched: {why}")
+        return
+    names, found = list(rows), {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            hits = neardup.search(rows[a], rows[b], seed)
+            found[(a, b)] = [(int(inputs[b][1][x]), int(inputs[a][1][y])) for x, y in hits.tolist()]
+    report.values["near_duplicates"] = {f"{a}/{b}": {"count": len(p), "examples": p[:NEAR_EXAMPLES]}
+                                        for (a, b), p in found.items()}
+    rule = f"cosine ≥ {neardup.NEAR} with each input less its mean"
+    if not any(found.values()):
+        report.lines.append(f"near     no near-duplicates between {', '.join(names)} ({rule})")
+        return
+    parts = []
+    for (a, b), pairs in found.items():
+        if pairs:
+            shown = ", ".join(f"{b} {x} ≈ {a} {y}" for x, y in pairs[:3]) + (", …" if len(pairs) > 3 else "")
+            copy = "nearly copies a" if len(pairs) == 1 else "nearly copy"
+            parts.append(f"{len(pairs):,} of the {len(rows[b]):,} {b} inputs {copy} {a} input{'s' * (len(pairs) > 1)}"
+                         f" ({shown})")
+            if len(pairs) >= NEAR_SHARE * len(rows[b]):
+                report.warnings.append(
+                    f"{parts[-1]} ({rule}): the same pictures with a little noise or another encoding, and the "
+                    f"{b} metrics overstate the model on them; remove them from {b} in data() (metrics.jsonl's "
+                    "preflight record lists them)")
+    report.lines.append(f"near     {'; '.join(parts)} ({rule})")
 
 
 def parameters(module: nn.Module, report: Report) -> None:

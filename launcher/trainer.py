@@ -120,12 +120,19 @@ class Trainer:
         if self.main and plan.health and not start:  # on the recipe's own model, before an engine shards it
             began = time.perf_counter()
             report = preflight.preflight(module, self.train_data, self.evals, self.step_fn, self.augment,
-                                         plan.micro_batch, plan.seed)
+                                         plan.micro_batch, plan.seed, self.eval_fn)
             phases["pre-flight"] = time.perf_counter() - began
         began = time.perf_counter()
         self.initial = report.values.get("initial_loss") if report else None  # where the verdict's curve starts
         make_optimizer = getattr(recipe, "optimizer", default_optimizer)
-        self.engine = engines.build(acc, plan, module, lambda m: make_optimizer(m, hp, self.total))
+
+        def optimizer(m: torch.nn.Module):
+            built = make_optimizer(m, hp, self.total)
+            if report:  # what the recipe hands its optimizer, before an engine wraps it
+                preflight.checked(report, "optimizer", lambda: preflight.optimizer_holds_frozen(m, built[0], report))
+            return built
+
+        self.engine = engines.build(acc, plan, module, optimizer)
         self.unregularised = debugging.without_regularisation(module, self.engine.optimizer, self.loss_fn) \
             if plan.overfit_batches else []
         self.metrics = {k: m.to(device) for k, m in recipe.metrics(hp).items()} if hasattr(recipe, "metrics") else {}
@@ -139,6 +146,7 @@ class Trainer:
             self.check_shared()
         # progress: everything a checkpoint restores besides the engine and the random generators
         self.step, self.best, self.bad_evals, self.skipped = 0, None, 0, 0
+        self.best_val = None  # the validation metrics of the best weights, which the test evaluation may use
         self.count_scale = None  # with counts: c, a device tensor (see the module's docstring)
         self.saved_at = self.validated_at = -1
         self.tested_at = None  # the step whose weights the test split was evaluated with
@@ -430,6 +438,9 @@ class Trainer:
             debugging.overfit_report(self)
         elif self.main and self.plan.health:
             findings, unjudged = health.verdict(self.history["train"], self.history["val"], self.watch, self.initial)
+            val = self.last_val if self.tested_at == self.validated_at else self.best_val
+            if "test" in self.evals and val and self.tested_at is not None:
+                findings += health.test_gap(val, final, {k: self.evals[k].size for k in ("val", "test")})
             self.sinks.event(self.step, "verdict", {"findings": findings, "not_judged": unjudged},
                              health.verdict_text(findings, unjudged, self.history["train"], self.initial))
         return final
@@ -497,7 +508,7 @@ class Trainer:
                                 f"({', '.join(results)})")
         value = results[self.monitor]
         if self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0]):
-            self.best, self.bad_evals = (value, self.step), 0
+            self.best, self.best_val, self.bad_evals = (value, self.step), results, 0
             self.sinks.best(self.monitor, value, self.step)
             self.save(checkpoint.folder(self.plan.run_dir) / "best")
             return False
@@ -550,7 +561,8 @@ class Trainer:
         scale = None if self.count_scale is None else self.count_scale.item()
         window = self.open_window()
         state = {**self.engine.state_dict(), "progress": {"count_scale": scale,
-            "step": self.step, "best": self.best, "bad_evals": self.bad_evals, "skipped": self.skipped,
+            "step": self.step, "best": self.best, "best_val": self.best_val, "bad_evals": self.bad_evals,
+            "skipped": self.skipped,
             "history": self.history, "initial": self.initial, "window": window,
             "health": self.watch.state() if self.watch else None}}
         meta = {"step": self.step, "engine": plan.engine, "world_size": self.world, "seed": plan.seed,
@@ -621,6 +633,7 @@ class Trainer:
         progress = state["progress"]
         self.step, self.bad_evals, self.skipped = progress["step"], progress["bad_evals"], progress["skipped"]
         self.best = tuple(progress["best"]) if progress["best"] else None
+        self.best_val = progress.get("best_val")  # absent from checkpoints saved before it was kept
         if progress.get("count_scale") is not None:
             self.count_scale = torch.tensor(progress["count_scale"], dtype=torch.float64, device=self.acc.device)
         self.saved_at = self.validated_at = self.step

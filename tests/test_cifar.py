@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
-from launcher import recipe
+from conftest import ROOT, cifar_source
+from launcher import preflight, recipe, steps
 
 cifar = recipe.load(ROOT / "recipes" / "cifar.py")
 PER_CLASS = {"train": 3, "test": 1}  # a miniature CIFAR-10: 30 training and 10 test images
@@ -155,3 +155,22 @@ def test_evaluation_sees_each_image_and_its_mirror_image():
         assert not torch.allclose(net(x), net(x.flip(3)))  # training: one view
         net.eval()
         torch.testing.assert_close(net(x), net(x.flip(3)))
+
+
+@pytest.mark.skipif(cifar_source() is None, reason="CIFAR10_DIR does not point at CIFAR-10 (.ci/run sets it to "
+                                                   "../shared/data, which holds cifar10-jpeg.tar.gz)")
+def test_the_real_splits_hold_five_near_duplicates_and_no_exact_copy(cifar_cache, capsys):
+    """The pre-flight's search on the real CIFAR-10 (JPEG) splits: each pair below was looked at, and is the same
+    photograph (one ship brighter); published audits find more (about 3 % of the test images), as shifted, cropped
+    or rescaled copies, which a search by pixels cannot see."""
+    hp = cifar.Hparams(data_dir=str(cifar_source()), cache_dir=str(cifar_cache))
+    parts = steps.build(cifar, hp, 0, torch.device("cpu"), 0, True)
+    report = preflight.Report()
+    preflight.leakage({"train": parts.train, **parts.evals}, 0, report)
+    with capsys.disabled():
+        print(f"\nCIFAR-10 near-duplicates between splits: {report.values['near_duplicates']}")
+    assert report.values["shared_samples"] == {"train/val": 0, "train/test": 0, "val/test": 0}
+    assert {pair: (v["count"], v["examples"]) for pair, v in report.values["near_duplicates"].items()} == {
+        "train/val": (2, [(396, 15824), (3472, 20699)]), "train/test": (2, [(505, 25085), (3065, 14201)]),
+        "val/test": (1, [(5739, 1075)])}
+    assert report.warnings == []

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import ROOT, TINY, in_process, launch, ok, records, refused
-from launcher import FocalLoss, class_weights, freeze, param_groups
+from launcher import FocalLoss, class_weights, freeze, health, neardup, param_groups
 
 
 def check(capsys, *flags, recipe=TINY) -> tuple[int, str]:
@@ -22,13 +22,92 @@ def warnings_of(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("warning: ")]
 
 
-@pytest.mark.parametrize("recipe", [TINY, ROOT / "recipes" / "digits.py"])
-def test_a_healthy_recipe_raises_no_warning(recipe, capsys):
-    code, out = check(capsys, recipe=recipe)
+PLANTED = ROOT / "tests" / "recipes" / "planted.py"
+
+
+@pytest.mark.parametrize("recipe,flags", [(TINY, ()), (ROOT / "recipes" / "digits.py", ()), (PLANTED, ()),
+                                          (PLANTED, ("--batchnorm",)), (ROOT / "recipes" / "speakers.py", ())],
+                         ids=["tiny", "digits", "planted-none", "planted-batchnorm", "speakers"])
+def test_a_healthy_recipe_raises_no_warning(recipe, flags, capsys):
+    code, out = check(capsys, *flags, recipe=recipe)
     assert code == 0, out
     assert warnings_of(out) == [] and out.endswith("check  pre-flight: no warning\n")
-    for what in ("inputs", "loss", "labels", "splits", "model"):
+    for what in ("inputs", "loss", "eval", "labels", "splits", "near", "model"):
         assert f"check  {what} " in out
+    assert "check  eval     outputs in eval mode depend on each sample alone (" in out
+    if recipe.name in ("digits.py", "planted.py"):  # the one near-duplicate the digits data holds, reported quietly
+        assert "check  near     1 of the 360 test inputs nearly copies a train input (test 129 ≈ train 203)" in out
+
+
+NEAR = "of the 360 test inputs nearly copy train inputs (test 0 ≈ train 0, test 1 ≈ train 1, test 2 ≈ train 2, …)"
+
+
+@pytest.mark.parametrize("flags,warning", [
+    (("--fault", "near-duplicates"), f"61 {NEAR} (cosine ≥ 0.99 with each input less its mean)"),
+    (("--fault", "near-duplicates", "--noise", "0.01"), f"61 {NEAR}"),
+    (("--fault", "near-duplicates", "--noise", "0.05"), f"61 {NEAR}"),
+    (("--fault", "near-duplicates", "--copies", "10"), "11 of the 360 test inputs nearly copy train inputs"),
+    (("--fault", "batchnorm-train"), "in eval mode, a sample's output depends on the other samples of its batch (32 "
+                                     "samples alone and inside 64), first at 1 (StuckInTraining, still in training "
+                                     "mode)"),
+    (("--fault", "dropout-eval"), "in eval mode, the same batch evaluated twice gives other outputs, first at 2 "
+                                  "(AlwaysDropout):"),
+    (("--fault", "frozen-in-optimizer"), "the optimizer holds 2 frozen parameter tensors (16,640 values: 0.weight, "
+                                         "0.bias)"),
+], ids=["near-1e-3", "near-1e-2", "near-5e-2", "near-10", "batchnorm", "dropout", "frozen"])
+def test_each_planted_fault_of_the_second_round_is_named_once(flags, warning, capsys):
+    code, out = check(capsys, *flags, recipe=PLANTED)
+    assert code == 1, out
+    found = warnings_of(out)
+    assert len(found) == 1 and warning in found[0], found
+
+
+def test_near_duplicates_under_the_share_are_reported_but_not_warned(capsys):
+    """1 % of a split earns a warning: 3 planted (and the data's own) of 360 are 1.1 %, 2 are 0.8 %."""
+    assert check(capsys, "--fault", "near-duplicates", "--copies", "3", recipe=PLANTED)[0] == 1
+    code, out = check(capsys, "--fault", "near-duplicates", "--copies", "2", recipe=PLANTED)
+    assert code == 0 and "check  near     3 of the 360 test inputs nearly copy train inputs" in out
+
+
+def test_the_near_duplicate_search_finds_copies_through_noise_and_light_not_through_a_flip():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2000, 3, 16, 16, generator=g)
+    b = torch.rand(500, 3, 16, 16, generator=g)
+    b[10] = a[7] + 0.02 * torch.randn(3, 16, 16, generator=g)  # noise of 7 % of the pixels' spread
+    b[20] = 0.5 * a[8] + 0.3  # darker, lower contrast
+    b[30] = a[9]  # an exact copy: the hash check's
+    b[40] = a[10].flip(-1)  # a mirror image: missed, by design
+    assert neardup.search(a, b, seed=0).tolist() == [[10, 7], [20, 8]]
+    assert neardup.search(a, torch.rand(500, 3, 16, 16, generator=g), seed=0).tolist() == []
+    assert neardup.eligible(torch.zeros(4, 16, dtype=torch.long)) == "int64 inputs (indices, not values)"
+    assert neardup.eligible(torch.zeros(4, 3, 8, 8, dtype=torch.uint8)) is None
+
+
+@pytest.mark.parametrize("test,sizes,warned", [
+    ({"test/acc": 0.0056, "test/loss": 13.4}, {"val": 180, "test": 360}, True),
+    ({"test/acc": 0.98, "test/loss": 0.08}, {"val": 180, "test": 360}, False),
+    ({"test/acc": 0.85, "test/loss": 0.3}, {"val": 180, "test": 360}, True),  # 0.144, 5.2 standard errors of 0.028
+    ({"test/acc": 0.90, "test/loss": 0.3}, {"val": 180, "test": 360}, False),  # 0.094: 4.1 of them
+    ({"test/acc": 0.85, "test/loss": 0.3}, {"val": 18, "test": 36}, False),  # the gap of 5.2 in splits a tenth as big
+    ({"test/acc": 0.0056}, {"val": 180, "test": None}, False),  # a stream: no size to judge by
+])
+def test_a_test_metric_far_from_validation_is_named_beyond_chance(test, sizes, warned):
+    found = health.test_gap({"val/acc": 0.9944, "val/loss": 0.06}, test, sizes)
+    assert len(found) == warned
+    if warned:
+        assert found[0].startswith(f"the test metrics are far from the validation metrics of the same weights: "
+                                   f"test/acc {test['test/acc']:.4g} against val/acc 0.9944")
+
+
+def test_test_labels_that_disagree_with_training_are_named_at_the_end(tmp_path):
+    result = ok(launch(PLANTED, "--cpu", "--fault", "shifted-test", "--wandb", "disabled", "--run-dir", tmp_path))
+    found = warnings_of(result.stdout)
+    assert len(found) == 1 and found[0].startswith(
+        "warning: the test metrics are far from the validation metrics of the same weights: test/acc 0.005556 "
+        "against val/acc 0.9944 (360 and 180 samples: chance moves it by about 0.043)"), found
+    assert "check  pre-flight: no warning" in result.stdout
+    verdict = [r for r in records(tmp_path) if r.get("event") == "verdict"][0]
+    assert verdict["findings"] == [found[0].removeprefix("warning: ")]
 
 
 @pytest.mark.parametrize("flags,warning", [
