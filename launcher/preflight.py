@@ -557,7 +557,7 @@ def near_duplicates(inputs: dict, seed: int, report: Report) -> None:
             found[(a, b)] = [(int(inputs[b][1][x]), int(inputs[a][1][y])) for x, y in hits.tolist()]
     report.values["near_duplicates"] = {f"{a}/{b}": {"count": len(p), "examples": p[:NEAR_EXAMPLES]}
                                         for (a, b), p in found.items()}
-    rule = f"cosine ≥ {neardup.NEAR} with each input less its mean"
+    rule = f"cosine ≥ {neardup.NEAR} after centring"
     if not any(found.values()):
         report.lines.append(f"near     no near-duplicates between {', '.join(names)} ({rule})")
         return

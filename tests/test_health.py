@@ -43,7 +43,7 @@ NEAR = "of the 360 test inputs nearly copy train inputs (test 0 ≈ train 0, tes
 
 
 @pytest.mark.parametrize("flags,warning", [
-    (("--fault", "near-duplicates"), f"61 {NEAR} (cosine ≥ 0.99 with each input less its mean)"),
+    (("--fault", "near-duplicates"), f"61 {NEAR} (cosine ≥ 0.99 after centring)"),
     (("--fault", "near-duplicates", "--noise", "0.01"), f"61 {NEAR}"),
     (("--fault", "near-duplicates", "--noise", "0.05"), f"61 {NEAR}"),
     (("--fault", "near-duplicates", "--copies", "10"), "11 of the 360 test inputs nearly copy train inputs"),
@@ -143,6 +143,9 @@ def test_no_preflight_skips_the_checks(tmp_path):
     result = ok(launch(TINY, "--cpu", "--zero-layer", "--no-health", "--wandb", "disabled",
                        "--run-dir", tmp_path / "run"))
     assert "check " not in result.stdout and "warning:" not in result.stdout
+    result = ok(launch(PLANTED, "--cpu", "--fault", "shifted-test", "--max-steps", "60", "--no-health",
+                       "--wandb", "disabled", "--run-dir", tmp_path / "shifted"))  # and the end's comparison
+    assert "test/acc 0.0" in result.stdout and "warning:" not in result.stdout + result.stderr
 
 
 def test_class_weights_balance_the_classes():
