@@ -21,9 +21,11 @@ import tarfile
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -54,6 +56,13 @@ class Hparams:
     final_lr: float = 0.07  # × the peak, at the last step
     label_smoothing: float = 0.2
     width: int = field(default=64, metadata={"help": "channels of the first conv group; the others have 4 ×"})
+    dirac: bool = field(default=True, metadata={"help": "each conv starts as the identity on its input channels"})
+    lookahead: int = field(default=5, metadata={"help": "every N steps the weights move to their running average; "
+                                                        "0 = never"})
+    whiten_bias_epochs: float = field(default=3, metadata={"help": "the whitening layer's bias trains this long"})
+    tta: Literal["none", "mirror", "translate"] = field(
+        default="translate", metadata={"help": "evaluation averages each image with its mirror image (and both "
+                                               "moved by a pixel)"})
 
     def __post_init__(self):
         if self.val_size < 0:
@@ -253,36 +262,57 @@ def batch_norm(c: int) -> nn.BatchNorm2d:
     return bn
 
 
-def conv_group(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2), batch_norm(c_out),
-                         nn.GELU(), nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), batch_norm(c_out), nn.GELU())
+def conv(c_in: int, c_out: int, dirac: bool) -> nn.Conv2d:
+    """A 3×3 convolution; with `dirac`, its first c_in filters start as the identity (each passes one input
+    channel through), so that the deep network starts near a shallow one."""
+    layer = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    if dirac:
+        nn.init.dirac_(layer.weight.data[:c_in])
+    return layer
+
+
+def conv_group(c_in: int, c_out: int, dirac: bool) -> nn.Sequential:
+    return nn.Sequential(conv(c_in, c_out, dirac), nn.MaxPool2d(2), batch_norm(c_out), nn.GELU(),
+                         conv(c_out, c_out, dirac), batch_norm(c_out), nn.GELU())
 
 
 class Net(nn.Module):
     """The speed-record design (Page's ResNet-9 as refined in Keller Jordan's airbench): a frozen whitening
     layer fitted to the training images, three conv groups that halve the resolution, a max-pool head, a
-    cooled softmax; at evaluation the logits of each image and its mirror image are averaged."""
+    cooled softmax. At evaluation (`tta`), the logits of each image and its mirror image are averaged, and with
+    "translate" half of them with the mean of both moved by a pixel up and left, and down and right."""
 
-    def __init__(self, width: int, whiten: torch.Tensor):
+    def __init__(self, width: int, whiten: torch.Tensor, dirac: bool = True, tta: str = "translate"):
         super().__init__()
+        self.tta = tta
         self.whiten = nn.Conv2d(3, len(whiten), 2)
         self.whiten.weight = nn.Parameter(whiten, requires_grad=False)  # fitted, never trained; its bias trains
         self.layers = nn.Sequential(
-            nn.GELU(), conv_group(len(whiten), width), conv_group(width, 4 * width), conv_group(4 * width, 4 * width),
-            nn.MaxPool2d(3), nn.Flatten(), nn.Linear(4 * width, 10, bias=False),
+            nn.GELU(), conv_group(len(whiten), width, dirac), conv_group(width, 4 * width, dirac),
+            conv_group(4 * width, 4 * width, dirac), nn.MaxPool2d(3), nn.Flatten(),
+            nn.Linear(4 * width, 10, bias=False),
         )
 
     def logits(self, x):
         return self.layers(self.whiten(x)) / 9  # a cooler softmax at initialisation trains faster
 
+    def mirrored(self, x):
+        return (self.logits(x) + self.logits(x.flip(3))) / 2
+
     def forward(self, x):
         x = normalise(x).contiguous(memory_format=torch.channels_last)
-        return self.logits(x) if self.training else (self.logits(x) + self.logits(x.flip(3))) / 2
+        if self.training or self.tta == "none":
+            return self.logits(x)
+        if self.tta == "mirror":
+            return self.mirrored(x)
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        moved = (self.mirrored(padded[:, :, :32, :32]) + self.mirrored(padded[:, :, 2:, 2:])) / 2
+        return (self.mirrored(x) + moved) / 2
 
 
 def model(hp: Hparams) -> nn.Module:
     train_x = splits(hp)["train"][0]
-    return Net(hp.width, whitening(train_x[:2000]))
+    return Net(hp.width, whitening(train_x[:2000]), hp.dirac, hp.tta)
 
 
 def loss(hp: Hparams):
@@ -293,20 +323,52 @@ def metrics(hp: Hparams) -> dict:
     return {"acc": MulticlassAccuracy(num_classes=10, average="micro")}
 
 
+class Lookahead(torch.optim.SGD):
+    """SGD whose weights are pulled toward their running average every `every` steps, then set to it: the average
+    moves by 1 - 0.95^5·(step/total)³ of the way to the weights, so that it follows them closely at first and
+    smooths the last steps' noise; after the last step the weights are the average. Its state (the average and the
+    step count) is the optimizer's, which checkpoints hold."""
+
+    def __init__(self, groups: list, total_steps: int, every: int, **options):
+        super().__init__(groups, **options)
+        self.total, self.every = total_steps, every
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        for p in params:  # the average starts at the weights before the first step
+            self.state[p].setdefault("average", p.detach().clone())
+        loss = super().step(closure)
+        for p in params:
+            state = self.state[p]
+            state["steps"] = done = state.get("steps", 0) + 1
+            if done % self.every == 0:
+                state["average"].lerp_(p, 1 - 0.95**5 * (done / self.total) ** 3)
+                p.copy_(state["average"])
+            if done == self.total:
+                p.copy_(state["average"])
+        return loss
+
+
 def optimizer(model: nn.Module, hp: Hparams, total_steps: int):
-    """Nesterov SGD; the normalisation shifts learn `bias_lr` times faster with weight decay as weak, so that
-    every parameter decays by the same fraction per step. The rate rises for `warmup` of the steps, then falls
-    linearly to `final_lr` of its peak."""
+    """Nesterov SGD (with `lookahead`); the normalisation shifts learn `bias_lr` times faster with weight decay as
+    weak, so that every parameter decays by the same fraction per step. The rate rises for `warmup` of the steps,
+    then falls linearly to `final_lr` of its peak; the whitening layer's bias stops after `whiten_bias_epochs`."""
     shifts = [m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    others = [p for p in model.parameters() if p.requires_grad and all(p is not s for s in shifts)]
-    opt = torch.optim.SGD([{"params": others, "lr": hp.lr, "weight_decay": hp.weight_decay},
-                           {"params": shifts, "lr": hp.lr * hp.bias_lr, "weight_decay": hp.weight_decay / hp.bias_lr}],
-                          momentum=hp.momentum, nesterov=True)
+    whiten = [model.whiten.bias]
+    others = [p for p in model.parameters() if p.requires_grad and all(p is not s for s in shifts + whiten)]
+    groups = [{"params": others, "lr": hp.lr, "weight_decay": hp.weight_decay},
+              {"params": shifts, "lr": hp.lr * hp.bias_lr, "weight_decay": hp.weight_decay / hp.bias_lr},
+              {"params": whiten, "lr": hp.lr, "weight_decay": hp.weight_decay}]
+    options = {"momentum": hp.momentum, "nesterov": True}
+    opt = Lookahead(groups, total_steps, hp.lookahead, **options) if hp.lookahead else \
+        torch.optim.SGD(groups, **options)
     warm = max(1, round(hp.warmup * total_steps))
+    frozen_at = round(hp.whiten_bias_epochs / hp.epochs * total_steps)
 
     def factor(step: int) -> float:
         if step < warm:
             return 0.2 + 0.8 * step / warm
         return 1 - (1 - hp.final_lr) * (step - warm) / max(1, total_steps - warm)
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, [factor, factor, lambda step: factor(step) * (step < frozen_at)])

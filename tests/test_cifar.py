@@ -148,13 +148,79 @@ def test_the_whitening_layer_decorrelates_the_training_patches():
     torch.testing.assert_close(covariance, torch.eye(12, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
+def net_of(tta: str = "translate", dirac: bool = True):
+    return cifar.Net(4, cifar.whitening(torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)), dirac, tta)
+
+
 def test_evaluation_sees_each_image_and_its_mirror_image():
-    net = cifar.Net(4, cifar.whitening(torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)))
+    net = net_of("mirror")
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         assert not torch.allclose(net(x), net(x.flip(3)))  # training: one view
         net.eval()
         torch.testing.assert_close(net(x), net(x.flip(3)))
+
+
+def test_evaluation_also_sees_each_image_moved_by_a_pixel():
+    """tta translate: half the mirrored logits, half the mean of the mirrored logits of the image moved one pixel
+    up and left and one down and right (its edges mirrored), airbench's test-time augmentation."""
+    net = net_of().eval()
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    padded = torch.nn.functional.pad(x.float(), (1, 1, 1, 1), mode="reflect")
+    views = [x.float(), padded[:, :, :32, :32], padded[:, :, 2:, 2:]]
+    with torch.no_grad():
+        mirrored = [(net.logits(cifar.normalise(v)) + net.logits(cifar.normalise(v.flip(3)))) / 2 for v in views]
+        torch.testing.assert_close(net(x), mirrored[0] / 2 + (mirrored[1] + mirrored[2]) / 4)
+        assert not torch.allclose(net(x), net_of("mirror").eval()(x))
+
+
+def test_a_dirac_convolution_starts_as_the_identity_on_its_input_channels():
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(cifar.conv(4, 12, dirac=True)(x)[:, :4], x)
+        assert not torch.allclose(cifar.conv(4, 12, dirac=False)(x)[:, :4], x)
+
+
+def test_lookahead_averages_every_few_steps_ends_on_the_average_and_resumes_exactly():
+    """The weights after each step, replayed by hand: plain SGD, then every 2nd step the average moves
+    1 - 0.95^5 (step/total)^3 of the way to the weights, and the weights jump to it; after the last, the average."""
+    total, grads = 6, [torch.tensor([float(i), -1.0]) for i in range(1, 7)]
+
+    def run(opt_steps, w, opt=None):
+        opt = opt or cifar.Lookahead([{"params": [w]}], total, 2, lr=0.1)
+        for g in opt_steps:
+            w.grad = g.clone()
+            opt.step()
+        return opt
+
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    run(grads, w)
+    weights, average = torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0])
+    for step, g in enumerate(grads, start=1):
+        weights = weights - 0.1 * g
+        if step % 2 == 0:
+            average = average + (1 - 0.95**5 * (step / total) ** 3) * (weights - average)
+            weights = average.clone()
+    torch.testing.assert_close(w.data, weights)
+    torch.testing.assert_close(w.data, average)
+    half = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    state = run(grads[:3], half).state_dict()
+    resumed = cifar.Lookahead([{"params": [half]}], total, 2, lr=0.1)
+    resumed.load_state_dict(state)
+    run(grads[3:], half, resumed)
+    torch.testing.assert_close(half.data, w.data, rtol=0, atol=0)
+
+
+def test_the_whitening_bias_stops_training_after_its_epochs():
+    hp = cifar.Hparams(epochs=10, whiten_bias_epochs=3)
+    opt, schedule = cifar.optimizer(net_of(), hp, total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        schedule.step()
+    assert all(lr[2] == lr[0] > 0 for lr in lrs[:30]) and all(lr[2] == 0 < lr[0] for lr in lrs[30:])
+    assert isinstance(opt, cifar.Lookahead)
 
 
 @pytest.mark.skipif(cifar_source() is None, reason="CIFAR10_DIR does not point at CIFAR-10 (.ci/run sets it to "
