@@ -17,7 +17,7 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
-from .leave import die_with
+from .leave import die_with, leave
 from .plan import PARENT_ENV, Plan
 from .sinks import keep_console
 
@@ -41,6 +41,9 @@ def main() -> None:
         module.init_process_group = _noting(module.init_process_group, sizes, timeout)
     try:
         runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:  # sys.exit(0) ends as the script's end does; any other code is the script's exit code
+        if e.code not in (None, 0):
+            raise
     except Exception as e:  # not SystemExit: a script's sys.exit(code) is its exit code
         error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
         if not error_file:
@@ -58,6 +61,10 @@ def main() -> None:
               f"on its own, as {world} separate runs (call torch.distributed.init_process_group() or use "
               "Accelerate's Accelerator(), which read the environment the launcher gives)", file=sys.stderr,
               flush=True)
+    # the script's exit handlers run; the interpreter's teardown of torch does not, where a store's or process
+    # group's thread still joinable at exit aborted a finished rank now and then ("terminate called without an
+    # active exception", SIGABRT)
+    leave(0)
 
 
 def _record(e: Exception, script: str, error_file: str) -> None:
