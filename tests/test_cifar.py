@@ -4,6 +4,8 @@ test-time mirror."""
 
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -221,6 +223,66 @@ def test_the_whitening_bias_stops_training_after_its_epochs():
         schedule.step()
     assert all(lr[2] == lr[0] > 0 for lr in lrs[:30]) and all(lr[2] == 0 < lr[0] for lr in lrs[30:])
     assert isinstance(opt, cifar.Lookahead)
+
+
+SAME_AS_AIRBENCH = """
+import sys, torch
+sys.path[:0] = sys.argv[1:]
+import cifar, airbench_ref
+airbench_ref.cpu_substitutes()
+import airbench
+torch.manual_seed(0)
+theirs, ours = airbench.make_net94(), cifar.Net(64, torch.randn(24, 3, 2, 2))
+names = list(ours.state_dict())
+ours.load_state_dict(dict(zip(names, theirs.state_dict().values(), strict=True)))
+x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+normalised = (x / 255 - torch.tensor(cifar.MEAN).view(1, 3, 1, 1)) / torch.tensor(cifar.STD).view(1, 3, 1, 1)
+for mode in ("train", "eval"):
+    for net in (theirs, ours):
+        net.train(mode == "train")
+    ours.tta = "none"
+    expected = theirs(normalised)  # once each: in training, a forward also moves batch norm's running statistics
+    print(mode, (expected - ours(x)).abs().max().item() / expected.abs().max().item())
+"""
+
+
+def test_the_network_is_airbench94s():
+    """Given airbench94's own network's weights (PyPI's airbench, run on the CPU), the recipe's network computes the
+    same logits from the raw images, training and evaluating: layer for layer the published design."""
+    done = subprocess.run([sys.executable, "-c", SAME_AS_AIRBENCH, ROOT / "recipes", ROOT / "benchmarks"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    gaps = dict(line.split() for line in done.stdout.splitlines())
+    assert set(gaps) == {"train", "eval"} and all(float(g) < 1e-5 for g in gaps.values()), gaps
+
+
+def test_a_second_jpeg_encoding_acts_afresh_only_on_a_moved_grid(tmp_path, images):
+    """benchmarks/jpeg.py: encoding a JPEG image again on its own grid changes next to nothing, on a grid moved by 3 px
+    it loses as a first encoding does; its archive decodes to the same labels and the encoded pixels."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("jpeg_bench", ROOT / "benchmarks" / "jpeg.py")
+    jpeg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jpeg)
+    ramp = np.linspace(20, 140, 32)
+    smooth = (ramp[None, :, None] + ramp[None, None, :] / 4 + np.arange(3)[:, None, None] * 20).astype(np.uint8)
+    first = jpeg.encode(smooth + np.random.default_rng(0).integers(0, 40, smooth.shape, dtype=np.uint8), 75, 0)
+
+    def squared_error(shift):
+        return ((jpeg.encode(first, 75, shift).astype(float) - first) ** 2).mean()
+
+    assert squared_error(0) < 1 < 10 < squared_error(3)  # 10: PSNR 38 dB
+
+    source = write_pickles(tmp_path / "pickles", images)
+    out = tmp_path / "again.tar"
+    done = subprocess.run([sys.executable, ROOT / "benchmarks" / "jpeg.py", "--data", source, "--out", out,
+                           "--cache-dir", tmp_path / "cache"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "40 images at quality 75, grid moved 3 px" in done.stdout
+    decoded = cifar.decode(out)
+    for split, (x, y) in images.items():
+        assert np.array_equal(decoded[f"{split}_y"].numpy(), y)
+        assert np.array_equal(decoded[f"{split}_x"].numpy(), np.stack([jpeg.encode(img, 75, 3) for img in x]))
 
 
 @pytest.mark.skipif(cifar_source() is None, reason="CIFAR10_DIR does not point at CIFAR-10 (.ci/run sets it to "

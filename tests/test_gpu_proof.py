@@ -42,7 +42,7 @@ def test_every_step_runs_in_smoke_mode_and_reports(smoke):
     ours = steps["cifar"]["result"]["launcher"]
     assert [r["seed"] for r in ours["runs"]] == [0, 1] and all(0 <= r["test_acc"] <= 1 for r in ours["runs"])
     assert ours["mean_acc"] == pytest.approx(sum(r["test_acc"] for r in ours["runs"]) / 2)
-    assert steps["cifar"]["result"]["airbench"] == {"skipped": "airbench needs CUDA"}
+    assert steps["cifar"]["result"]["airbench"] == {"skipped": "airbench needs CUDA (or --cpu)"}
     lm = steps["lm"]["result"]
     assert list(lm) == ["DDP, --compile", "DDP", "FSDP", "DeepSpeed ZeRO-2"]
     assert all(r["tokens_per_s"] > 0 and r["windows"] >= 2 for r in lm.values()), lm
@@ -65,6 +65,36 @@ def test_airbench_reads_the_images_the_recipe_reads(smoke):
         assert torch.equal(theirs["images"].permute(0, 3, 1, 2), decoded[f"{split}_x"])
         assert torch.equal(theirs["labels"], decoded[f"{split}_y"])
         assert theirs["classes"] == list(cifar.CLASSES)
+
+
+AIRBENCH_ON_CPU = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import airbench_ref
+airbench_ref.cpu_substitutes()
+import airbench
+torch.manual_seed(0)
+labels = torch.arange(2048) % 10  # each class its own brightness: learnable in a few steps
+images = (labels * 25).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 32, 32, 3).contiguous()
+for split, n in (("train", 2048), ("test", 500)):
+    torch.save({"images": images[:n], "labels": labels[:n], "classes": list("0123456789")}, f"cifar10/{split}.pt")
+tiny = lambda: airbench.make_net94(widths={"block1": 8, "block2": 16, "block3": 16})
+loader = airbench.CifarLoader("cifar10", train=True, batch_size=128, aug={"flip": True, "translate": 2}, altflip=True)
+model = airbench.train94(loader, epochs=3, make_net=tiny, verbose=False)
+test = airbench.CifarLoader("cifar10", train=False, batch_size=500)
+print(next(model.parameters()).dtype, next(model.parameters()).device, airbench.evaluate(model, test, tta_level=2))
+"""
+
+
+def test_airbench_runs_on_the_cpu_in_fp32(tmp_path):
+    """airbench's own trainer, written for CUDA, trains on the CPU with the reference script's substitutes: its
+    weights in fp32 on the CPU, and it learns (in a fresh process: the substitutes change torch for good)."""
+    (tmp_path / "cifar10").mkdir()
+    done = subprocess.run([sys.executable, "-c", AIRBENCH_ON_CPU, ROOT / "benchmarks"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=clean_env())
+    assert done.returncode == 0, done.stderr
+    dtype, device, acc = done.stdout.split()
+    assert (dtype, device) == ("torch.float32", "cpu") and float(acc) > 0.5, done.stdout
 
 
 def fp16_rows(scales, norms, losses):
