@@ -8,9 +8,10 @@ The shared images are already JPEG (quality 75, 4:2:0 chroma), and the originals
 them again with the same settings on the same grid changes next to nothing (what quantisation removes is gone
 already). With --shift S, each image is rolled S pixels down and right before the encoding and back after,
 so that the 8×8 blocks and the 2×2 chroma cells fall across the old ones: the encoding acts afresh, as the first
-one did on the originals, and the accuracy it costs estimates what the first encoding cost. Writes the decoded
-result losslessly, an image-folder tree (train/<class>/NNNNN.png, test/...) in an uncompressed .tar, which
-recipes/cifar.py reads as it is, and prints how far the new pixels are from the old (PSNR, over all images).
+one did on the originals, and the accuracy it costs is what one such encoding costs (the first, on the
+sharper originals, most likely cost more). Writes the decoded result losslessly, an image-folder tree
+(train/<class>/NNNNN.png, test/...) in an uncompressed .tar, which recipes/cifar.py reads as it is, and prints
+how far the new pixels are from the old (PSNR, over all images).
 """
 
 import argparse
