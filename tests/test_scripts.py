@@ -4,26 +4,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import LAUNCH, ROOT, TINY, clean_env, launch, ok, refused
+from conftest import LAUNCH, ROOT, TINY, clean_env, launch, ok, refused, torchrun
 from launcher import recipe
 
 SCRIPTS = ROOT / "tests" / "scripts"
 DDP, ACCELERATE, ALONE, HANDLER = (SCRIPTS / name for name in ("ddp_train.py", "accelerate_train.py", "alone.py",
                                                                 "handler.py"))
-TORCHRUN = Path(sys.executable).parent / "torchrun"
 NOTE = "it's \"quoted\" --run-dir x  two spaces"  # a script's argument reaches it as it was, a launcher flag or not
-
-
-def torchrun(script: Path, *args, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", str(script), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env=clean_env(**(env or {})))
 
 
 def params(path: Path) -> dict:

@@ -14,7 +14,20 @@ import pytest
 import torch
 
 import slurm_lab
-from conftest import TINY, WANDB, assert_same, clean_env, in_process, launch, ok, params, records, refused, summary
+from conftest import (
+    TINY,
+    WANDB,
+    assert_same,
+    clean_env,
+    in_process,
+    launch,
+    ok,
+    params,
+    records,
+    refused,
+    summary,
+    torchrun,
+)
 from launcher import cli, jobs, slurm, spawn
 from launcher.sinks import update_summary
 
@@ -268,9 +281,7 @@ def test_a_training_script_runs_on_two_nodes_as_under_torchrun(lab, tmp_path, sc
     lab.wait(job)
     text = log(run_dir, job)
     assert (f"world 4 note {note!r} loss " if extra else "processes 4 precision no accumulation 1") in text, text
-    ok(subprocess.run([str(Path(os.sys.executable).parent / "torchrun"), "--nproc-per-node", "4",
-                       str(SCRIPTS / script), "--out", str(out / "torchrun.pt")], capture_output=True,
-                      text=True, timeout=300, env=clean_env(ACCELERATE_USE_CPU="True")))
+    ok(torchrun(SCRIPTS / script, "--out", out / "torchrun.pt", procs=4, env={"ACCELERATE_USE_CPU": "True"}))
     trained, expected = (torch.load(out / f"{name}.pt", weights_only=True) for name in ("slurm", "torchrun"))
     assert all(torch.equal(trained[k], expected[k]) for k in expected)
     assert json.loads((run_dir / "summary.json").read_text())["state"] == "completed"
