@@ -79,7 +79,8 @@ class Splits:
 
     `augment` is applied to every training micro-batch after it reached the device,
     called like the batch: `augment(x, y) -> (x, y)` for (x, y) batches, `augment(batch)
-    -> batch` for a dict: batched tensor ops, not per-sample transforms.
+    -> batch` for a dict: batched tensor ops, not per-sample transforms. An augment with
+    a parameter named `epoch` is also given the batch's epoch (from 0), keyword.
     """
 
     train: Any

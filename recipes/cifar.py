@@ -13,6 +13,7 @@ The launcher keeps that tensor on the GPU when it fits and cuts batches there;
 flip and translation run as batched tensor ops, normalisation inside the model.
 """
 
+import functools
 import hashlib
 import io
 import os
@@ -61,6 +62,8 @@ class Hparams:
     lookahead: int = field(default=5, metadata={"help": "every N steps the weights move to their running average; "
                                                         "0 = never"})
     whiten_bias_epochs: float = field(default=3, metadata={"help": "the whitening layer's bias trains this long"})
+    flip: Literal["alternate", "random", "none"] = field(
+        default="alternate", metadata={"help": "mirror each training image in every other epoch, or at random"})
     tta: Literal["none", "mirror", "translate"] = field(
         default="translate", metadata={"help": "evaluation averages each image with its mirror image (and both "
                                                "moved by a pixel)"})
@@ -97,13 +100,24 @@ def splits(hp: Hparams) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 def data(hp: Hparams) -> Splits:
     parts = splits(hp)
     return Splits(train=TensorDataset(*parts["train"]), val=TensorDataset(*parts["val"]) if hp.val_size else None,
-                  test=TensorDataset(*parts["test"]), augment=augment)
+                  test=TensorDataset(*parts["test"]), augment=functools.partial(augment, flip=hp.flip))
 
 
-def augment(x: torch.Tensor, y: torch.Tensor):
-    """Horizontal flip, and a translation by up to 2 px with mirrored edges: batched, on the device."""
+def mirrored(x: torch.Tensor, epoch: int, flip: str) -> torch.Tensor:
+    """Which images to mirror, (N,) bool. "alternate" mirrors each image in every other epoch, so that each
+    orientation is seen in turn rather than by chance; which half starts mirrored is the parity of an image's
+    pixel sum, a fair coin that the image carries with it to whichever rank and step it reaches."""
+    if flip == "alternate":
+        return (x.sum((1, 2, 3)) + epoch) % 2 == 1
+    if flip == "random":
+        return torch.rand(len(x), device=x.device) < 0.5
+    return torch.zeros(len(x), dtype=torch.bool, device=x.device)
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, epoch: int = 0, flip: str = "alternate"):
+    """Horizontal flip (`mirrored`), and a translation by up to 2 px with mirrored edges: batched, on the device."""
     n, device = len(x), x.device
-    x = torch.where(torch.rand(n, 1, 1, 1, device=device) < 0.5, x.flip(3), x)
+    x = torch.where(mirrored(x, epoch, flip)[:, None, None, None], x.flip(3), x)
     moved = torch.randint(-2, 3, (2, n, 1), device=device) + torch.arange(32, device=device)
     rows, cols = (31 - (31 - moved.abs()).abs()).unbind(0)  # (n, 32) each, mirrored at both edges
     x = x[torch.arange(n, device=device)[:, None, None, None], torch.arange(3, device=device)[:, None, None],

@@ -122,19 +122,37 @@ def test_the_decoded_cache_is_built_once_per_source(tmp_path, images):
     assert cifar.cached(cifar.Hparams(data_dir=str(archive), cache_dir=str(tmp_path / "cache"))) != first
 
 
-def test_augment_only_translates_and_flips():
-    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    y = torch.arange(64)
-    out, labels = cifar.augment(x, y)
-    assert out.shape == x.shape and out.dtype == torch.uint8 and torch.equal(labels, y)
+def orientations(x: torch.Tensor, out: torch.Tensor) -> list[bool | None]:
+    """For each augmented image, whether it is its original moved by up to 2 px (False) or its mirror image
+    moved (True); None when it is neither."""
     padded = torch.nn.functional.pad(x.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
-    moved = 0
-    for i in range(len(x)):
-        candidates = [img[:, dy:dy + 32, dx:dx + 32] for img in (padded[i], padded[i].flip(2))
-                      for dy in range(5) for dx in range(5)]
-        assert any(torch.equal(out[i], c) for c in candidates), i
-        moved += not torch.equal(out[i], x[i])
-    assert moved > 50  # it does augment
+    return [next((mirror for mirror, img in ((False, padded[i]), (True, padded[i].flip(2)))
+                  for dy in range(5) for dx in range(5) if torch.equal(out[i], img[:, dy:dy + 32, dx:dx + 32])), None)
+            for i in range(len(x))]
+
+
+IMAGES = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_augment_only_translates_and_flips():
+    y = torch.arange(64)
+    out, labels = cifar.augment(IMAGES, y)
+    assert out.shape == IMAGES.shape and out.dtype == torch.uint8 and torch.equal(labels, y)
+    assert None not in orientations(IMAGES, out)
+    assert sum(not torch.equal(a, b) for a, b in zip(out, IMAGES, strict=True)) > 50  # it does augment
+
+
+def test_the_alternating_flip_shows_each_image_in_both_orientations_in_turn():
+    """airbench's flip: each image is mirrored in every other epoch, half of them starting mirrored, on any rank
+    (the coin is the image's own); a random flip repeats an orientation in about half the images."""
+    torch.manual_seed(0)  # the translations' and the random flip's draws
+    seen = [orientations(IMAGES, cifar.augment(IMAGES, None, epoch)[0]) for epoch in range(3)]
+    assert all(a != b for a, b in zip(seen[0], seen[1], strict=True)) and seen[2] == seen[0]
+    assert 20 < sum(seen[0]) < 44
+    assert orientations(IMAGES[:8], cifar.augment(IMAGES[:8], None, 1)[0]) == seen[1][:8]  # whatever the batch
+    random = [orientations(IMAGES, cifar.augment(IMAGES, None, epoch, "random")[0]) for epoch in range(2)]
+    assert 20 < sum(a == b for a, b in zip(*random, strict=True)) < 44
+    assert not any(orientations(IMAGES, cifar.augment(IMAGES, None, 0, "none")[0]))
 
 
 def test_the_whitening_layer_decorrelates_the_training_patches():

@@ -110,6 +110,15 @@ def test_accumulation_equals_one_big_step(tmp_path, single, double, procs):
     assert not torch.equal(params(one, 0)["2.weight"], params(one, 0, "init")["2.weight"])
 
 
+def test_augment_is_told_the_epoch_of_every_micro_batch(tmp_path):
+    """6 steps an epoch of 2 micro-batches, on each of 2 processes: the augment's epoch is 0 for a rank's first 12
+    calls and 1 for its last 12 (the pre-flight's augmented sample comes before them, in epoch 0)."""
+    dump = train_tiny(tmp_path, "told", *REFERENCE, "--noise", "0.1", "--grad-accum", "2", procs=2)
+    for rank in range(2):
+        told = torch.load(dump / f"rank{rank}-epochs.pt")
+        assert told[-24:] == [0] * 12 + [1] * 12 and set(told[:-24]) <= {0}, (rank, told)
+
+
 def test_two_processes_optimise_like_one(single, double):
     """The global batch is the same samples on 1 or N processes, so training is the same up to rounding."""
     assert_close(params(double, 0), params(single, 0), rtol=1e-5)

@@ -1,7 +1,8 @@
 """A small deterministic recipe for the tests: no dropout, no batch norm, no augmentation unless asked.
 
 With --dump-dir, every process writes its parameters at creation (rank<R>-init.pt)
-and at exit (rank<R>-final.pt), so tests can compare ranks and runs; under FSDP, its shard.
+and at exit (rank<R>-final.pt), so tests can compare ranks and runs; under FSDP, its shard; and the epoch that
+--noise's augment was told at each call (rank<R>-epochs.pt).
 
 Planted faults, counted in training forward passes (= optimizer steps without accumulation):
 --crash-at N makes rank --crash-rank fail at its N-th (once per --dump-dir: a restarted run goes on) in the
@@ -42,7 +43,7 @@ class Hparams:
     n_val: int = 37
     n_test: int = 23
     per_sample: bool = False  # a map-style Dataset through a DataLoader instead of a TensorDataset
-    noise: float = 0.0  # augmentation: Gaussian noise on the inputs, drawn from the global generator
+    noise: float = 0.0  # augmentation: Gaussian noise on the inputs from the global generator, × (1 + epoch)
     dump_dir: str = ""
     crash_at: int = 0
     crash_rank: int = 1
@@ -99,7 +100,17 @@ def data(hp: Hparams) -> Splits:
         x[start:start + hp.leak], y[start:start + hp.leak] = x[:hp.leak], y[:hp.leak]
     return Splits(train=kind(x[:a], y[:a]), val=kind(x[a:b], y[a:b]) if hp.n_val else None,
                   test=kind(x[b:], y[b:]) if hp.n_test else None,
-                  augment=(lambda x, y: (x + hp.noise * torch.randn_like(x), y)) if hp.noise else None)
+                  augment=noisy(hp) if hp.noise else None)
+
+
+told_epochs: list[int] = []  # the epoch each call of augment was told; with --dump-dir, rank<R>-epochs.pt
+
+
+def noisy(hp: Hparams):
+    def augment(x, y, epoch):  # the noise grows with the epoch: a resumed run must be told the right one
+        told_epochs.append(epoch)
+        return x + hp.noise * (1 + epoch) * torch.randn_like(x), y
+    return augment
 
 
 class Faulty(nn.Sequential):
@@ -156,6 +167,7 @@ def model(hp: Hparams) -> nn.Module:
 
         dump("init")
         atexit.register(dump, "final")
+        atexit.register(lambda: torch.save(told_epochs, Path(hp.dump_dir) / f"rank{rank}-epochs.pt"))
     return m
 
 
