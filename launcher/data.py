@@ -232,21 +232,21 @@ def loaders(splits, device: torch.device, workers: int, fast: bool) -> tuple:
     return loader(splits.train, "train", device, workers, fast, splits.collate_fn), evals
 
 
-def augmented(augment: Callable | None, batch, epoch: int):
-    """A training batch through the recipe's augment, which is called like the batch: augment(x, y) for a pair;
-    with epoch=E (the batch's epoch, from 0) when it has a parameter of that name, for augmentations that change
-    from epoch to epoch (airbench's flip, which mirrors each image in every other epoch)."""
+def augmenter(augment: Callable | None) -> Callable | None:
+    """The recipe's augment as f(batch, epoch) -> batch: called like the batch, augment(x, y) for a pair; with
+    epoch=E (the batch's epoch, from 0) when it has a parameter of that name, for augmentations that change from
+    epoch to epoch (airbench's flip, which mirrors each image in every other epoch). Its signature is read once."""
     if augment is None:
-        return batch
-    told = {"epoch": epoch} if takes_epoch(augment) else {}
-    return augment(*batch, **told) if isinstance(batch, (tuple, list)) else augment(batch, **told)
-
-
-def takes_epoch(augment: Callable) -> bool:
+        return None
     try:
-        return "epoch" in inspect.signature(augment).parameters
+        told = "epoch" in inspect.signature(augment).parameters
     except (TypeError, ValueError):  # a builtin or extension without a signature: called without it
-        return False
+        told = False
+
+    def apply(batch, epoch: int):
+        extra = {"epoch": epoch} if told else {}
+        return augment(*batch, **extra) if isinstance(batch, (tuple, list)) else augment(batch, **extra)
+    return apply
 
 
 def loader(split, name: str, device: torch.device, workers: int, fast: bool, collate_fn):

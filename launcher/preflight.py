@@ -71,7 +71,7 @@ def preflight(module: nn.Module, train, evals: dict, step: Callable, augment, ba
     back) and draws its sample from a generator of its own."""
     report = Report()
     sampled = train.sample(SAMPLE_BATCHES, max(batch, 2), seed)
-    calls = forwards(module, step, [data.augmented(augment, b, 0) for b in sampled], report)
+    calls = forwards(module, step, [augment(b, 0) for b in sampled] if augment else sampled, report)
     checked(report, "eval", lambda: eval_mode(module, evaluate, sampled[0], report))
     checked(report, "labels", lambda: labels(train, calls, seed, report))
     checked(report, "splits", lambda: leakage({"train": train, **evals}, seed, report))

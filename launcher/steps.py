@@ -133,7 +133,7 @@ class Parts:
 
     train: data.Loader
     evals: dict  # split name → data.Loader
-    augment: Callable | None
+    augment: Callable | None  # (batch, epoch) -> batch: data.augmenter of the recipe's augment
     module: nn.Module
     step: Callable  # (model, batch) -> Output
     evaluate: Callable
@@ -147,4 +147,4 @@ def build(recipe: ModuleType, hp, seed: int, device: torch.device, workers: int,
     train, evals = data.loaders(splits, device, workers, device_data)
     torch.manual_seed(seed)
     module = model(recipe, hp, device)
-    return Parts(train, evals, splits.augment, module, *steps(recipe, hp, device))
+    return Parts(train, evals, data.augmenter(splits.augment), module, *steps(recipe, hp, device))

@@ -260,7 +260,9 @@ class Trainer:
         sampled = self.watch is not None and (self.step + 1) % self.every == 0
         step_loss, step_count = None, 0  # this rank's: the sum of the micro-steps' losses (× count, with counts)
         for k in range(K):
-            batch = data.augmented(self.augment, self.next_batch(batches), self.step // self.steps_per_epoch)
+            batch = self.next_batch(batches)
+            if self.augment:
+                batch = self.augment(batch, self.step // self.steps_per_epoch)
             engine.sync(k == K - 1)
             with self.observed(sampled and k == K - 1):
                 out = self.step_fn(engine.model, batch)
