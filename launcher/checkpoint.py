@@ -7,8 +7,13 @@
 
 A checkpoint is assembled under a hidden temporary name and renamed into place when complete, so a
 `step-*` directory is never half written; its manifest tells a truncated or damaged file from a good
-one. Files are read with `torch.load(weights_only=True)`: tensors and plain containers only, never
-arbitrary pickled objects.
+one. Run directories sit on shared filesystems where others may write, so reading one trusts nothing
+but the manifest: a directory holding a file it does not list, a symbolic link or anything but regular
+files is refused before any library sees it (listing); each file is hashed through the descriptor it is
+then read from, never through a link (Reader.load); and it is unpickled with
+`torch.load(weights_only=True)`: tensors and plain containers only, never code. DeepSpeed's own loaders,
+which glob their folder and unpickle with weights_only off, run inside `reading()`, where every
+torch.load of the process goes through the same verified path.
 """
 
 from __future__ import annotations
@@ -21,18 +26,25 @@ import pickletools
 import random
 import re
 import shutil
+import stat
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
-from .errors import CheckpointError
-from .text import first_line
+from .errors import CheckpointError, ForeignCheckpoint
+from .text import count, first_line
 
 STEP_DIR = re.compile(r"step-(\d+)")
+MANIFEST = "manifest.json"
+MAX_MANIFEST = 16 << 20  # bytes: a manifest lists files, it is never this large
+ZIP_MAGIC = b"PK\x03\x04"  # how every file torch.save writes begins
 
 
 def folder(run_dir: str | Path) -> Path:
@@ -105,7 +117,7 @@ def save(target: Path, state: dict, meta: dict, rank: int, barrier: Callable[[],
     if rank == 0:
         files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / "manifest.json").write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
         _fsync_dir(tmp)
         if target.exists():  # a step saved again after a resume, or the previous best
             old = target.with_name(f".{target.name}.old")
@@ -120,63 +132,213 @@ def save(target: Path, state: dict, meta: dict, rank: int, barrier: Callable[[],
 
 
 def verify(path: Path) -> dict:
-    """The manifest of a complete, undamaged checkpoint, or CheckpointError naming the bad file."""
-    manifest_path = path / "manifest.json"
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a checkpoint directory")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{manifest_path} is missing or unreadable ({e}): the checkpoint is incomplete") from None
-    for name, expected in files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing")
-        size = file.stat().st_size
-        if size != expected["bytes"]:
-            raise CheckpointError(f"{file} is truncated or damaged: {size} bytes, "
-                                  f"the manifest says {expected['bytes']}")
-        if _sha256(file) != expected["sha256"]:
-            raise CheckpointError(f"{file} is damaged: its sha256 differs from the manifest's")
-    if "state.pt" not in files:
-        raise CheckpointError(f"{path} has no state.pt")
+    """The manifest of a complete, undamaged checkpoint that holds nothing else, or CheckpointError naming what
+    is wrong; every file hashed, none loaded."""
+    manifest = listing(path)
+    for name in manifest["files"]:
+        with _opened(path, name, manifest):
+            pass
     return manifest
 
 
 def check(path: Path) -> dict:
-    """verify(), and read every file as the workers will, without running code: the manifest."""
-    manifest = verify(path)
-    for name in manifest["files"]:
-        if name.endswith(".pt"):
-            try:
-                with torch.serialization.safe_globals(_safe_globals(path / name)), warnings.catch_warnings():
-                    # torch's aside on a pickle protocol it did not write (crafted files use the newest): what
-                    # matters is whether the file loads safely, which the error below says in one line
-                    warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
-                    torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise unsafe(path / name, e) from None
+    """verify(), and every torch file read as the workers will read it, without running code: the manifest."""
+    with reading(path) as ckpt:
+        for name in ckpt.manifest["files"]:
+            if name.endswith(".pt"):
+                ckpt.load(name)
+            else:
+                with _opened(path, name, ckpt.manifest):
+                    pass
+    return ckpt.manifest
+
+
+def listing(path: Path) -> dict:
+    """The manifest, once the directory is seen to hold exactly the files it lists: regular files, no symbolic
+    link, nothing it does not list (a partition planted beside DeepSpeed's, which DeepSpeed's own loaders would
+    glob and unpickle); hashes are checked where a file is opened. CheckpointError otherwise."""
+    if path.is_symlink():
+        raise ForeignCheckpoint(f"{path} is a symbolic link, not a checkpoint directory: give the directory itself")
+    if not path.is_dir():
+        raise ForeignCheckpoint(f"{path} is not a checkpoint directory")
+    try:
+        with _open_inside(path, MANIFEST) as f:
+            text = f.read(MAX_MANIFEST + 1)
+        if len(text) > MAX_MANIFEST:
+            raise ValueError(f"over {MAX_MANIFEST >> 20} MiB")
+        manifest = json.loads(text)
+        files = manifest["files"]
+        if not all(_plain_name(n) and isinstance(e, dict) and {"bytes", "sha256"} <= e.keys()
+                   for n, e in files.items()):
+            raise ValueError("a file entry is not a plain relative name with its size and hash")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise CheckpointError(f"{path / MANIFEST} is missing or unreadable ({reason}): the checkpoint is incomplete "
+                              "or not the launcher's") from None
+    if "state.pt" not in files:
+        raise CheckpointError(f"{path} has no state.pt")
+    entries = _entries(path)
+    odd = next((name for name, kind in entries.items() if kind != "file"), None)
+    if odd:
+        raise ForeignCheckpoint(f"{path / odd} is {entries[odd]}: refused, as it may point outside the checkpoint "
+                              "or block a read; nothing in the checkpoint was loaded")
+    stray = [name for name in entries if name not in files and name != MANIFEST]
+    if stray:
+        shown = ", ".join(stray[:3]) + (f" and {len(stray) - 3} more" if len(stray) > 3 else "")
+        raise ForeignCheckpoint(f"{path} holds {count(len(stray), 'file')} that its manifest does not list ({shown}): "
+                              "planted, or left by another program? Nothing in the checkpoint was loaded; remove "
+                              f"{'it' if len(stray) == 1 else 'them'} to use it")
+    missing = next((name for name in files if name not in entries), None)
+    if missing:
+        raise CheckpointError(f"{path / missing} is missing")
     return manifest
 
 
-def unsafe(file: Path, e: Exception) -> CheckpointError:
+def _plain_name(name: str) -> bool:
+    """A name inside the directory: relative, in normal form, without a way up."""
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and all(p not in ("", ".", "..") for p in parts) \
+        and "\\" not in name and "\0" not in name
+
+
+def _entries(path: Path) -> dict[str, str]:
+    """Everything under `path` but its directories, by name relative to it, and what it is: a file, a symbolic
+    link (never followed) or another kind of file."""
+    found = {}
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_dir(follow_symlinks=False):
+            found.update({f"{entry.name}/{name}": kind for name, kind in _entries(Path(entry.path)).items()})
+        else:
+            found[entry.name] = "file" if entry.is_file(follow_symlinks=False) else \
+                "a symbolic link" if entry.is_symlink() else "not a regular file"
+    return found
+
+
+def _open_inside(root: Path, name: str):
+    """`root/name` opened for reading without following a symbolic link at any depth (one swapped in after the
+    listing included), as a regular file: nothing outside the checkpoint is ever read."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW
+    fd = os.open(root, flags | os.O_DIRECTORY)
+    try:
+        *folders, leaf = name.split("/")
+        for part in folders:
+            inner = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        file = os.open(leaf, flags | os.O_NONBLOCK, dir_fd=fd)  # a FIFO would block an open without it
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ForeignCheckpoint(f"{root / name} is a symbolic link or sits under one: refused, as it may point "
+                                  "outside the checkpoint") from None
+        raise
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(file).st_mode):
+        os.close(file)
+        raise ForeignCheckpoint(f"{root / name} is not a regular file")
+    os.set_blocking(file, True)
+    return os.fdopen(file, "rb")
+
+
+@contextmanager
+def _opened(root: Path, name: str, manifest: dict):
+    """The listed file `name`, open and checked against the manifest (size, then sha256 of what this very
+    descriptor reads), positioned at its start."""
+    expected = manifest["files"].get(name)
+    if expected is None:
+        raise ForeignCheckpoint(f"{root / name} is not listed in {root / MANIFEST}: refused (planted, or left by "
+                              "another program?)")
+    try:
+        f = _open_inside(root, name)
+    except FileNotFoundError:
+        raise CheckpointError(f"{root / name} is missing") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{root / name} is truncated or damaged: {size} bytes, the manifest says "
+                                  f"{expected['bytes']}")
+        digest = hashlib.sha256()
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+        if digest.hexdigest() != expected["sha256"]:
+            raise CheckpointError(f"{root / name} is damaged: its sha256 differs from the manifest's")
+        f.seek(0)
+        yield f
+
+
+@dataclass
+class Reader:
+    """A checkpoint being read: each file that is loaded is one the manifest lists, verified as it is opened
+    and unpickled with weights_only (tensors and plain data, never code)."""
+
+    path: Path
+    manifest: dict
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest["files"]
+
+    def load(self, name: str, map_location="cpu"):
+        file = self.path / name
+        with _opened(self.path, name, self.manifest) as f:
+            if f.read(4) != ZIP_MAGIC:
+                raise ForeignCheckpoint(f"{file} is not in the format torch.save writes (a zip archive): an old or "
+                                      "foreign file, which the launcher never wrote; nothing in it was loaded")
+            f.seek(0)
+            try:
+                with torch.serialization.safe_globals(_safe_globals(name)), warnings.catch_warnings():
+                    # torch's aside on a pickle protocol it did not write (crafted files use the newest): what
+                    # matters is whether the file loads safely, which the error below says in one line
+                    warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+                    # torch.load itself is library_load inside reading()
+                    return torch.serialization.load(f, map_location=map_location, weights_only=True)
+            except Exception as e:
+                raise unsafe(file, f, e) from None
+
+    def library_load(self, f, map_location=None, *args, **kwargs):
+        """torch.load as the libraries reading the checkpoint call it (DeepSpeed's loaders, with weights_only
+        off): a file of this checkpoint that the manifest lists, read by load(); anything else refused."""
+        if not isinstance(f, (str, os.PathLike)):
+            raise ForeignCheckpoint(f"reading {self.path}: a library loaded a file object rather than a file of the "
+                                  "checkpoint, which cannot be verified: refused")
+        name = os.path.relpath(os.path.abspath(f), os.path.abspath(self.path))
+        if name == ".." or name.startswith(("../", "/")):
+            raise ForeignCheckpoint(f"reading {self.path}: a library asked for {f}, outside the checkpoint: refused")
+        return self.load(Path(name).as_posix(), map_location)
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[Reader]:
+    """The checkpoint at `path`, listed (listing()), for the duration of which every torch.load in this process,
+    those inside DeepSpeed's loaders included, reads through Reader.library_load. DeepSpeed globs its folder
+    and unpickles what it finds with weights_only off: so it sees the listed, verified files alone, and code in
+    none of them runs."""
+    ckpt = Reader(path, listing(path))
+    original = torch.load
+    torch.load = ckpt.library_load
+    try:
+        yield ckpt
+    finally:
+        torch.load = original
+
+
+def unsafe(file: Path, f: BinaryIO, e: Exception) -> CheckpointError:
     """A file torch.load(weights_only=True) refused, in plain words: the global it would have had to import
     (a crafted file names os.system, say) rather than torch's advice to load it unsafely."""
     allowed = set(torch._weights_only_unpickler._get_allowed_globals())
-    extra = torch.serialization.get_safe_globals() + _safe_globals(file)
+    extra = torch.serialization.get_safe_globals() + _safe_globals(file.as_posix())
     allowed |= {f"{g.__module__}.{g.__qualname__}" for g in extra}
-    foreign = next((g for g in referenced_globals(file) if g not in allowed), None)
+    foreign = next((g for g in referenced_globals(f) if g not in allowed), None)
     if foreign:
-        return CheckpointError(f"{file} cannot be loaded safely: it refers to {foreign}, which is neither a tensor nor "
-                               "plain data (a crafted or foreign file?); nothing in it was run")
+        return ForeignCheckpoint(f"{file} cannot be loaded safely: it refers to {foreign}, which is neither a tensor "
+                                 "nor plain data (a crafted or foreign file?); nothing in it was run")
     return CheckpointError(f"{file} cannot be loaded safely ({type(e).__name__}: {first_line(e)})")
 
 
-def referenced_globals(file: Path) -> list[str]:
+def referenced_globals(f: BinaryIO) -> list[str]:
     """The globals (module.name) a torch file's pickle imports, read from its opcodes without running any."""
     try:
-        with zipfile.ZipFile(file) as z:
+        f.seek(0)
+        with zipfile.ZipFile(f) as z:
             data = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
         found, strings = [], []
         for op, arg, _ in pickletools.genops(data):
@@ -187,12 +349,12 @@ def referenced_globals(file: Path) -> list[str]:
             elif isinstance(arg, str):
                 strings.append(arg)
         return found
-    except Exception:  # not a zip, no pickle, or one broken too badly to read: nothing to name
+    except Exception:  # no pickle, or one broken too badly to read: nothing to name
         return []
 
 
-def _safe_globals(file: Path) -> list:
-    return _deepspeed_globals() if "deepspeed" in file.parts else []
+def _safe_globals(name: str) -> list:
+    return _deepspeed_globals() if "deepspeed" in name.split("/") else []
 
 
 def _deepspeed_globals() -> list:
@@ -247,27 +409,23 @@ def step_dirs(run_dir: str | Path) -> list[Path]:
 
 
 def latest(run_dir: str | Path, warn: Callable[[str], None]) -> Path | None:
-    """The newest checkpoint that verifies; each one passed over is reported through `warn`."""
+    """The newest checkpoint that verifies; each damaged one passed over is reported through `warn`. One that holds
+    what the launcher never wrote (ForeignCheckpoint) is not passed over: it is raised."""
     for path in step_dirs(run_dir):
         try:
             verify(path)
             return path
+        except ForeignCheckpoint:
+            raise
         except CheckpointError as e:
             warn(f"{e}; falling back to an earlier checkpoint")
     return None
 
 
 def load_state(path: Path) -> dict:
-    """On the CPU: load_state_dict() copies to wherever the model and optimizer live."""
-    try:
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise unsafe(path / "state.pt", e) from None
-
-
-def load_rng(path: Path, rank: int) -> dict | None:
-    file = path / f"rng-{rank}.pt"
-    return torch.load(file, weights_only=True) if file.exists() else None
+    """state.pt, verified and read without running code, on the CPU."""
+    with reading(path) as ckpt:
+        return ckpt.load("state.pt")
 
 
 def prune(run_dir: str | Path, keep: int) -> None:

@@ -24,7 +24,7 @@ from .errors import RecipeError, UsageError
 from .flags import Flags
 from .leave import leave
 from .plan import Plan
-from .sinks import keep_console, start_summary, update_summary, write_json
+from .sinks import keep_console, start_summary, update_summary, write_record
 from .text import count
 
 # the launcher flags a training script takes: where it runs, what Accelerate reads from the environment, restarts,
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
     if plan.node_rank == 0:  # and its record, its summary and its console's log
-        write_json(Path(plan.run_dir) / "config.json", record.record(plan, argv))
+        write_record(plan.run_dir, record.record(plan, argv))
         start_summary(plan)
         keep_console(plan.run_dir)
     try:

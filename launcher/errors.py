@@ -18,6 +18,11 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message names the file and what is wrong with it."""
 
 
+class ForeignCheckpoint(CheckpointError):
+    """A checkpoint holding what the launcher never wrote there (a file its manifest does not list, a link, code in
+    a pickle): refused, and never passed over for an older checkpoint in silence as a damaged one is."""
+
+
 class Stopped(Exception):
     """Every rank stopped on a signal, after saving a checkpoint."""
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .errors import CheckpointError
+from .text import first_line
 
 
 class ExportError(Exception):
@@ -19,28 +20,46 @@ class ExportError(Exception):
 
 
 def weights(path: Path) -> dict:
-    """The checkpoint's weights as whole fp32 tensors on the CPU."""
-    if (path / "deepspeed").is_dir():
-        from .zero import TAG, import_deepspeed
+    """A checkpoint's weights as whole fp32 tensors on the CPU, each file verified as it is read and none
+    unpickled with code."""
+    with checkpoint.reading(path) as ckpt:
+        return read_weights(ckpt)
 
-        import_deepspeed()
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+def read_weights(ckpt: checkpoint.Reader) -> dict:
+    """weights() of a checkpoint being read: DeepSpeed's zero_to_fp32 globs its folder and loads what it finds,
+    through the reader."""
+    if not (ckpt.path / "deepspeed").is_dir():
+        state = ckpt.load("state.pt")
+        model = state.get("model") if isinstance(state, dict) else None
+        if not isinstance(model, dict):
+            raise CheckpointError(f"{ckpt.path / 'state.pt'} holds no model weights: not a launcher checkpoint")
+        return model
+    from .zero import TAG, import_deepspeed
+
+    import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            return dict(get_fp32_state_dict_from_zero_checkpoint(str(path / "deepspeed"), tag=TAG))
-    return checkpoint.load_state(path)["model"]
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.path / "deepspeed"), tag=TAG))
+    except CheckpointError:
+        raise
+    except Exception as e:  # files that verify and load, yet are not what DeepSpeed wrote: its own words, in one line
+        raise CheckpointError(f"{ckpt.path / 'deepspeed'} does not hold the partitions DeepSpeed wrote "
+                              f"({type(e).__name__}: {first_line(e)})") from None
 
 
 def export(source: Path, out: Path | None) -> Path:
-    if (source / "manifest.json").exists():
-        path = source
-    else:
-        path = checkpoint.latest(source, lambda text: print(f"launch: warning: {text}", file=sys.stderr))
-        if path is None:
-            raise ExportError(f"{source} is neither a checkpoint nor a run directory with a complete checkpoint")
     try:
-        manifest = checkpoint.check(path)  # verified and readable without running code, before anything loads it
-        tensors = weights(path)
+        if (source / checkpoint.MANIFEST).exists():
+            path = source
+        else:
+            path = checkpoint.latest(source, lambda text: print(f"launch: warning: {text}", file=sys.stderr))
+            if path is None:
+                raise ExportError(f"{source} is neither a checkpoint nor a run directory with a complete checkpoint")
+        with checkpoint.reading(path) as ckpt:
+            tensors, manifest = read_weights(ckpt), ckpt.manifest
     except CheckpointError as e:
         raise ExportError(str(e)) from None
     from safetensors.torch import save_file

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from .errors import CheckpointError, UsageError
 from .flags import Flags
 from .plan import Plan
 from .sinks import warn
+from .text import count
 
 LOCK = ".lock"
 UNNAMED = "a run that has not said who it is yet"  # between taking the lock and writing into it
@@ -91,7 +93,7 @@ def choose(args: Flags, stem: str) -> tuple[Path, str, Path | None, dict]:
             raise UsageError(f"--resume {args.resume}: no such checkpoint or run directory")
         resume = given
         if (given / "checkpoints").is_dir():  # a run directory: its newest complete checkpoint
-            resume = checkpoint.latest(given, warn)
+            resume = newest(given)
             if resume is None:
                 raise UsageError(f"--resume {args.resume}: the run directory holds no complete checkpoint")
     if args.resume == "auto" and not (args.name or args.run_dir):
@@ -122,7 +124,7 @@ def choose(args: Flags, stem: str) -> tuple[Path, str, Path | None, dict]:
         raise UsageError(f"run directory {run_dir} already holds a run; continue it with --resume auto, or choose "
                          "another --run-dir or --name")
     if args.resume == "auto":
-        resume = checkpoint.latest(run_dir, warn)
+        resume = newest(run_dir)
         if resume is None and args.node_rank == 0 and (run_dir / "config.json").exists():
             print(f"launch: no checkpoint in {run_dir}: starting fresh", flush=True)
     manifest = {}
@@ -132,6 +134,25 @@ def choose(args: Flags, stem: str) -> tuple[Path, str, Path | None, dict]:
         except CheckpointError as e:
             raise UsageError(f"--resume: {e}") from None
     return run_dir, name, resume, manifest
+
+
+def newest(run_dir: Path) -> Path | None:
+    """The run's newest complete checkpoint (damaged ones passed over with a warning), or UsageError for one that
+    holds what the launcher never wrote."""
+    try:
+        return checkpoint.latest(run_dir, warn)
+    except CheckpointError as e:
+        raise UsageError(f"--resume: {e}") from None
+
+
+def zero_stage(manifest: dict) -> str:
+    """The ZeRO stage a DeepSpeed checkpoint was written with: its manifest's, or (manifests before it was kept)
+    what its files show: stage 3 alone writes a file of model states per rank."""
+    if "zero" in manifest:
+        return str(manifest["zero"])
+    per_rank = any(re.fullmatch(r"deepspeed/\w+/zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt", name)
+                   for name in manifest["files"])
+    return "3" if per_rank else "1 or 2"
 
 
 def compare(plan: Plan, manifest: dict) -> None:
@@ -144,9 +165,19 @@ def compare(plan: Plan, manifest: dict) -> None:
     if engine == "deepspeed" and manifest.get("world_size") != plan.world_size:
         raise UsageError(f"{plan.resume} holds DeepSpeed partitions for {manifest.get('world_size')} processes: "
                          f"resume it on as many, not {plan.world_size}")
+    if engine == "deepspeed" and (zero_stage(manifest) == "3") != (plan.zero == 3):
+        raise UsageError(f"{plan.resume} was written with --zero {zero_stage(manifest)}, whose partitions --zero "
+                         f"{plan.zero} cannot load (stage 3 partitions the weights too): resume it with --zero "
+                         f"{zero_stage(manifest)}, or start afresh from its weights (launch export {plan.resume})")
     saved = {**manifest.get("hparams", {}), "seed": manifest.get("seed"), "grad_accum": manifest.get("grad_accum")}
     now = {**plan.hparams, "seed": plan.seed, "grad_accum": plan.grad_accum}
     secret = plan.secret_hparams()
     changed = [f"{k} {saved[k]!r} → {now[k]!r}" for k in now if k in saved and saved[k] != now[k] and k not in secret]
     if changed:
         warn(f"resuming with other settings than the checkpoint was saved with: {', '.join(changed)}")
+    world = manifest.get("world_size", plan.world_size)
+    if world != plan.world_size and plan.node_rank == 0:
+        accum, batch = saved["grad_accum"] or 1, saved.get("batch_size", plan.batch_size)
+        print(f"launch: resuming on {count(plan.world_size, 'process')} a checkpoint {count(world, 'process')} "
+              f"wrote: the global batch {plan.batch_size} is now {plan.world_size} × {plan.grad_accum} accumulation "
+              f"× {plan.micro_batch} per process (it was {world} × {accum} × {batch // (world * accum)})", flush=True)

@@ -36,6 +36,27 @@ def write_json(path: Path, obj: dict) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+PENDING = ".config.next.json"  # a start's record until it has begun training: see write_record
+
+
+def write_record(run_dir: str, record: dict) -> None:
+    """The run's record (config.json). A start that continues a run keeps it apart, beside the record of the start
+    it continues, until it has begun training (publish_record): a start that fails never replaces the command
+    `launch resume` repeats."""
+    path = Path(run_dir) / "config.json"
+    write_json(path.with_name(PENDING) if path.exists() else path, record)
+
+
+def publish_record(run_dir: str, **more) -> dict:
+    """This start's record becomes the run's, with `more` added (what the data revealed); the record."""
+    path = Path(run_dir) / "config.json"
+    pending = path.with_name(PENDING)
+    config = {**json.loads((pending if pending.exists() else path).read_text()), **more}
+    write_json(path, config)
+    pending.unlink(missing_ok=True)
+    return config
+
+
 SUMMARY_ORDER = ("state", "reason", "step", "total_steps", "best", "metrics", "train_loss", "samples_per_s", "eta_s",
                  "wall_s", "warnings", "verdict", "started", "updated", "pid", "host", "slurm_job")
 
@@ -211,10 +232,7 @@ class Sinks:
     """Rank zero's: the console, metrics.jsonl, summary.json, the pictures, W&B and TensorBoard."""
 
     def __init__(self, plan: Plan, data: dict, total_steps: int, start_step: int = 0):
-        # the launcher wrote config.json; the sizes that data() revealed complete it
-        path = Path(plan.run_dir) / "config.json"
-        config = {**json.loads(path.read_text()), "data": data}
-        write_json(path, config)
+        config = publish_record(plan.run_dir, data=data)  # training begins: this start's record is the run's
         metrics = Path(plan.run_dir) / "metrics.jsonl"
         if start_step and metrics.exists():
             # resumed: records the crashed or stopped run wrote after its checkpoint will be written again

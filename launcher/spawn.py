@@ -17,7 +17,7 @@ from . import checkpoint
 from .boot import settle
 from .errors import PLAIN, RecipeError, Stopped
 from .plan import PARENT_ENV, PLAN_ENV, Plan
-from .sinks import detach_terminal, read_summary, update_summary
+from .sinks import detach_terminal, publish_record, read_summary, update_summary
 from .stop import SIGNALS
 from .text import count, first_line
 
@@ -81,6 +81,8 @@ def _ended(plan: Plan, state: str, reason: str | None = None) -> None:
     gets its pictures here where rank zero could not draw them (the launcher stopped it at another rank's failure)."""
     if plan.node_rank == 0:
         update_summary(plan.run_dir, state=state, reason=reason, eta_s=None)
+        if state == "completed" and plan.script_args is not None:  # a script's start counts once it has run through
+            publish_record(plan.run_dir)
         if state != "completed" and plan.pictures:
             _draw(Path(plan.run_dir), plan.name)
 

@@ -447,10 +447,16 @@ class Trainer:
                              health.verdict_text(findings, unjudged, self.history["train"], self.initial))
         return final
 
-    def load_weights(self, path: Path) -> None:
-        """A checkpoint's model (and optimizer) into the engine, the run's progress left as it is."""
-        self.engine.load_files(path)
-        self.engine.load_state_dict(checkpoint.load_state(path))
+    def load_weights(self, path: Path) -> tuple[dict, dict | None]:
+        """A checkpoint's model (and optimizer) into the engine, the run's progress left as it is; (its state, this
+        rank's random generators or None). Every file is read verified and without running code (checkpoint.py),
+        the engine's own files too."""
+        with checkpoint.reading(path) as ckpt:
+            state = ckpt.load("state.pt")
+            self.engine.load_files(path)
+            self.engine.load_state_dict(state)
+            rng = f"rng-{self.rank}.pt"
+            return state, ckpt.load(rng) if ckpt.has(rng) else None
 
     # ------------------------------------------------------------------ logging and evaluation
 
@@ -568,8 +574,8 @@ class Trainer:
             "history": self.history, "initial": self.initial, "window": window,
             "health": self.watch.state() if self.watch else None}}
         meta = {"step": self.step, "engine": plan.engine, "world_size": self.world, "seed": plan.seed,
-                "grad_accum": plan.grad_accum,
-                "hparams": plan.public_hparams()}
+                "grad_accum": plan.grad_accum, "zero": plan.zero, "sharding": plan.sharding, "offload": plan.offload,
+                "precision": plan.precision, "hparams": plan.public_hparams()}
         barrier = torch.distributed.barrier if self.world > 1 else lambda: None
         checkpoint.save(target, state, meta, self.rank, barrier, self.engine.save_files)
         if target.name != "best":
@@ -629,9 +635,7 @@ class Trainer:
         return Path(self.plan.resume) if self.plan.resume else None
 
     def load(self, path: Path) -> None:
-        state = checkpoint.load_state(path)
-        self.engine.load_files(path)
-        self.engine.load_state_dict(state)
+        state, rng = self.load_weights(path)
         progress = state["progress"]
         self.step, self.bad_evals, self.skipped = progress["step"], progress["bad_evals"], progress["skipped"]
         self.best = tuple(progress["best"]) if progress["best"] else None
@@ -640,7 +644,6 @@ class Trainer:
             self.count_scale = torch.tensor(progress["count_scale"], dtype=torch.float64, device=self.acc.device)
         self.saved_at = self.validated_at = self.step
         self.restore_judgement(progress)
-        rng = checkpoint.load_rng(path, self.rank)
         if rng:
             checkpoint.set_rng_state(rng)
         elif self.main:

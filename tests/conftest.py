@@ -70,15 +70,16 @@ def train_records(run_dir: Path) -> dict[int, dict]:
 
 def in_process(capsys, *argv) -> tuple[int, str, str]:
     """`launch ARGV` in this process, for what ends before any training starts (a refusal, --check, a Slurm
-    dry run or submission): (exit code, stdout, stderr)."""
-    import pytest
-
+    dry run or submission, an export): (exit code, stdout, stderr)."""
     from launcher import commands
 
-    with pytest.raises(SystemExit) as exited:
+    try:
         commands.main([str(a) for a in argv])
+        code = 0  # a command that ends by returning (export)
+    except SystemExit as exited:
+        code = exited.code
     out, err = capsys.readouterr()
-    return exited.value.code, out, err
+    return code, out, err
 
 
 def refused(capsys, *argv) -> str:
@@ -139,6 +140,29 @@ def unstopped(tmp_path_factory):
             made[procs] = tiny(tmp_path_factory.mktemp(f"unstopped-{procs}"), "straight", *UNSTOPPED, procs=procs)
         return made[procs]
     return run
+
+
+def rehash(checkpoint: Path) -> None:
+    """Make the manifest agree with whatever the files now hold, as an attacker would."""
+    import hashlib
+
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    for name in manifest["files"]:
+        data = (checkpoint / name).read_bytes()
+        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+def plant(file: Path, marker: Path, key: str = "optimizer_state_dict") -> None:
+    """A torch file shaped like a checkpoint's ({KEY: ...}) whose pickle runs `touch MARKER` when it is unpickled with
+    code allowed (the tiny recipe's Exploit), in the newest protocol, as a crafted file would be."""
+    import pickle
+
+    from launcher import recipe
+
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with open(file, "wb") as f:
+        torch.save({key: recipe.load(TINY).Exploit(marker)}, f, pickle_protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def params(dump_dir: Path, rank: int, tag: str = "final") -> dict[str, torch.Tensor]:

@@ -1,16 +1,12 @@
 """Checkpoints through the real CLI: exact resume, keep/best, and checkpoints that must not be trusted."""
 
-import hashlib
 import json
-import os
-import pickle
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY, UNSTOPPED, assert_same, eval_record, params, records, refused, tiny
+from conftest import TINY, UNSTOPPED, assert_same, eval_record, params, plant, records, refused, rehash, tiny
 
 
 @pytest.mark.parametrize("procs", [1, 2])
@@ -45,29 +41,11 @@ def test_save_every_keeps_the_newest_and_the_best_apart(tmp_path):
     assert state["progress"]["best"][0] == pytest.approx(best["val/loss"])
 
 
-def rehash(checkpoint: Path) -> None:
-    """Make the manifest agree with whatever the files now hold, as an attacker would."""
-    manifest = json.loads((checkpoint / "manifest.json").read_text())
-    for name in manifest["files"]:
-        data = (checkpoint / name).read_bytes()
-        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
-
-
-class Exploit:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path, capsys):
     folder, _ = tiny(tmp_path, "victim", "--max-steps", "2", dump=False)
     checkpoint = folder / "run" / "checkpoints" / "step-00000002"
     marker = tmp_path / "pwned"
-    with open(checkpoint / "state.pt", "wb") as f:
-        torch.save({"model": Exploit(marker)}, f, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    plant(checkpoint / "state.pt", marker, key="model")
     rehash(checkpoint)
     assert refused(capsys, TINY, "--cpu", "--wandb", "disabled", "--run-dir", tmp_path / "next", "--resume",
                    checkpoint) == (

@@ -7,7 +7,9 @@ and at exit (rank<R>-final.pt), so tests can compare ranks and runs; under FSDP,
 Planted faults, counted in training forward passes (= optimizer steps without accumulation):
 --crash-at N makes rank --crash-rank fail at its N-th (once per --dump-dir: a restarted run goes on) in the
 way --fault says: raise an exception, hang, or die without a word; --nan-at N turns every rank's output into
-NaN at the N-th; --slow S sleeps S seconds in each forward.
+NaN at the N-th; --slow S sleeps S seconds in each forward. --plant PATH --plant-at N: at its N-th, rank 0
+writes a pickle that would run code (touching DUMP_DIR/pwned) at PATH under --dump-dir, as someone else who can
+write into the run directory would, before that forward's --crash-at fault.
 
 Planted faults for the pre-flight checks: --input-scale 1000 (inputs far from unit scale), --leak N (the first
 N training samples also in val and test), --imbalance (9:1 labels, two classes), --zero-layer (the first
@@ -50,6 +52,8 @@ class Hparams:
     fault: Literal["raise", "hang", "die"] = "raise"
     nan_at: int = 0
     slow: float = 0.0
+    plant: str = ""
+    plant_at: int = 0
     api_token: str = ""  # named like a secret: never written anywhere
     input_scale: float = 1.0
     leak: int = 0
@@ -113,6 +117,16 @@ def noisy(hp: Hparams):
     return augment
 
 
+class Exploit:
+    """What a crafted checkpoint file holds: unpickled with code allowed, it runs a command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
 class Faulty(nn.Sequential):
     def __init__(self, hp: Hparams, *layers):
         super().__init__(*layers)
@@ -123,6 +137,8 @@ class Faulty(nn.Sequential):
             self.forwards += 1
             hp, rank = self.hp, int(os.environ.get("RANK", "0"))
             time.sleep(hp.slow)
+            if self.forwards == hp.plant_at and rank == 0:
+                torch.save({"optimizer_state_dict": Exploit(Path(hp.dump_dir) / "pwned")}, Path(hp.dump_dir) / hp.plant)
             marker = Path(hp.dump_dir or ".") / "crashed"
             if self.forwards == hp.crash_at and rank == hp.crash_rank and not marker.exists():
                 marker.touch()
