@@ -91,7 +91,8 @@ def instructions(hp: dict, tmp: Path) -> None:
 def one_process(rounds: int, steps: int, hp: dict, tmp: Path) -> None:
     import torch
 
-    from launcher import cli, group, record, sinks, trainer, worker
+    from launcher import cli, group, record, sinks, worker
+    from launcher.train.loop import Trainer
 
     torch.set_num_threads(1)
     total = (rounds + 1) * steps  # the first round warms up
@@ -100,9 +101,9 @@ def one_process(rounds: int, steps: int, hp: dict, tmp: Path) -> None:
     Path(plan.run_dir).mkdir()
     sinks.write_json(Path(plan.run_dir) / "config.json", record.record(plan))
     worker.steady_host_memory()
-    ours = trainer.Trainer(plan, group.accelerator(plan), recipe, rhp)
-    if ours.steps_per_epoch < total:
-        sys.exit(f"--one-process: {total} steps do not fit in one epoch of {ours.steps_per_epoch}")
+    ours = Trainer(plan, group.accelerator(plan), recipe, rhp)
+    if ours.length.steps_per_epoch < total:
+        sys.exit(f"--one-process: {total} steps do not fit in one epoch of {ours.length.steps_per_epoch}")
     batches = ours.epoch_batches(0, 0, total)
     hand = Loop(recipe, rhp, total, 1, plan.clip_grad)
     order = iter(torch.randperm(len(hand.train)).split(rhp.batch_size))

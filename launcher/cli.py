@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import checkpoint, flags, record, rundir, slurm, spawn, zero
 from . import recipe as recipes
-from .boot import settle
+from .collector import settle
 from .errors import RecipeError, UsageError
 from .flags import Flags
 from .leave import leave

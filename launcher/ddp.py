@@ -61,7 +61,7 @@ class Ddp:
 
     def grad_norm(self, clip: float, rescale: torch.Tensor | None) -> torch.Tensor:
         """Total gradient norm before clipping; clips to `clip` when it is > 0. Sync steps only. `rescale`
-        multiplies the gradients first (a step's counts, see trainer.py)."""
+        multiplies the gradients first (a step's counts, see train/counts.py)."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if rescale is not None:

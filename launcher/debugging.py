@@ -95,14 +95,14 @@ def lr_finding(tried: list[tuple[float, float]], path: Path) -> dict:
 def overfit_report(trainer) -> None:
     """--overfit-batches: did the loss on the fixed batches go near zero? The run fails when it did not."""
     n, off = trainer.plan.overfit_batches, ", ".join(trainer.unregularised) or "nothing to turn off"
-    first, last, passed = memorised(trainer.history["train"], n)
+    first, last, passed = memorised(trainer.progress.history["train"], n)
     what = (f"the training loss on {count(n, 'fixed batch')} went from {first:.4g} to {last:.4g} in "
-            f"{trainer.step} steps ({100 * last / first:.1f} % of its start; without augmentation, {off})")
+            f"{trainer.progress.step} steps ({100 * last / first:.1f} % of its start; without augmentation, {off})")
     if not passed:
         raise TrainingError(f"overfit: {what}, not near zero. A model that cannot memorise a few batches has a "
                             "bug: check that the labels belong to the inputs, the loss, the learning rate "
                             "(--find-lr), and that every layer gets gradients")
-    trainer.sinks.event(trainer.step, "overfit", {"first_loss": first, "last_loss": last, "passed": True},
+    trainer.sinks.event(trainer.progress.step, "overfit", {"first_loss": first, "last_loss": last, "passed": True},
                         f"overfit: passed: {what}. The model, loss and labels can learn: now train on all data")
 
 
@@ -112,16 +112,16 @@ def find_lr(trainer) -> dict:
     rate and draws the curve. Nothing is evaluated or saved."""
     groups = trainer.engine.optimizer.param_groups
     bases = [g["lr"] for g in groups]
-    top, tried = max(bases), []
-    for t, lr in enumerate(sweep(trainer.total)):
-        if t % trainer.steps_per_epoch == 0:
-            batches = trainer.epoch_batches(t // trainer.steps_per_epoch, 0, trainer.steps_per_epoch)
+    top, tried, per_epoch = max(bases), [], trainer.length.steps_per_epoch
+    for t, lr in enumerate(sweep(trainer.length.total)):
+        if t % per_epoch == 0:
+            batches = trainer.epoch_batches(t // per_epoch, 0, per_epoch)
         for g, base in zip(groups, bases, strict=True):
             g["lr"] = lr * base / top
         trainer.train_step(batches)
         trainer.log()  # the loss, averaged over the ranks: every rank stops at the same point
-        tried.append((lr, trainer.history["train"][-1][1]))
-        if trainer.skipped or diverged(tried):
+        tried.append((lr, trainer.progress.history["train"][-1][1]))
+        if trainer.progress.skipped or diverged(tried):
             break
     if trainer.main:  # the suggestion and the curve, from the ranks' common losses
         path = Path(trainer.plan.run_dir) / "lr_find.png"
@@ -130,5 +130,5 @@ def find_lr(trainer) -> dict:
             import wandb
 
             trainer.sinks.wandb.log({"lr_find": wandb.Image(str(path))})
-        trainer.sinks.event(trainer.step, "find_lr", found["values"], found["line"])
+        trainer.sinks.event(trainer.progress.step, "find_lr", found["values"], found["line"])
     return {}

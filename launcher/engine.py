@@ -19,8 +19,8 @@ from .plan import Plan
 
 
 class Engine(Protocol):
-    """The wrapped model and the per-step operations of trainer.py, with what the engine can do as plain
-    attributes rather than its type."""
+    """The wrapped model and the per-step operations of the training loop (train/loop.py), with what the engine
+    can do as plain attributes rather than its type."""
 
     model: nn.Module  # what training calls (DDP's wrapper, DeepSpeed's engine), autocast applied
     module: nn.Module  # the recipe's own module (sharded in place by FSDP2)

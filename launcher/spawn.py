@@ -14,7 +14,7 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing import SignalException
 
 from . import checkpoint
-from .boot import settle
+from .collector import settle
 from .errors import PLAIN, RecipeError, Stopped
 from .plan import PARENT_ENV, PLAN_ENV, Plan
 from .sinks import detach_terminal, publish_record, read_summary, update_summary

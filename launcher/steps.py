@@ -15,7 +15,7 @@ receive (model(x), y). A loss summed over the items is expressed as (summed_loss
 
 Counts make the loss exact however the batch is split: the gradient of a step is that of the sum of the
 per-item losses over the whole global batch divided by its total count, not the mean of the micro-batches'
-means (see trainer.train_step), and `val/loss` is the count-weighted mean over the whole split.
+means (see train/loop.py), and `val/loss` is the count-weighted mean over the whole split.
 """
 
 from __future__ import annotations

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, group, hang, recipe, trainer
-from .boot import settle
+from . import checkpoint, group, hang, recipe
+from .collector import settle
 from .errors import PLAIN, CheckpointError, RecipeError, Stopped, TrainingError
 from .leave import die_with, leave
 from .plan import PARENT_ENV, Plan
 from .sinks import keep_console
 from .text import first_line
+from .train.loop import Trainer
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
 # errors that follow from another rank's failure (spawn.root_cause looks further)
@@ -62,7 +63,7 @@ def run(plan: Plan) -> dict:
         hp = recipe.hparams(module.Hparams, plan.hparams)
         if plan.debug:
             torch.autograd.set_detect_anomaly(True)
-        training = trainer.Trainer(plan, acc, module, hp)
+        training = Trainer(plan, acc, module, hp)
         settle()
         return training.fit()
     finally:

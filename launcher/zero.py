@@ -143,7 +143,7 @@ class LossScale:
 
 @dataclass
 class Zero:
-    """The per-step operations of trainer.py (engine.Engine) on a DeepSpeed engine."""
+    """The per-step operations of the training loop (train/loop.py) (engine.Engine) on a DeepSpeed engine."""
 
     model: nn.Module  # the DeepSpeedEngine: what training calls
     module: nn.Module  # the recipe's module (ZeRO-3: parameters gathered by hooks in each forward)
@@ -164,7 +164,7 @@ class Zero:
 
     def update(self, clip: float, rescale: torch.Tensor | None = None) -> float:
         """Clip and step (DeepSpeed skips a step whose gradient norm is not finite); the norm before clipping.
-        `rescale` multiplies the gradients (a step's counts, see trainer.py): it divides the ZeRO optimizer's
+        `rescale` multiplies the gradients (a step's counts, see train/counts.py): it divides the ZeRO optimizer's
         loss scale, which DeepSpeed divides out of the gradients before it measures and clips them (1 in its fp32
         engine; the backward, which multiplied by it, has already run). fp16's scaler then halves or doubles
         that scale, and the rescale comes off it again."""
