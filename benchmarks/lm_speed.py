@@ -10,7 +10,7 @@ where a real run samples one step in 25. The hand-written loop runs twice: as it
 set the way the launcher sets it in each worker (by glibc's environment variables), which separates what the
 loop costs from what that setting saves. Every repetition is a fresh process, the order rotating; the first
 WARMUP steps are left out. Nothing is asserted: the medians and their spread are printed as a table to paste
-into README. With --callgrind, it counts both sides' instructions per step on one process and one thread
+into docs/performance.md. With --callgrind, it counts both sides' instructions per step on one process and one thread
 under valgrind instead: a figure this shared machine's drifting speed cannot blur (on a small model: valgrind
 runs some fifty times slower). With --one-process, the launcher's trainer (built as `launch` builds it for one
 process) and the hand-written loop train side by side in this one process on one thread, --steps steps each
@@ -91,7 +91,7 @@ def instructions(hp: dict, tmp: Path) -> None:
 def one_process(rounds: int, steps: int, hp: dict, tmp: Path) -> None:
     import torch
 
-    from launcher import cli, group, record, sinks, worker
+    from launcher import cli, group, record, runfiles, worker
     from launcher.train.loop import Trainer
 
     torch.set_num_threads(1)
@@ -99,7 +99,7 @@ def one_process(rounds: int, steps: int, hp: dict, tmp: Path) -> None:
     command = launch_cmd(1, total, tmp / "run", hp)
     plan, recipe, rhp, _ = cli.parse([str(c) for c in command[1:]])
     Path(plan.run_dir).mkdir()
-    sinks.write_json(Path(plan.run_dir) / "config.json", record.record(plan))
+    runfiles.write_json(Path(plan.run_dir) / "config.json", record.record(plan))
     worker.steady_host_memory()
     ours = Trainer(plan, group.accelerator(plan), recipe, rhp)
     if ours.length.steps_per_epoch < total:

@@ -24,7 +24,7 @@ from .errors import RecipeError, UsageError
 from .flags import Flags
 from .leave import leave
 from .plan import Plan
-from .sinks import keep_console, start_summary, update_summary, write_record
+from .runfiles import keep_console, start_summary, update_summary, write_record
 from .text import count
 
 # the launcher flags a training script takes: where it runs, what Accelerate reads from the environment, restarts,

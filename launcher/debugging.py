@@ -126,9 +126,6 @@ def find_lr(trainer) -> dict:
     if trainer.main:  # the suggestion and the curve, from the ranks' common losses
         path = Path(trainer.plan.run_dir) / "lr_find.png"
         found = lr_finding(tried, path)
-        if trainer.sinks.wandb:
-            import wandb
-
-            trainer.sinks.wandb.log({"lr_find": wandb.Image(str(path))})
+        trainer.sinks.image(trainer.progress.step, "lr_find", path)
         trainer.sinks.event(trainer.progress.step, "find_lr", found["values"], found["line"])
     return {}

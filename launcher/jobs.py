@@ -20,7 +20,7 @@ from . import slurm
 from .errors import UsageError
 from .record import REDACTED
 from .rundir import holder
-from .sinks import read_summary, update_summary
+from .runfiles import read_summary, update_summary
 from .text import duration
 
 ACTIVE = ("queued", "running", "preempted")  # the states a live launcher or Slurm's queue answers for

@@ -18,7 +18,7 @@ from . import checkpoint
 from .errors import CheckpointError, UsageError
 from .flags import Flags
 from .plan import Plan
-from .sinks import warn
+from .runfiles import warn
 from .text import count
 
 LOCK = ".lock"

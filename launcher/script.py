@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .leave import die_with, leave
 from .plan import PARENT_ENV, Plan
-from .sinks import keep_console
+from .runfiles import keep_console
 
 
 def main() -> None:

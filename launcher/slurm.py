@@ -20,7 +20,7 @@ from . import flags, record, rundir
 from .errors import UsageError
 from .flags import Flags
 from .plan import Plan
-from .sinks import update_summary, write_json
+from .runfiles import update_summary, write_json
 from .text import count, first_line
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "launch.sbatch"

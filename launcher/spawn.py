@@ -17,7 +17,7 @@ from . import checkpoint
 from .collector import settle
 from .errors import PLAIN, RecipeError, Stopped
 from .plan import PARENT_ENV, PLAN_ENV, Plan
-from .sinks import detach_terminal, publish_record, read_summary, update_summary
+from .runfiles import detach_terminal, publish_record, read_summary, update_summary
 from .stop import SIGNALS
 from .text import count, first_line
 

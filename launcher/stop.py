@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from . import hang
-from .sinks import detach_terminal
+from .runfiles import detach_terminal
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # a closed terminal or dropped ssh: save, as for TERM
 

@@ -31,7 +31,7 @@ from .errors import UsageError
 from .leave import die_with
 from .plan import SECRET
 from .record import REDACTED
-from .sinks import update_summary, write_json
+from .runfiles import update_summary, write_json
 from .text import count, duration, first_line
 
 RANGE = re.compile(r"(log:)?([^:]+):([^:]+)")

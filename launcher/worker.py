@@ -20,7 +20,7 @@ from .collector import settle
 from .errors import PLAIN, CheckpointError, RecipeError, Stopped, TrainingError
 from .leave import die_with, leave
 from .plan import PARENT_ENV, Plan
-from .sinks import keep_console
+from .runfiles import keep_console
 from .text import first_line
 from .train.loop import Trainer
 

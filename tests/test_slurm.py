@@ -29,7 +29,7 @@ from conftest import (
     torchrun,
 )
 from launcher import cli, jobs, slurm, spawn
-from launcher.sinks import update_summary
+from launcher.runfiles import update_summary
 
 WHY_NOT = slurm_lab.unavailable()
 SCRIPTS = Path(__file__).parent / "scripts"

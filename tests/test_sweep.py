@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import LAUNCH, TINY, clean_env, launch, ok, records, refused
 from launcher import sweep
-from launcher.sinks import write_json
+from launcher.runfiles import write_json
 
 SEARCH = ["--lr", "log:1e-3:1e-1", "--momentum", "0.5:0.9", "--epochs", "1:3"]
 

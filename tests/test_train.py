@@ -38,7 +38,7 @@ from conftest import (
     summary,
     train_records,
 )
-from launcher import export, progress, recipe, sinks
+from launcher import export, progress, recipe, runfiles
 from launcher.plan import PLAN_ENV, Plan
 
 
@@ -251,7 +251,7 @@ def test_the_console_log_keeps_what_a_terminal_ends_up_showing(tmp_path, monkeyp
     drawn while it is open; lines written around them, and a line written in pieces, arrive whole."""
     terminal = io.StringIO()
     terminal.isatty = lambda: True
-    stream = sinks.Console(terminal, tmp_path / "console.log")
+    stream = runfiles.ConsoleLog(terminal, tmp_path / "console.log")
     monkeypatch.setattr(sys, "stderr", stream)
     monkeypatch.setenv("COLUMNS", "100")
     bar = tqdm(total=50, file=stream, mininterval=0, leave=False)
@@ -267,7 +267,7 @@ def test_the_console_log_keeps_what_a_terminal_ends_up_showing(tmp_path, monkeyp
     assert (tmp_path / "console.log").read_text() == "step 20/50  loss 0.5\nstep 40/50  loss 0.5\ndone: 50 steps\n"
     # a log that cannot be written (/dev/full: no space left) is given up; the console shows every line once
     terminal = io.StringIO()
-    full = sinks.Console(terminal, Path("/dev/full"))
+    full = runfiles.ConsoleLog(terminal, Path("/dev/full"))
     for line in ("launch: error: the disk is full", "and this line too"):
         print(line, file=full, flush=True)
     assert terminal.getvalue() == "launch: error: the disk is full\nand this line too\n" and full.fd is None
