@@ -28,7 +28,7 @@ steps/s ratio needs many rounds to settle to a percent.
 Every repetition is a fresh process and the order alternates, so that drift hits all sides alike; the
 first WARMUP steps are left out of every steps/s figure. Nothing is asserted: this machine's noise is
 ±10 % on a single run, so only the paired, repeated medians mean anything. The script prints the
-machine, versions, the exact commands and a table to paste into README's performance section.
+machine, versions, the exact commands and a table to paste into docs/performance.md.
 """
 
 import argparse
@@ -213,7 +213,7 @@ def median(xs: list) -> float:
 
 
 def table(commands: list[str], rows: list[str]) -> None:
-    """The exact commands, then the rows under a table header: what README pastes."""
+    """The exact commands, then the rows under a table header: what docs/performance.md pastes."""
     for c in commands:
         print(f"  {c}")
     print("\n| measure | launcher | reference | ratio |\n|---|---|---|---|")

@@ -199,8 +199,8 @@ def _check_unknown(module: ModuleType, path: Path) -> None:
             hint = f"did you mean {close[0]}()? " if close else ""
             raise RecipeError(
                 f"recipe {path}: {name}() is not part of the recipe contract, so nothing would call it; {hint}a "
-                f"recipe defines {', '.join(REQUIRED)}, loss and optionally {', '.join(contract[3:])} (README: "
-                f"Writing a recipe). A helper of your own: start its name with _")
+                f"recipe defines {', '.join(REQUIRED)}, loss and optionally {', '.join(contract[3:])} "
+                f"(docs/recipes.md: Writing a recipe). A helper of your own: start its name with _")
 
 
 def describe_error(e: BaseException, path: Path) -> str:

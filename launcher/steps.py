@@ -61,7 +61,7 @@ def default(loss_fn) -> Callable:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise RecipeError(f"the default step takes (input, target) batches and computes "
                               f"loss(hp)(model(input), target), but a batch is {describe(batch)}: define "
-                              "step(model, batch, hp) in the recipe (README: Writing a recipe)")
+                              "step(model, batch, hp) in the recipe (docs/recipes.md: Writing a recipe)")
         x, y = batch
         out = model(x)
         try:

@@ -1,5 +1,5 @@
 """CIFAR-10 with the speed-record network and schedule (airbench94's design): 94 % in 10 epochs on the original
-images; on the shared JPEG copy 90.8 %, airbench's own trainer there 90.6 % (README, "How good it is").
+images; on the shared JPEG copy 90.8 %, airbench's own trainer there 90.6 % (docs/recipes.md, "How good it is").
 
     launch recipes/cifar.py --gpus 8 --precision bf16
     launch recipes/cifar.py --debug --cpu --width 16
