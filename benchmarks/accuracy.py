@@ -64,7 +64,7 @@ def tta_accuracies(run_dir: Path) -> dict[str, float]:
     """Test accuracy of the run's last checkpoint's weights, evaluated here under each of the recipe's TTA modes."""
     sys.path.insert(0, str(CIFAR.parent))
     import cifar
-    from launcher import checkpoint
+    from launcher.runs import checkpoint
 
     last = checkpoint.step_dirs(run_dir)[0]
     hp = cifar.Hparams(**json.loads((last / "manifest.json").read_text())["hparams"])

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_map
 from torch.utils.data import TensorDataset, default_collate
 
-from launcher.optim import default_optimizer
+from launcher.recipe.optim import default_optimizer
 
 
 def load(path: str) -> ModuleType:

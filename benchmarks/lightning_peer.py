@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from launcher.optim import default_optimizer
+from launcher.recipe.optim import default_optimizer
 
 ap = argparse.ArgumentParser()
 ap.add_argument("recipe")

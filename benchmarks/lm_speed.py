@@ -46,7 +46,7 @@ LM = ROOT / "recipes" / "lm.py"
 HAND = Path(__file__).resolve().parent / "handwritten.py"
 EVERY, WARMUP = 10, 10
 CALLGRIND_STEPS = (100, 300)
-# the launcher's setting of glibc's malloc (launcher/worker.py: steady_host_memory), as environment variables
+# the launcher's setting of glibc's malloc (launcher/processes/worker.py: steady_host_memory), as environment variables
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
@@ -63,7 +63,7 @@ def hand_cmd(procs: int, steps: int, hp: dict) -> list:
 
 
 def tokens_per_step(hp: dict) -> int:
-    from launcher import recipe
+    from launcher.recipe import contract as recipe
 
     defaults = recipe.load(LM).Hparams()
     resolved = dataclasses.replace(defaults, **{k: type(getattr(defaults, k))(v) for k, v in hp.items()})
@@ -91,7 +91,11 @@ def instructions(hp: dict, tmp: Path) -> None:
 def one_process(rounds: int, steps: int, hp: dict, tmp: Path) -> None:
     import torch
 
-    from launcher import cli, group, record, runfiles, worker
+    from launcher.cli import run as cli
+    from launcher.engines import group
+    from launcher.processes import worker
+    from launcher.runs import files as runfiles
+    from launcher.runs import record
     from launcher.train.loop import Trainer
 
     torch.set_num_threads(1)

@@ -6,11 +6,11 @@ the losses `class_weights` and `FocalLoss`, and `progress` (a bar over a long lo
 recipe's own, decoding data say). Everything else is the CLI's.
 """
 
-from .recipe import Splits
+from .recipe.contract import Splits
 
 __all__ = ["Splits", "warmup_cosine", "param_groups", "freeze", "class_weights", "FocalLoss", "progress"]
-HELPERS = {"warmup_cosine": "optim", "param_groups": "optim", "freeze": "optim", "class_weights": "losses",
-           "FocalLoss": "losses", "progress": "bars"}
+HELPERS = {"warmup_cosine": "recipe.optim", "param_groups": "recipe.optim", "freeze": "recipe.optim",
+           "class_weights": "recipe.losses", "FocalLoss": "recipe.losses", "progress": "recipe.bars"}
 
 
 def __getattr__(name):

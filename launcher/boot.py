@@ -1,19 +1,19 @@
 """How a process of ours starts: the `launch` command (and `python -m launcher`), and each worker the agent
-starts (`python -m launcher.boot`), their imports made with the garbage collector paused (collector.py). An
+starts (`python -m launcher.boot`), their imports made with the garbage collector paused (processes/collector.py). An
 entry: no module imports it."""
 
-from . import collector
+from .processes import collector
 
 
 def launch() -> None:
     collector.pause()
-    from .commands import main
+    from .cli.commands import main
 
     main()
 
 
 if __name__ == "__main__":
     collector.pause()
-    from .worker import main
+    from .processes.worker import main
 
     main()

@@ -1,5 +1,5 @@
 """The failures the launcher tells in plain words: one leaf module, so that the code that raises one and
-the code that reports it (worker.py, spawn.py, cli.py) need not import each other."""
+the code that reports it (processes/worker.py, processes/spawn.py, cli/run.py) need not import each other."""
 
 
 class UsageError(Exception):

@@ -1,7 +1,7 @@
 """The launcher's flags, each declared once: a field of `Flags` with its type, default, bounds, group and help.
 
 The parser, the bounds checks, what a recipe's `defaults` may set, and the `Plan` fields named like a flag
-are all derived from this one table; `cli.py` adds only the checks that read several flags at once.
+are all derived from this one table; `cli/run.py` adds only the checks that read several flags at once.
 """
 
 from __future__ import annotations

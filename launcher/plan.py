@@ -12,6 +12,8 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
+from .flags import Flags
+
 PLAN_ENV = "LAUNCHER_PLAN"
 PARENT_ENV = "LAUNCHER_PID"  # the launcher that started this node's workers
 # hyperparameters named like this are never written into a file or a log
@@ -20,8 +22,9 @@ SECRET = re.compile(r"key|token|secret|passw|credential", re.IGNORECASE)
 
 @dataclass
 class Plan:
-    """A field named like a launcher flag holds that flag's value (flags.py says what it means); the comments
-    here are on the fields that cli.make_plan resolves from several flags, the recipe and the machine."""
+    """A field named like a launcher flag holds that flag's value (flags.py says what it means), and its default is
+    the flag's; the comments here are on the fields that cli/run.py's make_plan resolves from several flags, the
+    recipe and the machine."""
 
     recipe: str  # absolute path of the recipe file, or of a training script
     hparams: dict  # the recipe's Hparams, resolved, as plain values ({} for a script)
@@ -33,44 +36,44 @@ class Plan:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"  # where node 0's launcher hosts the rendezvous
     master_port: int = 0  # 0: any free port (one node only)
-    rendezvous_timeout: int = 60
-    engine: str = "ddp"
+    rendezvous_timeout: int = Flags.rendezvous_timeout
+    engine: str = Flags.engine
     sharding: str = "full"  # fsdp: full (free gathered parameters after the forward) | grad-op (keep them)
     zero: int = 0  # deepspeed: the ZeRO stage, 1-3
     offload: str = "none"  # none | optimizer | params | both: what lives on the CPU (fsdp: none | both)
     deepspeed_config: dict | None = None  # deepspeed: what it runs with, the flags and --deepspeed-config merged
-    precision: str = "fp32"
-    grad_accum: int = 1
-    clip_grad: float = 0.0
-    seed: int = 0
-    max_steps: int | None = None  # caps the run; the LR schedule is planned over the capped length
-    eval_every: int = 0  # optimizer steps between evaluations; 0 = at epoch ends only
-    eval_epochs: int = 1  # evaluate every this many epochs; 0 = never at epoch ends
+    precision: str = Flags.precision
+    grad_accum: int = Flags.grad_accum
+    clip_grad: float = Flags.clip_grad
+    seed: int = Flags.seed
+    max_steps: int | None = Flags.max_steps  # caps the run; the LR schedule is planned over the capped length
+    eval_every: int = Flags.eval_every  # optimizer steps between evaluations; 0 = at epoch ends only
+    eval_epochs: int = Flags.eval_epochs  # evaluate every this many epochs; 0 = never at epoch ends
     eval_limit: int | None = None  # batches per evaluation (debug); None = the whole split
-    log_every: int = 10  # optimizer steps between metric records
+    log_every: int = Flags.log_every  # optimizer steps between metric records
     workers: int = 0  # DataLoader workers per process, for per-sample datasets
-    device_data: bool = True
-    compile: bool = False
-    find_unused_parameters: bool = False
-    health: bool = True
-    overfit_batches: int = 0
-    find_lr: bool = False
-    save_every: int = 0
-    keep: int = 3
-    resume: str | None = None  # a verified checkpoint directory to start from
-    max_restarts: int = 0
-    skip_nonfinite: bool = False  # skip optimizer steps with a non-finite loss or gradient instead of stopping
-    early_stop: int = 0
-    test_weights: str = "best"  # best | last: what the final test evaluation runs on
-    timeout: float = 600.0
-    debug: bool = False
+    device_data: bool = Flags.device_data
+    compile: bool = Flags.compile
+    find_unused_parameters: bool = Flags.find_unused_parameters
+    health: bool = Flags.health
+    overfit_batches: int = Flags.overfit_batches
+    find_lr: bool = Flags.find_lr
+    save_every: int = Flags.save_every
+    keep: int = Flags.keep
+    resume: str | None = None  # a verified checkpoint directory to start from (auto and run directories resolved)
+    max_restarts: int = Flags.max_restarts
+    skip_nonfinite: bool = Flags.skip_nonfinite  # on with --find-lr too
+    early_stop: int = Flags.early_stop
+    test_weights: str = Flags.test_weights
+    timeout: float = Flags.timeout
+    debug: bool = Flags.debug
     wandb: str = "offline"  # online | offline | disabled
-    wandb_project: str | None = None
-    wandb_entity: str | None = None
-    wandb_group: str | None = None
+    wandb_project: str | None = None  # the recipe's name unless given
+    wandb_entity: str | None = Flags.wandb_entity
+    wandb_group: str | None = Flags.wandb_group
     wandb_id: str | None = None  # the W&B run: kept across resumes
-    tensorboard: bool = False
-    pictures: bool = True
+    tensorboard: bool = Flags.tensorboard
+    pictures: bool = Flags.pictures
     script_args: list[str] | None = None  # a training script's own arguments; None for a recipe
 
     @property

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher import spawn
+from launcher.processes.env import cores
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "recipes" / "tiny.py"
@@ -28,7 +28,7 @@ def pytest_configure(config):
         # one-process run would otherwise take every core beside the other worker's runs, and OpenMP's
         # threads spin on oversubscribed cores (two one-process LM runs side by side: 97 s on 2 threads
         # each, 43 s on one)
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, spawn.cores() // workers)))
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores() // workers)))
 
 
 def clean_env(**extra) -> dict:
@@ -71,7 +71,7 @@ def train_records(run_dir: Path) -> dict[int, dict]:
 def in_process(capsys, *argv) -> tuple[int, str, str]:
     """`launch ARGV` in this process, for what ends before any training starts (a refusal, --check, a Slurm
     dry run or submission, an export): (exit code, stdout, stderr)."""
-    from launcher import commands
+    from launcher.cli import commands
 
     try:
         commands.main([str(a) for a in argv])
@@ -158,7 +158,7 @@ def plant(file: Path, marker: Path, key: str = "optimizer_state_dict") -> None:
     code allowed (the tiny recipe's Exploit), in the newest protocol, as a crafted file would be."""
     import pickle
 
-    from launcher import recipe
+    from launcher.recipe import contract as recipe
 
     file.parent.mkdir(parents=True, exist_ok=True)
     with open(file, "wb") as f:
@@ -203,7 +203,7 @@ def cifar_source() -> Path | None:
 def cifar_cache(tmp_path_factory) -> Path:
     """A --cache-dir holding the real CIFAR-10 decoded (10 s or more), made once for every test and every xdist
     worker: they share the parent of their temporary folders, and the first to come decodes under a lock."""
-    from launcher import recipe
+    from launcher.recipe import contract as recipe
 
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):

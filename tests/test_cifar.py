@@ -15,7 +15,10 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, cifar_source
-from launcher import preflight, recipe, steps
+from launcher.health import report as preflight_report
+from launcher.health import splits
+from launcher.recipe import contract as recipe
+from launcher.recipe import steps
 
 cifar = recipe.load(ROOT / "recipes" / "cifar.py")
 PER_CLASS = {"train": 3, "test": 1}  # a miniature CIFAR-10: 30 training and 10 test images
@@ -311,8 +314,8 @@ def test_the_real_splits_hold_five_near_duplicates_and_no_exact_copy(cifar_cache
     or rescaled copies, which a search by pixels cannot see."""
     hp = cifar.Hparams(data_dir=str(cifar_source()), cache_dir=str(cifar_cache))
     parts = steps.build(cifar, hp, 0, torch.device("cpu"), 0, True)
-    report = preflight.Report()
-    preflight.leakage({"train": parts.train, **parts.evals}, 0, report)
+    report = preflight_report.Report()
+    splits.leakage({"train": parts.train, **parts.evals}, 0, report)
     with capsys.disabled():
         print(f"\nCIFAR-10 near-duplicates between splits: {report.values['near_duplicates']}")
     assert report.values["shared_samples"] == {"train/val": 0, "train/test": 0, "val/test": 0}

@@ -1,5 +1,6 @@
 """Bad input: one clear line, exit 2, nothing spawned. And the flags a recipe gets."""
 
+import dataclasses
 import importlib.metadata
 import time
 
@@ -7,8 +8,10 @@ import pytest
 import torch
 
 from conftest import ROOT, in_process, launch, ok, refused
-from launcher import cli, flags
-from launcher import record as run_record
+from launcher import flags
+from launcher.cli import run as cli
+from launcher.plan import Plan
+from launcher.runs import record as run_record
 
 DIGITS = ROOT / "recipes" / "digits.py"
 CIFAR = ROOT / "recipes" / "cifar.py"
@@ -168,6 +171,13 @@ def test_a_plan_field_named_like_a_flag_holds_that_flag(tmp_path):
             argv += [flags.option(name), value]
     plan = cli.parse([str(a) for a in argv])[0]
     assert {name: getattr(plan, name) for name in given} == given
+
+
+def test_a_plan_field_named_like_a_flag_has_that_flags_default():
+    """One default per flag: a Plan built in code (as tests and benchmarks do) means what the command line means."""
+    fields = {f.name: f.default for f in dataclasses.fields(Plan) if f.name in flags.FIELDS}
+    declared = {name: flags.FIELDS[name].default for name in fields if flags.FIELDS[name].default is not None}
+    assert len(declared) > 20 and {name: fields[name] for name in declared} == declared
 
 
 @pytest.mark.parametrize("args", [[DIGITS, "--bach-size", "32"], [DIGITS, "--cpu", "--procs", "2", "--lr", "inf"]],

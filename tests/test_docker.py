@@ -78,7 +78,7 @@ def test_what_the_image_copies_is_enough_to_train_and_render_a_job(tmp_path):
     workspace = tmp_path / "workspace"
     workspace.mkdir()
     env = clean_env(PYTHONPATH=str(image))
-    where = subprocess.run([sys.executable, "-c", "import launcher.slurm as s; print(s.TEMPLATE)"], env=env,
+    where = subprocess.run([sys.executable, "-c", "import launcher.processes.slurm as s; print(s.TEMPLATE)"], env=env,
                            cwd=workspace, capture_output=True, text=True, check=True).stdout.strip()
     assert where == str(image / "slurm" / "launch.sbatch")  # the copy runs, not this checkout
     run = [sys.executable, "-m", "launcher", str(image / "recipes" / "digits.py"), "--cpu", "--wandb", "disabled"]

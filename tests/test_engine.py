@@ -5,7 +5,7 @@ import copy
 import torch
 from torch import nn
 
-from launcher.ddp import Ddp
+from launcher.engines.ddp import Ddp
 
 
 def test_the_loss_scaler_path_gives_the_plain_update():
@@ -18,11 +18,11 @@ def test_the_loss_scaler_path_gives_the_plain_update():
     norms = []
     for model, scaler in ((plain_model, None), (scaled_model, torch.amp.GradScaler("cpu", init_scale=2.0**12))):
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        engine = Ddp(model, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 2, scaler)
+        engine = Ddp(model, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 2, scaler, clip=0.01)
         for k in range(2):
             engine.sync(k == 1)
             engine.backward(nn.functional.cross_entropy(model(x[k]), y[k]))
-        norms.append(engine.update(0.01))
+        norms.append(engine.update())
         assert all(p.grad is None for p in model.parameters())
     assert norms[0] > 0.01 and norms[0] == norms[1]  # logged before clipping, unscaled
     for a, b in zip(plain_model.parameters(), scaled_model.parameters(), strict=True):

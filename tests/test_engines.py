@@ -21,8 +21,9 @@ from conftest import (
     tiny,
     train_records,
 )
-from launcher import export, zero
+from launcher.engines import zero
 from launcher.plan import Plan
+from launcher.runs import export
 
 COMMON = ("--max-steps", "12", "--noise", "0.1", "--log-every", "1", "--grad-accum", "2", "--clip-grad", "0.5",
           "--batch-size", "16")

@@ -36,8 +36,9 @@ from conftest import (
     tiny,
     train_records,
 )
-from launcher import cli, hang, spawn
-from launcher.stop import SIGNALS
+from launcher.cli import run as cli
+from launcher.processes import hang, spawn
+from launcher.processes.stop import SIGNALS
 
 TAG = "LAUNCHER_TEST_TAG"
 

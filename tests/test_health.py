@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from conftest import ROOT, TINY, in_process, launch, ok, records, refused
-from launcher import FocalLoss, class_weights, freeze, health, neardup, param_groups
+from launcher import FocalLoss, class_weights, freeze, param_groups
+from launcher.health import monitor as health
+from launcher.health import neardup
 
 
 def check(capsys, *flags, recipe=TINY) -> tuple[int, str]:
@@ -225,7 +227,7 @@ def test_a_diverging_learning_rate_gets_its_verdict(tmp_path):
 
 
 def test_update_sizes_are_judged_over_a_long_enough_run():
-    from launcher.health import Monitor
+    from launcher.health.monitor import Monitor
 
     watch = Monitor(nn.Linear(2, 2))
     watch.ratios = {"big": [0.2] * 9, "fine": [1e-3] * 9, "frozen": [1e-8] * 9}
@@ -240,7 +242,7 @@ def test_update_sizes_are_judged_over_a_long_enough_run():
 
 
 def test_the_verdict_reads_the_loss_curves():
-    from launcher.health import verdict
+    from launcher.health.monitor import verdict
 
     falling = [(s, 2.0 * 0.9 ** s) for s in range(1, 30)]
     assert verdict(falling, [(10, 1.0), (20, 0.8)], None) == ([], [])
@@ -268,7 +270,7 @@ def test_batch_noise_in_a_short_run_is_not_a_verdict():
     learning-rate or underfitting warning, however the noise falls."""
     import random
 
-    from launcher.health import verdict
+    from launcher.health.monitor import verdict
 
     for seed in range(20):
         rng = random.Random(seed)

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_same, eval_record, history, launch, ok, records, train_records
-from launcher import cli, export, recipe
+from launcher.cli import run as cli
+from launcher.recipe import contract as recipe
+from launcher.runs import export
 
 LM = ROOT / "recipes" / "lm.py"
 lm = recipe.load(LM)

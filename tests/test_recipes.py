@@ -13,7 +13,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from conftest import ROOT, assert_close, assert_same, eval_record, launch, ok, params, records, train_records
-from launcher import cli, data, export, steps
+from launcher.cli import run as cli
+from launcher.recipe import data, steps
+from launcher.runs import export
 
 TOKENS = ROOT / "tests" / "recipes" / "tokens.py"
 SPLIT = ("--cpu", "--procs", "2", "--grad-accum", "2")  # 4 micro-batches of 4 sequences per step of 16

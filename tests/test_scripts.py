@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import LAUNCH, ROOT, TINY, clean_env, launch, ok, refused, torchrun
-from launcher import recipe
+from launcher.recipe import contract as recipe
 
 SCRIPTS = ROOT / "tests" / "scripts"
 DDP, ACCELERATE, ALONE, HANDLER = (SCRIPTS / name for name in ("ddp_train.py", "accelerate_train.py", "alone.py",

@@ -2,6 +2,7 @@
 (tests/slurm_lab.py). Rendering is checked without it; everything that submits needs it. CI installs
 the daemons and runs as root, so there these tests must run, not skip."""
 
+import dataclasses
 import json
 import os
 import re
@@ -28,8 +29,11 @@ from conftest import (
     summary,
     torchrun,
 )
-from launcher import cli, jobs, slurm, spawn
-from launcher.runfiles import update_summary
+from launcher.cli import jobs
+from launcher.cli import run as cli
+from launcher.plan import PARENT_ENV, PLAN_ENV, Plan
+from launcher.processes import env, slurm
+from launcher.runs.files import update_summary
 
 WHY_NOT = slurm_lab.unavailable()
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -448,9 +452,27 @@ def test_a_gpu_job_asks_for_a_core_per_process_and_per_dataloader_worker(capsys)
 
 def test_threads_are_sized_from_the_cpus_the_task_was_given(monkeypatch):
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
-    assert spawn.cores() == 3
+    assert env.cores() == 3
     monkeypatch.delenv("SLURM_CPUS_PER_TASK")
-    assert spawn.cores() == len(os.sched_getaffinity(0))
+    assert env.cores() == len(os.sched_getaffinity(0))
+
+
+def test_workers_get_the_plan_their_share_of_the_cores_and_loopback_and_keep_what_the_user_set():
+    plan = Plan(recipe="r.py", hparams={}, run_dir="run", name="r", nproc=4)
+    given = env.worker_env(plan, {}, parent=7, cores=9, loopback="lo")
+    assert given == {PLAN_ENV: plan.to_json(), PARENT_ENV: "7", "OMP_NUM_THREADS": "2", "GLOO_SOCKET_IFNAME": "lo",
+                     "NCCL_SOCKET_IFNAME": "lo"}
+    users = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0", PLAN_ENV: "stale", PARENT_ENV: "1"}
+    kept = env.worker_env(plan, users, parent=7, cores=9, loopback="lo")
+    assert kept == {PLAN_ENV: plan.to_json(), PARENT_ENV: "7", "NCCL_SOCKET_IFNAME": "lo"}
+    nodes = dataclasses.replace(plan, nnodes=2, nproc=16)
+    assert env.worker_env(nodes, {}, parent=7, cores=9, loopback="lo")["OMP_NUM_THREADS"] == "1"
+    assert "GLOO_SOCKET_IFNAME" not in env.worker_env(nodes, {}, parent=7, cores=9, loopback="lo")
+    script = dataclasses.replace(plan, script_args=[], precision="bf16", grad_accum=3)
+    accelerate = {k: v for k, v in env.worker_env(script, {"ACCELERATE_USE_CPU": "False"}, 7, 9, "lo").items()
+                  if k.startswith("ACCELERATE_")}
+    assert accelerate == {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "bf16",
+                          "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "3", "ACCELERATE_DYNAMO_BACKEND": "NO"}
 
 
 def test_a_line_break_cannot_reach_the_script(tmp_path, capsys):

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import LAUNCH, TINY, clean_env, launch, ok, records, refused
-from launcher import sweep
-from launcher.runfiles import write_json
+from launcher.cli import leaderboard, search, sweep
+from launcher.runs.files import write_json
 
 SEARCH = ["--lr", "log:1e-3:1e-1", "--momentum", "0.5:0.9", "--epochs", "1:3"]
 
@@ -59,13 +59,13 @@ def test_a_random_sweep_runs_each_trial_as_a_run_and_ranks_them(searched):
 def test_the_draws_come_from_the_seed(searched, tmp_path):
     folder, _ = searched
     argv = [str(TINY), "--cpu", "--trials", "4", "--run-dir", str(tmp_path / "again"), *SEARCH]
-    assert sweep.plan(argv)[0].trials == json.loads((folder / "sweep.json").read_text())["trials"]
-    other = sweep.plan([*argv, "--sweep-seed", "1"])[0].trials
-    assert other != sweep.plan(argv)[0].trials and all(1e-3 <= t["--lr"] <= 1e-1 for t in other)
+    assert search.plan(argv)[0].trials == json.loads((folder / "sweep.json").read_text())["trials"]
+    other = search.plan([*argv, "--sweep-seed", "1"])[0].trials
+    assert other != search.plan(argv)[0].trials and all(1e-3 <= t["--lr"] <= 1e-1 for t in other)
 
 
 def test_a_grid_takes_the_product_of_its_lists(tmp_path):
-    trials = sweep.plan([str(TINY), "--cpu", "--grid", "--lr", "0.01,0.1", "--batch-size", "8,16,24",
+    trials = search.plan([str(TINY), "--cpu", "--grid", "--lr", "0.01,0.1", "--batch-size", "8,16,24",
                          "--run-dir", str(tmp_path)])[0].trials
     assert trials == [{"--lr": lr, "--batch-size": b} for lr in (0.01, 0.1) for b in (8, 16, 24)]
 
@@ -110,7 +110,7 @@ def scored(tmp_path, specs: list[dict], trials: list[dict], values: list[float |
         (tmp_path / f"trial-{index}").mkdir()
         write_json(tmp_path / f"trial-{index}" / "summary.json",
                    {"state": "completed" if value is not None else "running", "best": best})
-    return sweep.status_text(tmp_path)
+    return leaderboard.status_text(tmp_path)
 
 
 LR = {"flag": "--lr", "text": "log:1e-4:1", "values": None, "low": 1e-4, "high": 1.0, "log": True, "integer": False}
@@ -207,10 +207,10 @@ def test_gpu_trials_run_side_by_side_each_on_its_own_gpus(monkeypatch, tmp_path,
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    planned = sweep.plan([str(TINY), "--gpus", str(gpus), "--precision", "fp32", "--grid", "--lr", "0.1,0.2",
+    planned = search.plan([str(TINY), "--gpus", str(gpus), "--precision", "fp32", "--grid", "--lr", "0.1,0.2",
                           "--run-dir", str(tmp_path)])[0]
     if isinstance(visible, str):
         with pytest.raises(sweep.UsageError, match=visible):
-            sweep._slots(planned, parallel)
+            sweep.places(planned, parallel)
     else:
-        assert [slot["CUDA_VISIBLE_DEVICES"] for slot in sweep._slots(planned, parallel)] == visible
+        assert [slot["CUDA_VISIBLE_DEVICES"] for slot in sweep.places(planned, parallel)] == visible

@@ -38,8 +38,11 @@ from conftest import (
     summary,
     train_records,
 )
-from launcher import export, progress, recipe, runfiles
+from launcher import progress
 from launcher.plan import PLAN_ENV, Plan
+from launcher.recipe import contract as recipe
+from launcher.runs import export
+from launcher.runs import files as runfiles
 
 
 def train_tiny(tmp_path: Path, name: str, *flags, procs: int = 1) -> Path:

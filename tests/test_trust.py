@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import TINY, in_process, launch, plant, refused, rehash, tiny
-from launcher import checkpoint, export
 from launcher.errors import CheckpointError, ForeignCheckpoint
+from launcher.runs import checkpoint, export
 
 PARTITION = "deepspeed/zero/zero_pp_rank_2_mp_rank_00_optim_states.pt"  # a third rank's, beside two ranks' own
 ZERO = ("--engine", "deepspeed", "--zero", "2")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LAUNCH, TINY, WANDB, clean_env, history, launch, ok, records, refused
-from launcher import cli
+from launcher.cli import run as cli
 
 
 def config(run: Path) -> dict:

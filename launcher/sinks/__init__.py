@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..plan import Plan
-from ..runfiles import publish_record, warn
+from ..runs.files import publish_record, warn
 from ..text import first_line
 from .base import Sink
 from .board import Board
@@ -66,7 +66,8 @@ class Sinks:
         config = publish_record(plan.run_dir, data=data)  # training begins: this start's record is the run's
         self.console = Console(total_steps, start_step)
         self.summary = Summary(plan.run_dir, total_steps, start_step)
-        self.sinks: list[Sink] = [MetricsFile(plan.run_dir, start_step), self.summary, self.console]
+        self.metrics = MetricsFile(plan.run_dir, start_step)
+        self.sinks: list[Sink] = [self.metrics, self.summary, self.console]
         wandb = WandbRun.start(plan, config, self.print)
         if wandb:
             self.sinks.append(wandb)
@@ -116,7 +117,7 @@ class Sinks:
 
     def classes(self, step: int, names: list[str], matrix: list[list[int]], weights_step: int) -> None:
         """The test split's confusion matrix and each class's precision, recall and F1."""
-        from .. import pictures  # matplotlib: at the end, not in every process's start-up
+        from ..runs import pictures  # matplotlib: at the end, not in every process's start-up
 
         record = {"names": names, "matrix": matrix, "weights_step": weights_step, **pictures.per_class(matrix)}
         for sink in self.sinks:
@@ -129,7 +130,7 @@ class Sinks:
     def draw(self, step: int) -> None:
         """The run's pictures, from every record it wrote (an earlier start's too), into RUN_DIR/pictures and the
         sinks. A picture that cannot be drawn never changes how the run ends: a warning says why."""
-        from .. import pictures
+        from ..runs import pictures
 
         run_dir = Path(self.plan.run_dir)
         try:
@@ -146,7 +147,7 @@ class Sinks:
         """The end: the bar and metrics.jsonl closed, the pictures drawn, the `last` line (done: ...) printed, then
         every other sink closed (the summary's state, a failure's and a stop's left to the launcher; W&B's run
         finished)."""
-        first = self.sinks[:1] + [self.console]  # metrics.jsonl complete before the pictures read it
+        first = [self.metrics, self.console]  # metrics.jsonl complete before the pictures read it
         for sink in first:
             sink.close(step, ok)
         if self.plan.pictures:

@@ -6,8 +6,8 @@ import sys
 
 from tqdm import tqdm
 
-from ..bars import progress
-from ..runfiles import terminal_lost
+from ..recipe.bars import progress
+from ..runs.files import terminal_lost
 from .base import Sink
 
 

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from ..runfiles import write_text
+from ..runs.files import write_text
 from .base import Sink
 
 

@@ -3,7 +3,7 @@ best metric, the latest evaluation, warnings and the verdict (the launcher of no
 
 from __future__ import annotations
 
-from ..runfiles import read_summary, update_summary
+from ..runs.files import read_summary, update_summary
 from .base import Sink
 
 

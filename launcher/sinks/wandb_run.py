@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..plan import Plan
-from ..runfiles import warn
+from ..runs.files import warn
 from ..text import first_line
 from .base import Sink
 
@@ -86,7 +86,7 @@ class WandbRun(Sink):
     def classes(self, step: int, record: dict) -> None:
         import wandb
 
-        from .. import pictures
+        from ..runs import pictures
 
         rows = [[name, *(record[k][i] for k in pictures.SCORES)] for i, name in enumerate(record["names"])]
         table = wandb.Table(columns=["class", *pictures.SCORES], data=rows)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, hang
-from ..modules import buffers_kept
+from ..engines.modules import buffers_kept
 from ..plan import Plan
+from ..processes import hang
+from ..runs import checkpoint
 
 
 class Checkpointer:
@@ -48,7 +49,7 @@ class Checkpointer:
 
     def load_weights(self, path: Path) -> tuple[dict, dict | None]:
         """A checkpoint's model (and optimizer) into the engine, the run's progress left as it is; (its state, this
-        rank's random generators or None). Every file is read verified and without running code (checkpoint.py),
+        rank's random generators or None). Every file is read verified and without running code (runs/checkpoint.py),
         the engine's own files too."""
         with checkpoint.reading(path) as ckpt:
             state = ckpt.load("state.pt")
@@ -67,6 +68,7 @@ class Checkpointer:
                   "fewer processes): the data order continues exactly, augmentation draws do not", file=sys.stderr)
         self.saved_at = state["progress"]["step"]
         return state["progress"]
+
 
 def resume_point(plan: Plan, rank: int) -> Path | None:
     """The checkpoint to start from: after a crash and restart the newest one, else the plan's."""

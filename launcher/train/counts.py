@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..steps import Output
+from ..recipe.steps import Output
 
 
 class Counts:

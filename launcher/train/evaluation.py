@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import data, hang
 from ..errors import RecipeError, TrainingError
 from ..plan import Plan
+from ..processes import hang
+from ..recipe import data
 from .guards import METRICS_NEED
 from .progress import Progress
 from .telemetry import Telemetry

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import RecipeError, TrainingError
 from ..plan import Plan
-from ..steps import Output
+from ..recipe.steps import Output
 
 METRICS_NEED = ("metrics(hp) needs the step's predictions: return {'loss': ..., 'preds': ..., 'target': ...} from the "
                 "step (metric.update(preds, target) receives them)")

@@ -3,8 +3,8 @@ loop delegates to decides when it acts (`due`) and keeps its own state.
 
 Conventions that decide correctness:
 - `batch_size` is the global batch of one optimizer step. Each process runs `accum` micro-steps of
-  batch_size / (processes × accum) samples; see data.py.
-- The recipe's step (steps.py) turns a batch into its loss. Gradients are all-reduced only on the last
+  batch_size / (processes × accum) samples; see recipe/data.py.
+- The recipe's step (recipe/steps.py) turns a batch into its loss. Gradients are all-reduced only on the last
   micro-step; the loss is divided by `accum` once (engine.backward); clipping happens on that sync step, after
   the fp16 loss scale has been removed.
 - A step that gives counts (tokens, say) is weighted by them, so that the update follows the mean over every
@@ -27,13 +27,17 @@ from types import ModuleType
 
 import torch
 
-from .. import debugging, hang, health, preflight, steps
-from .. import engine as engines
+from ..engines import engine as engines
 from ..errors import Stopped, TrainingError
-from ..optim import default_optimizer
+from ..health import debugging, preflight
+from ..health import monitor as health
+from ..health.report import checked, console_lines
 from ..plan import Plan
+from ..processes import hang
+from ..processes.stop import Stop
+from ..recipe import steps
+from ..recipe.optim import default_optimizer
 from ..sinks import Silent, Sinks
-from ..stop import Stop
 from ..text import count
 from . import guards
 from .checkpointer import Checkpointer, resume_point, settle_buckets
@@ -129,7 +133,7 @@ class Trainer:
         if progress.best:
             self.sinks.best(self.evaluator.monitor, *progress.best)
         if report:
-            *lines, summary = preflight.shown(report)
+            *lines, summary = console_lines(report)
             for line in lines:
                 self.sinks.print(line)
             self.sinks.event(0, "preflight", {**report.values, "warnings": report.warnings}, summary)
@@ -213,7 +217,7 @@ class Trainer:
         self.sinks.advance()
         lr = engine.lr()
         before = self.watch.before_update(grad_scale(engine.scaler, rescale)) if sampled else None
-        norm = engine.update(self.plan.clip_grad, rescale)  # the one read per step; no update when it is not finite
+        norm = engine.update(rescale)  # the one read per step; no update when it is not finite
         if not math.isfinite(norm) and engine.scaler is None:  # fp16's loss scaler skips such steps itself
             self.telemetry.took(None)
             return self.nonfinite(step_loss / (step_count if counts.counted else K))
@@ -310,7 +314,7 @@ class Trainer:
         return final
 
     def verdict(self, final: dict) -> None:
-        """Rank zero's judgement of the whole run (health.py), the test split's gap to validation included."""
+        """Rank zero's judgement of the whole run (health/monitor.py), the test split's gap to validation included."""
         progress, evaluator = self.progress, self.evaluator
         findings, unjudged = health.verdict(progress.history["train"], progress.history["val"], self.watch,
                                             progress.initial)
@@ -346,7 +350,7 @@ def optimizers(recipe: ModuleType, hp, total: int, report):
     def optimizer(module: torch.nn.Module):
         built = make(module, hp, total)
         if report:
-            preflight.checked(report, "optimizer", lambda: preflight.optimizer_holds_frozen(module, built[0], report))
+            checked(report, "optimizer", lambda: preflight.optimizer_holds_frozen(module, built[0], report))
         return built
 
     return optimizer

@@ -1,0 +1,435 @@
+"""Checkpoints: whole directories, written atomically, verified before use, loaded without running code.
+
+    RUN_DIR/checkpoints/step-00000120/  state.pt       model, optimizer, scheduler, loss scaler, progress (rank 0)
+                                        rng-0.pt …     each rank's random generators
+                                        manifest.json  written last: step, plan, and size + sha256 of every file
+    RUN_DIR/checkpoints/best/           the same, for the best evaluation so far
+
+A checkpoint is assembled under a hidden temporary name and renamed into place when complete, so a
+`step-*` directory is never half written; its manifest tells a truncated or damaged file from a good
+one. Run directories sit on shared filesystems where others may write, so reading one trusts nothing
+but the manifest: a directory holding a file it does not list, a symbolic link or anything but regular
+files is refused before any library sees it (listing); each file is hashed through the descriptor it is
+then read from, never through a link (Reader.load); and it is unpickled with
+`torch.load(weights_only=True)`: tensors and plain containers only, never code. DeepSpeed's own loaders,
+which glob their folder and unpickle with weights_only off, run inside `reading()`, where every
+torch.load of the process goes through the same verified path.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import pickletools
+import random
+import re
+import shutil
+import stat
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, ForeignCheckpoint
+from ..text import count, first_line
+
+STEP_DIR = re.compile(r"step-(\d+)")
+MANIFEST = "manifest.json"
+MAX_MANIFEST = 16 << 20  # bytes: a manifest lists files, it is never this large
+ZIP_MAGIC = b"PK\x03\x04"  # how every file torch.save writes begins
+
+
+def folder(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def _write(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(target: Path, state: dict, meta: dict, rank: int, barrier: Callable[[], None],
+         engine_files: Callable[[Path], None]) -> None:
+    """Every rank calls this at the same step. Rank 0 writes `state`, every rank its random generators and
+    what `engine_files` writes (DeepSpeed: its partitions); rank 0 then writes the manifest and renames the
+    whole directory into place."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+            tmp.mkdir(parents=True)
+            _write(state, tmp / "state.pt")
+        barrier()
+        engine_files(tmp)
+        _write(rng_state(), tmp / f"rng-{rank}.pt")
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # what fitted so far is space the next save needs
+        raise CheckpointError(no_space(f"saving checkpoint {target.name}", target.parent,
+                                       target.parent.parent)) from None
+    barrier()
+    if rank == 0:
+        files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
+        _fsync_dir(tmp)
+        if target.exists():  # a step saved again after a resume, or the previous best
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    barrier()
+
+
+def verify(path: Path) -> dict:
+    """The manifest of a complete, undamaged checkpoint that holds nothing else, or CheckpointError naming what
+    is wrong; every file hashed, none loaded."""
+    manifest = listing(path)
+    for name in manifest["files"]:
+        with _opened(path, name, manifest):
+            pass
+    return manifest
+
+
+def check(path: Path) -> dict:
+    """verify(), and every torch file read as the workers will read it, without running code: the manifest."""
+    with reading(path) as ckpt:
+        for name in ckpt.manifest["files"]:
+            if name.endswith(".pt"):
+                ckpt.load(name)
+            else:
+                with _opened(path, name, ckpt.manifest):
+                    pass
+    return ckpt.manifest
+
+
+def listing(path: Path) -> dict:
+    """The manifest, once the directory is seen to hold exactly the files it lists: regular files, no symbolic
+    link, nothing it does not list (a partition planted beside DeepSpeed's, which DeepSpeed's own loaders would
+    glob and unpickle); hashes are checked where a file is opened. CheckpointError otherwise."""
+    if path.is_symlink():
+        raise ForeignCheckpoint(f"{path} is a symbolic link, not a checkpoint directory: give the directory itself")
+    if not path.is_dir():
+        raise ForeignCheckpoint(f"{path} is not a checkpoint directory")
+    try:
+        with _open_inside(path, MANIFEST) as f:
+            text = f.read(MAX_MANIFEST + 1)
+        if len(text) > MAX_MANIFEST:
+            raise ValueError(f"over {MAX_MANIFEST >> 20} MiB")
+        manifest = json.loads(text)
+        files = manifest["files"]
+        if not all(_plain_name(n) and isinstance(e, dict) and {"bytes", "sha256"} <= e.keys()
+                   for n, e in files.items()):
+            raise ValueError("a file entry is not a plain relative name with its size and hash")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise CheckpointError(f"{path / MANIFEST} is missing or unreadable ({reason}): the checkpoint is incomplete "
+                              "or not the launcher's") from None
+    if "state.pt" not in files:
+        raise CheckpointError(f"{path} has no state.pt")
+    entries = _entries(path)
+    odd = next((name for name, kind in entries.items() if kind != "file"), None)
+    if odd:
+        raise ForeignCheckpoint(f"{path / odd} is {entries[odd]}: refused, as it may point outside the checkpoint "
+                              "or block a read; nothing in the checkpoint was loaded")
+    stray = [name for name in entries if name not in files and name != MANIFEST]
+    if stray:
+        shown = ", ".join(stray[:3]) + (f" and {len(stray) - 3} more" if len(stray) > 3 else "")
+        raise ForeignCheckpoint(f"{path} holds {count(len(stray), 'file')} that its manifest does not list ({shown}): "
+                              "planted, or left by another program? Nothing in the checkpoint was loaded; remove "
+                              f"{'it' if len(stray) == 1 else 'them'} to use it")
+    missing = next((name for name in files if name not in entries), None)
+    if missing:
+        raise CheckpointError(f"{path / missing} is missing")
+    return manifest
+
+
+def _plain_name(name: str) -> bool:
+    """A name inside the directory: relative, in normal form, without a way up."""
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and all(p not in ("", ".", "..") for p in parts) \
+        and "\\" not in name and "\0" not in name
+
+
+def _entries(path: Path) -> dict[str, str]:
+    """Everything under `path` but its directories, by name relative to it, and what it is: a file, a symbolic
+    link (never followed) or another kind of file."""
+    found = {}
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_dir(follow_symlinks=False):
+            found.update({f"{entry.name}/{name}": kind for name, kind in _entries(Path(entry.path)).items()})
+        else:
+            found[entry.name] = "file" if entry.is_file(follow_symlinks=False) else \
+                "a symbolic link" if entry.is_symlink() else "not a regular file"
+    return found
+
+
+def _open_inside(root: Path, name: str):
+    """`root/name` opened for reading without following a symbolic link at any depth (one swapped in after the
+    listing included), as a regular file: nothing outside the checkpoint is ever read."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW
+    fd = os.open(root, flags | os.O_DIRECTORY)
+    try:
+        *folders, leaf = name.split("/")
+        for part in folders:
+            inner = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        file = os.open(leaf, flags | os.O_NONBLOCK, dir_fd=fd)  # a FIFO would block an open without it
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ForeignCheckpoint(f"{root / name} is a symbolic link or sits under one: refused, as it may point "
+                                  "outside the checkpoint") from None
+        raise
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(file).st_mode):
+        os.close(file)
+        raise ForeignCheckpoint(f"{root / name} is not a regular file")
+    os.set_blocking(file, True)
+    return os.fdopen(file, "rb")
+
+
+@contextmanager
+def _opened(root: Path, name: str, manifest: dict):
+    """The listed file `name`, open and checked against the manifest (size, then sha256 of what this very
+    descriptor reads), positioned at its start."""
+    expected = manifest["files"].get(name)
+    if expected is None:
+        raise ForeignCheckpoint(f"{root / name} is not listed in {root / MANIFEST}: refused (planted, or left by "
+                              "another program?)")
+    try:
+        f = _open_inside(root, name)
+    except FileNotFoundError:
+        raise CheckpointError(f"{root / name} is missing") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{root / name} is truncated or damaged: {size} bytes, the manifest says "
+                                  f"{expected['bytes']}")
+        digest = hashlib.sha256()
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+        if digest.hexdigest() != expected["sha256"]:
+            raise CheckpointError(f"{root / name} is damaged: its sha256 differs from the manifest's")
+        f.seek(0)
+        yield f
+
+
+@dataclass
+class Reader:
+    """A checkpoint being read: each file that is loaded is one the manifest lists, verified as it is opened
+    and unpickled with weights_only (tensors and plain data, never code)."""
+
+    path: Path
+    manifest: dict
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest["files"]
+
+    def load(self, name: str, map_location="cpu"):
+        file = self.path / name
+        with _opened(self.path, name, self.manifest) as f:
+            if f.read(4) != ZIP_MAGIC:
+                raise ForeignCheckpoint(f"{file} is not in the format torch.save writes (a zip archive): an old or "
+                                      "foreign file, which the launcher never wrote; nothing in it was loaded")
+            f.seek(0)
+            try:
+                with torch.serialization.safe_globals(_safe_globals(name)), warnings.catch_warnings():
+                    # torch's aside on a pickle protocol it did not write (crafted files use the newest): what
+                    # matters is whether the file loads safely, which the error below says in one line
+                    warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+                    # torch.load itself is library_load inside reading()
+                    return torch.serialization.load(f, map_location=map_location, weights_only=True)
+            except Exception as e:
+                raise unsafe(file, f, e) from None
+
+    def library_load(self, f, map_location=None, *args, **kwargs):
+        """torch.load as the libraries reading the checkpoint call it (DeepSpeed's loaders, with weights_only
+        off): a file of this checkpoint that the manifest lists, read by load(); anything else refused."""
+        if not isinstance(f, (str, os.PathLike)):
+            raise ForeignCheckpoint(f"reading {self.path}: a library loaded a file object rather than a file of the "
+                                  "checkpoint, which cannot be verified: refused")
+        name = os.path.relpath(os.path.abspath(f), os.path.abspath(self.path))
+        if name == ".." or name.startswith(("../", "/")):
+            raise ForeignCheckpoint(f"reading {self.path}: a library asked for {f}, outside the checkpoint: refused")
+        return self.load(Path(name).as_posix(), map_location)
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[Reader]:
+    """The checkpoint at `path`, listed (listing()), for the duration of which every torch.load in this process,
+    those inside DeepSpeed's loaders included, reads through Reader.library_load. DeepSpeed globs its folder
+    and unpickles what it finds with weights_only off: so it sees the listed, verified files alone, and code in
+    none of them runs."""
+    ckpt = Reader(path, listing(path))
+    original = torch.load
+    torch.load = ckpt.library_load
+    try:
+        yield ckpt
+    finally:
+        torch.load = original
+
+
+def unsafe(file: Path, f: BinaryIO, e: Exception) -> CheckpointError:
+    """A file torch.load(weights_only=True) refused, in plain words: the global it would have had to import
+    (a crafted file names os.system, say) rather than torch's advice to load it unsafely."""
+    allowed = set(torch._weights_only_unpickler._get_allowed_globals())
+    extra = torch.serialization.get_safe_globals() + _safe_globals(file.as_posix())
+    allowed |= {f"{g.__module__}.{g.__qualname__}" for g in extra}
+    foreign = next((g for g in referenced_globals(f) if g not in allowed), None)
+    if foreign:
+        return ForeignCheckpoint(f"{file} cannot be loaded safely: it refers to {foreign}, which is neither a tensor "
+                                 "nor plain data (a crafted or foreign file?); nothing in it was run")
+    return CheckpointError(f"{file} cannot be loaded safely ({type(e).__name__}: {first_line(e)})")
+
+
+def referenced_globals(f: BinaryIO) -> list[str]:
+    """The globals (module.name) a torch file's pickle imports, read from its opcodes without running any."""
+    try:
+        f.seek(0)
+        with zipfile.ZipFile(f) as z:
+            data = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+        found, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                found.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return found
+    except Exception:  # no pickle, or one broken too badly to read: nothing to name
+        return []
+
+
+def _safe_globals(name: str) -> list:
+    return _deepspeed_globals() if "deepspeed" in name.split("/") else []
+
+
+def _deepspeed_globals() -> list:
+    """The plain-data classes DeepSpeed pickles into its optimizer files (fp16's dynamic loss scaler among
+    them), and nothing that runs code."""
+    from ..engines.zero import import_deepspeed
+
+    import_deepspeed()
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def causes(e: BaseException | None):
+    """The exception and those it was raised from or during, innermost last."""
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether a failure comes from a full disk or quota, however it was wrapped (torch.save raises a
+    RuntimeError whose context is the OSError)."""
+    return any(isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT) for c in causes(e))
+
+
+def no_space(what: str, path: Path, run_dir: str | Path) -> str:
+    """`what` failed for want of space: the filesystem holding `path` by its mount point, what is free on it,
+    and the checkpoint a resume would start from."""
+    mount = Path(path).resolve()
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    free, kept = shutil.disk_usage(mount).free, step_dirs(run_dir)
+    return (f"{what} failed: no space left on the filesystem at {mount} ({free / 2**20:.1f} MiB free); the newest "
+            f"complete checkpoint is {kept[0] if kept else 'none'}")
+
+
+def clean(run_dir: str | Path) -> None:
+    """Remove what saves that were killed left behind (.NAME.tmp, .NAME.old): only a run that holds the run
+    directory calls this, so no live save owns them."""
+    for path in folder(run_dir).glob(".*"):
+        if path.is_dir() and path.suffix in (".tmp", ".old"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def step_dirs(run_dir: str | Path) -> list[Path]:
+    """The run's step checkpoints, newest first."""
+    found = [(int(m.group(1)), p) for p in folder(run_dir).glob("step-*") if (m := STEP_DIR.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest(run_dir: str | Path, warn: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint that verifies; each damaged one passed over is reported through `warn`. One that holds
+    what the launcher never wrote (ForeignCheckpoint) is not passed over: it is raised."""
+    for path in step_dirs(run_dir):
+        try:
+            verify(path)
+            return path
+        except ForeignCheckpoint:
+            raise
+        except CheckpointError as e:
+            warn(f"{e}; falling back to an earlier checkpoint")
+    return None
+
+
+def load_state(path: Path) -> dict:
+    """state.pt, verified and read without running code, on the CPU."""
+    with reading(path) as ckpt:
+        return ckpt.load("state.pt")
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the `keep` newest step checkpoints (the best one lives apart and stays)."""
+    if keep > 0:
+        for path in step_dirs(run_dir)[keep:]:
+            shutil.rmtree(path, ignore_errors=True)
