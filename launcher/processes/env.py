@@ -16,12 +16,12 @@ def worker_env(plan: Plan, environ: Mapping[str, str], parent: int, cores: int, 
     `cores` CPUs: the plan itself (no file can go stale, no secret is written), the thread count, the interface
     a one-node job talks over, and for a training script what `accelerate launch` would give it. A variable the
     user set is kept, except the plan's own and Accelerate's, which the flags decide."""
-    env = {PLAN_ENV: plan.to_json(), PARENT_ENV: str(parent),
-           # N processes share the cores this task was given (a Slurm allocation, taskset), not the machine's
-           "OMP_NUM_THREADS": str(max(1, cores // plan.nproc))}
+    # N processes share the cores this task was given (a Slurm allocation, taskset), not the machine's
+    defaults = {"OMP_NUM_THREADS": str(max(1, cores // plan.nproc))}
     if plan.nnodes == 1 and loopback:  # the ranks talk over loopback; nothing of the job listens on another interface
-        env.update(GLOO_SOCKET_IFNAME=loopback, NCCL_SOCKET_IFNAME=loopback)
-    env = {k: v for k, v in env.items() if k not in environ or k in (PLAN_ENV, PARENT_ENV)}
+        defaults.update(GLOO_SOCKET_IFNAME=loopback, NCCL_SOCKET_IFNAME=loopback)
+    env = {k: v for k, v in defaults.items() if k not in environ}
+    env.update({PLAN_ENV: plan.to_json(), PARENT_ENV: str(parent)})
     if plan.script_args is not None:  # for an unmodified Accelerator() to read
         env.update(ACCELERATE_USE_CPU=str(plan.device == "cpu"), ACCELERATE_MIXED_PRECISION=PRECISION[plan.precision],
                    ACCELERATE_GRADIENT_ACCUMULATION_STEPS=str(plan.grad_accum),

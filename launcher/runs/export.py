@@ -13,6 +13,7 @@ from pathlib import Path
 from . import checkpoint
 from ..errors import CheckpointError
 from ..text import first_line
+from .files import warn
 
 
 class ExportError(Exception):
@@ -55,7 +56,7 @@ def export(source: Path, out: Path | None) -> Path:
         if (source / checkpoint.MANIFEST).exists():
             path = source
         else:
-            path = checkpoint.latest(source, lambda text: print(f"launch: warning: {text}", file=sys.stderr))
+            path = checkpoint.latest(source, warn)
             if path is None:
                 raise ExportError(f"{source} is neither a checkpoint nor a run directory with a complete checkpoint")
         with checkpoint.reading(path) as ckpt:

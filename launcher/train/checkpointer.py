@@ -5,7 +5,6 @@ step s holds everything up to and including step s's evaluations: the loop saves
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ from ..engines.modules import buffers_kept
 from ..plan import Plan
 from ..processes import hang
 from ..runs import checkpoint
+from ..runs.files import warn
 
 
 class Checkpointer:
@@ -64,8 +64,8 @@ class Checkpointer:
         if rng:
             checkpoint.set_rng_state(rng)
         elif self.rank == 0:
-            print(f"launch: warning: {path} has no random-generator state for rank {self.rank} (it was saved by "
-                  "fewer processes): the data order continues exactly, augmentation draws do not", file=sys.stderr)
+            warn(f"{path} has no random-generator state for rank {self.rank} (it was saved by fewer processes): the "
+                 "data order continues exactly, augmentation draws do not")
         self.saved_at = state["progress"]["step"]
         return state["progress"]
 
@@ -73,9 +73,7 @@ class Checkpointer:
 def resume_point(plan: Plan, rank: int) -> Path | None:
     """The checkpoint to start from: after a crash and restart the newest one, else the plan's."""
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        say = (lambda text: print(f"launch: warning: {text}", file=sys.stderr, flush=True)) if rank == 0 \
-            else (lambda text: None)
-        found = checkpoint.latest(plan.run_dir, say)
+        found = checkpoint.latest(plan.run_dir, warn if rank == 0 else lambda text: None)
         if found:
             return found
     return Path(plan.resume) if plan.resume else None
