@@ -1,0 +1,2 @@
+"""Run records and outputs: the run directory and its files, config.json's record, checkpoints and their export,
+the pictures."""
