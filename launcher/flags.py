@@ -132,6 +132,10 @@ class Flags:
     save_every: int = flag(FAULTS, 0, "save a checkpoint every N optimizer steps (default 0: at the end, on "
                                       "SIGTERM/SIGINT, and the best evaluation only)", metavar="N", low=0)
     keep: int = flag(FAULTS, 3, "step checkpoints to keep; 0 = all (default 3)", metavar="K", low=0)
+    async_save: bool = flag(FAULTS, True, "write checkpoints in the background while training goes on (DDP and "
+                                          "FSDP; default): a checkpoint counts once it is complete, and the run "
+                                          "waits for it before the next, at a stop and at the end; --no-async-save "
+                                          "waits for each")
     resume: str | None = flag(FAULTS, None, "auto: continue from the run directory's newest complete checkpoint, or "
                                             "start fresh if it has none; PATH: a checkpoint directory, or a run "
                                             "directory to take the newest one from", metavar="auto|PATH")

@@ -60,6 +60,7 @@ class Plan:
     find_lr: bool = Flags.find_lr
     save_every: int = Flags.save_every
     keep: int = Flags.keep
+    async_save: bool = Flags.async_save
     resume: str | None = None  # a verified checkpoint directory to start from (auto and run directories resolved)
     max_restarts: int = Flags.max_restarts
     skip_nonfinite: bool = Flags.skip_nonfinite  # on with --find-lr too

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +90,16 @@ def test_resume_auto_starts_fresh_without_a_checkpoint_and_stops_when_done(tmp_p
     shutil.rmtree(folder / "run" / "checkpoints")
     _, fresh = tiny(tmp_path, "fresh", "--max-steps", "4", "--resume", "auto", dump=False)
     assert f"no checkpoint in {folder / 'run'}: starting fresh" in fresh.stdout
+
+
+def test_a_checkpoint_from_before_the_shards_still_resumes_exactly(tmp_path):
+    """tests/data/checkpoint-v1: the whole state in state.pt, as the launcher wrote it before DCP. Resumed at step 4,
+    the run ends bit for bit as an uninterrupted one; its next checkpoint is sharded."""
+    old = tmp_path / "run" / "checkpoints" / "step-00000004"
+    shutil.copytree(Path(__file__).parent / "data" / "checkpoint-v1", old)
+    straight, _ = tiny(tmp_path, "straight", "--max-steps", "6", dump=True)
+    resumed, result = tiny(tmp_path, "resumed", "--max-steps", "6", "--resume", old, dump=True)
+    assert f"resumed from {old} at step 4" in result.stdout
+    assert_same(params(resumed, 0), params(straight, 0))
+    newest = resumed / "run" / "checkpoints" / "step-00000006"
+    assert json.loads((newest / "manifest.json").read_text())["sharded"] and (newest / "sharded").is_dir()

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import (
     ROOT,
@@ -114,9 +115,36 @@ def test_an_engine_resumes_exactly_from_its_own_checkpoint(tmp_path, trained, en
     tiny(tmp_path, "stopped", *common, "--crash-at", "8", "--resume", "auto", procs=2)
     assert_same(in_process(stopped, engine), in_process(straight, engine))
     assert_same(checkpoint_weights(stopped), checkpoint_weights(straight))
-    other = launch(TINY, "--cpu", "--procs", "2", "--run-dir", straight / "run", "--resume", "auto")
-    assert other.returncode == 2 and f"was written by --engine {ENGINES[engine][1]}: resume it with that engine, " \
-        "or take its weights with `launch export" in other.stderr, other.stderr
+    if engine.startswith("zero"):
+        other = launch(TINY, "--cpu", "--procs", "2", "--run-dir", straight / "run", "--resume", "auto")
+        assert other.returncode == 2 and "was written by --engine deepspeed: resume it with that engine, or take " \
+            "its weights with `launch export" in other.stderr, other.stderr
+
+
+# no augmentation noise: each rank draws its own, so that another world size would train on other inputs
+CROSS = ("--max-steps", "12", "--log-every", "1", "--grad-accum", "2", "--clip-grad", "0.5", "--batch-size", "16",
+         "--save-every", "6")
+
+
+@pytest.mark.parametrize("before,after", [(("fsdp", 2), ("ddp", 1)), (("ddp", 1), ("fsdp", 2)),
+                                          (("ddp", 2), ("fsdp", 2))], ids=["fsdp2-ddp1", "ddp1-fsdp2", "ddp2-fsdp2"])
+def test_a_checkpoint_resumes_on_another_world_size_and_engine_as_the_run_would_have_gone_on(tmp_path, before, after):
+    """DCP's shards, keyed by parameter name: the weights and optimizer state carry over, resharded, and the run
+    ends as the uninterrupted one (to float32's reduction order: the processes sum in another grouping)."""
+    (engine, procs), (then, procs_then) = before, after
+    straight, _ = tiny(tmp_path, "straight", *CROSS, "--engine", engine, procs=procs, dump=False)
+    source = straight / "run" / "checkpoints" / "step-00000006"
+    resumed, result = tiny(tmp_path, "resumed", *CROSS, "--engine", then, "--resume", source, procs=procs_then,
+                           dump=False)
+    assert f"resumed from {source} at step 6" in result.stdout
+    if engine != then:
+        assert (f"launch: resuming under --engine {then} a checkpoint --engine {engine} wrote: its weights and "
+                "optimizer state carry over, resharded") in result.stdout
+    want, got = (export.weights(folder / "run" / "checkpoints" / "step-00000012") for folder in (straight, resumed))
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
+    assert train_records(resumed / "run").keys() == set(range(7, 13))
 
 
 def test_fp16_under_fsdp_trains_like_ddp_fp16(tmp_path, ddp):
@@ -229,7 +257,9 @@ def test_export_takes_the_newest_checkpoint_or_a_named_one_and_refuses_anything_
     assert_same(load_file(out), params(ddp, 0))
     best = ddp / "run" / "checkpoints" / "best"
     ok(launch("export", best, "--out", out))
-    assert_same(load_file(out), torch.load(best / "state.pt", weights_only=True)["model"])
+    torch_save = tmp_path / "best.pt"  # torch's own reading of the shards, to compare with
+    dcp_to_torch_save(best / "sharded", torch_save)
+    assert_same(load_file(out), torch.load(torch_save, weights_only=True)["model"])
     result = launch("export", tmp_path)
     assert result.returncode == 2 and result.stderr == (f"launch: error: {tmp_path} is neither a checkpoint nor a "
                                                         "run directory with a complete checkpoint\n")

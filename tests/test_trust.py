@@ -5,6 +5,7 @@ verified as they are opened; nothing planted is loaded, nothing outside the chec
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -15,7 +16,8 @@ import torch
 
 from conftest import TINY, in_process, launch, plant, refused, rehash, tiny
 from launcher.errors import CheckpointError, ForeignCheckpoint
-from launcher.runs import checkpoint, export
+from launcher.recipe import contract as recipe
+from launcher.runs import checkpoint, export, sharded
 
 PARTITION = "deepspeed/zero/zero_pp_rank_2_mp_rank_00_optim_states.pt"  # a third rank's, beside two ranks' own
 ZERO = ("--engine", "deepspeed", "--zero", "2")
@@ -198,6 +200,65 @@ def test_resuming_on_another_number_of_processes_says_how_the_batch_is_split_now
     assert ("launch: resuming on 1 process a checkpoint 2 processes wrote: the global batch 16 is now 1 × 1 "
             "accumulation × 16 per process (it was 2 × 1 × 8)") in resumed.stdout
     assert "done: 6 steps" in resumed.stdout
+
+
+def crafted_item(run: Path, marker: Path) -> Path:
+    """The newest checkpoint of a copy of `run` with an optimizer setting DCP stores as bytes (its param_groups'
+    lr) swapped for an exploit, written by DCP itself, the manifest rehashed."""
+    newest = checkpoint.step_dirs(run)[0]
+    with checkpoint.reading(newest) as ckpt:
+        meta = sharded.Reader(ckpt).read_metadata()
+    lr = next(key for key in meta.state_dict_metadata if key.startswith("optimizer.param_groups.") and
+              key.endswith(".lr"))
+    shutil.rmtree(newest / "sharded")
+    import torch.distributed.checkpoint as dcp
+
+    with sharded.quiet():
+        dcp.save({lr: recipe.load(TINY).Exploit(marker)}, checkpoint_id=newest / "sharded", no_dist=True)
+    manifest = json.loads((newest / "manifest.json").read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("sharded/")}
+    manifest["files"].update({f"sharded/{p.name}": {} for p in (newest / "sharded").iterdir()})
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    rehash(newest)
+    return newest
+
+
+def test_dcps_metadata_and_byte_items_are_read_without_running_code(tmp_path, capsys, ddp):
+    """DCP keeps its metadata as a pickle and each non-tensor item (a learning rate) as torch.save's bytes, and its
+    own reader unpickles both with code allowed; crafted ones, rehashed into the manifest, are refused in one line
+    before anything starts, naming what they would have run."""
+    marker = tmp_path / "pwned"
+    run = copy(ddp, tmp_path / "metadata")
+    newest = checkpoint.step_dirs(run)[0]
+    (newest / "sharded" / ".metadata").write_bytes(pickle.dumps(recipe.load(TINY).Exploit(marker)))
+    rehash(newest)
+    said = (f"{newest / 'sharded' / '.metadata'} cannot be loaded safely: it refers to posix.system, which is not "
+            "part of DCP's metadata (a crafted or foreign file?); nothing in it was run")
+    for how in ("path", "run dir", "auto"):
+        assert refused(capsys, *resume(run, how, ())) == f"launch: error: --resume: {said}"
+    assert refused(capsys, "export", newest, "--out", tmp_path / "x.safetensors") == f"launch: error: {said}"
+
+    run = copy(ddp, tmp_path / "item")
+    newest = crafted_item(run, marker)
+    text = refused(capsys, *resume(run, "path", ()))
+    assert text.startswith(f"launch: error: --resume: {newest / 'sharded'}/__0_0.distcp cannot be loaded safely: "
+                           "it refers to posix.system"), text
+    assert not marker.exists()
+
+
+def test_a_sharded_checkpoint_naming_a_file_outside_its_folder_is_refused(tmp_path, capsys, ddp):
+    """DCP's metadata says which file holds each item: one that names state.pt, or a path out of the checkpoint,
+    reaches no file the shards do not own."""
+    run = copy(ddp, tmp_path / "run")
+    newest = checkpoint.step_dirs(run)[0]
+    with checkpoint.reading(newest) as ckpt:
+        meta = sharded.Reader(ckpt).read_metadata()
+    for info in meta.storage_data.values():
+        info.relative_path = "../../../../outside.pt"
+    (newest / "sharded" / ".metadata").write_bytes(pickle.dumps(meta))
+    rehash(newest)
+    text = refused(capsys, *resume(run, "path", ()))
+    assert text.startswith("launch: error: --resume: ") and "outside" in text and "refused" in text, text
 
 
 # ---------------------------------------------------------------- a fuzzed checkpoint directory

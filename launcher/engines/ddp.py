@@ -96,18 +96,33 @@ class Ddp:
         self.scheduler.step()
 
     def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
+        """What state.pt holds: the schedule and the loss scaler; the model and optimizer are sharded()."""
+        return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
 
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.load_schedule(state)
-
-    def load_schedule(self, state: dict) -> None:
+        if "model" in state:  # a checkpoint from before they were sharded: whole tensors in state.pt
+            self.load_whole(state)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
+
+    def load_whole(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def sharded(self) -> dict:
+        """The model and optimizer as DCP saves and loads them: keyed by parameter name whatever the engine, each
+        rank's own tensors (FSDP's shards), the optimizer's state made if no step has run yet."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optimizer = get_state_dict(self.module, self.optimizer)
+        return {"model": model, "optimizer": optimizer}
+
+    def load_sharded(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
 
     def first_nonfinite(self) -> str | None:
         """The name of the first parameter whose gradient (this rank's part of it) is not finite."""

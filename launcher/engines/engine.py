@@ -55,9 +55,17 @@ class Engine(Protocol):
         """Give every rank rank zero's buffers (batch-norm statistics drift apart between forwards)."""
 
     def state_dict(self) -> dict:
-        """What state.pt holds: whole tensors on the CPU (every rank calls it, rank 0's is written)."""
+        """What state.pt holds beside the shards: the schedule, the loss scaler (every rank calls it, rank 0's is
+        written)."""
 
     def load_state_dict(self, state: dict) -> None: ...
+
+    def sharded(self) -> dict | None:
+        """The model and optimizer as each rank holds them, for DCP (runs/sharded.py); None where the engine
+        writes files of its own instead (DeepSpeed)."""
+
+    def load_sharded(self, state: dict) -> None:
+        """sharded()'s state, filled by DCP, into the model and optimizer."""
 
     def save_files(self, folder: Path) -> None:
         """Files of the engine's own in the checkpoint folder (DeepSpeed's partitions), from every rank."""

@@ -47,28 +47,16 @@ class Fsdp(Ddp):
     def grad_norm(self, rescale: torch.Tensor | None) -> torch.Tensor:
         return super().grad_norm(rescale).full_tensor()  # a replicated DTensor of the global norm
 
-    def state_dict(self) -> dict:
-        """Whole (unsharded) tensors on the CPU; every rank must call it, rank 0 gets them."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return {"model": get_model_state_dict(self.module, options=whole),
-                "optimizer": get_optimizer_state_dict(self.module, self.optimizer, options=whole),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
-
-    def load_state_dict(self, state: dict) -> None:
+    def load_whole(self, state: dict) -> None:
+        """A checkpoint from before they were sharded: every rank holds the whole state and keeps its shard."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
             set_optimizer_state_dict,
         )
-        whole = StateDictOptions(full_state_dict=True)  # every rank holds the whole state: keep its shard
+        whole = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.module, state["model"], options=whole)
         set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"], options=whole)
-        self.load_schedule(state)
 
     def reshard(self) -> None:
         """--sharding grad-op keeps parameters gathered after a forward without a backward (an evaluation):

@@ -205,6 +205,12 @@ class Zero:
     def load_state_dict(self, state: dict) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
 
+    def sharded(self) -> None:
+        """DeepSpeed writes its partitions itself (save_files)."""
+
+    def load_sharded(self, state: dict) -> None:
+        raise NotImplementedError("DeepSpeed loads its own partitions")
+
     def save_files(self, folder: Path) -> None:
         """Every rank writes its partition of the weights and optimizer state (a collective)."""
         self.model.save_checkpoint(str(folder / "deepspeed"), tag=TAG, save_latest=False)

@@ -40,6 +40,7 @@ import torch
 
 from ..errors import CheckpointError, ForeignCheckpoint
 from ..text import count, first_line
+from .pickles import allowed_globals, unsafe
 
 STEP_DIR = re.compile(r"step-(\d+)")
 MANIFEST = "manifest.json"
@@ -96,8 +97,19 @@ def _fsync_dir(path: Path) -> None:
 def save(target: Path, state: dict, meta: dict, rank: int, barrier: Callable[[], None],
          engine_files: Callable[[Path], None]) -> None:
     """Every rank calls this at the same step. Rank 0 writes `state`, every rank its random generators and
-    what `engine_files` writes (DeepSpeed: its partitions); rank 0 then writes the manifest and renames the
-    whole directory into place."""
+    what `engine_files` writes (DeepSpeed: its partitions; the shards); rank 0 then writes the manifest and renames
+    the whole directory into place."""
+    tmp = begin(target, state, rank, barrier, engine_files)
+    barrier()
+    if rank == 0:
+        publish(tmp, target, meta)
+    barrier()
+
+
+def begin(target: Path, state: dict, rank: int, barrier: Callable[[], None],
+          engine_files: Callable[[Path], None]) -> Path:
+    """A checkpoint's files, under its temporary name (returned): rank 0's `state`, each rank's random generators
+    and what `engine_files` writes. A full disk is CheckpointError, what fitted removed."""
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         if rank == 0:
@@ -110,25 +122,32 @@ def save(target: Path, state: dict, meta: dict, rank: int, barrier: Callable[[],
     except Exception as e:
         if not disk_full(e):
             raise
-        shutil.rmtree(tmp, ignore_errors=True)  # what fitted so far is space the next save needs
-        raise CheckpointError(no_space(f"saving checkpoint {target.name}", target.parent,
-                                       target.parent.parent)) from None
-    barrier()
-    if rank == 0:
-        files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
-        _fsync_dir(tmp)
-        if target.exists():  # a step saved again after a resume, or the previous best
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    barrier()
+        raise full(target, tmp) from None
+    return tmp
+
+
+def full(target: Path, tmp: Path) -> CheckpointError:
+    """No space for checkpoint `target`: what fitted so far is removed, as it is space the next save needs."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    return CheckpointError(no_space(f"saving checkpoint {target.name}", target.parent, target.parent.parent))
+
+
+def publish(tmp: Path, target: Path, meta: dict) -> None:
+    """Rank 0, once every rank's files are in `tmp`: the manifest (`meta` and every file's size and hash), and the
+    directory renamed into place, fsynced; the checkpoint counts from here."""
+    files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
+    _fsync_dir(tmp)
+    if target.exists():  # a step saved again after a resume, or the previous best
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)
+    _fsync_dir(target.parent)
 
 
 def verify(path: Path) -> dict:
@@ -285,7 +304,7 @@ class Reader:
                                       "foreign file, which the launcher never wrote; nothing in it was loaded")
             f.seek(0)
             try:
-                with torch.serialization.safe_globals(_safe_globals(name)), warnings.catch_warnings():
+                with torch.serialization.safe_globals(allowed_globals(name)), warnings.catch_warnings():
                     # torch's aside on a pickle protocol it did not write (crafted files use the newest): what
                     # matters is whether the file loads safely, which the error below says in one line
                     warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
@@ -294,9 +313,18 @@ class Reader:
             except Exception as e:
                 raise unsafe(file, f, e) from None
 
+    @contextmanager
+    def open(self, name: str):
+        """The listed file `name`, open, verified against the manifest, at its start."""
+        with _opened(self.path, name, self.manifest) as f:
+            yield f
+
     def library_load(self, f, map_location=None, *args, **kwargs):
         """torch.load as the libraries reading the checkpoint call it (DeepSpeed's loaders, with weights_only
-        off): a file of this checkpoint that the manifest lists, read by load(); anything else refused."""
+        off): a file of this checkpoint that the manifest lists, read by load(); anything else refused. A file
+        object (DCP's slices of a file it opened through open()) is read with weights_only alone."""
+        if not isinstance(f, (str, os.PathLike)) and kwargs.get("weights_only") is True:
+            return torch.serialization.load(f, map_location=map_location, weights_only=True)
         if not isinstance(f, (str, os.PathLike)):
             raise ForeignCheckpoint(f"reading {self.path}: a library loaded a file object rather than a file of the "
                                   "checkpoint, which cannot be verified: refused")
@@ -319,55 +347,6 @@ def reading(path: Path) -> Iterator[Reader]:
         yield ckpt
     finally:
         torch.load = original
-
-
-def unsafe(file: Path, f: BinaryIO, e: Exception) -> CheckpointError:
-    """A file torch.load(weights_only=True) refused, in plain words: the global it would have had to import
-    (a crafted file names os.system, say) rather than torch's advice to load it unsafely."""
-    allowed = set(torch._weights_only_unpickler._get_allowed_globals())
-    extra = torch.serialization.get_safe_globals() + _safe_globals(file.as_posix())
-    allowed |= {f"{g.__module__}.{g.__qualname__}" for g in extra}
-    foreign = next((g for g in referenced_globals(f) if g not in allowed), None)
-    if foreign:
-        return ForeignCheckpoint(f"{file} cannot be loaded safely: it refers to {foreign}, which is neither a tensor "
-                                 "nor plain data (a crafted or foreign file?); nothing in it was run")
-    return CheckpointError(f"{file} cannot be loaded safely ({type(e).__name__}: {first_line(e)})")
-
-
-def referenced_globals(f: BinaryIO) -> list[str]:
-    """The globals (module.name) a torch file's pickle imports, read from its opcodes without running any."""
-    try:
-        f.seek(0)
-        with zipfile.ZipFile(f) as z:
-            data = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
-        found, strings = [], []
-        for op, arg, _ in pickletools.genops(data):
-            if op.name == "GLOBAL":
-                found.append(arg.replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(".".join(strings[-2:]))
-            elif isinstance(arg, str):
-                strings.append(arg)
-        return found
-    except Exception:  # no pickle, or one broken too badly to read: nothing to name
-        return []
-
-
-def _safe_globals(name: str) -> list:
-    return _deepspeed_globals() if "deepspeed" in name.split("/") else []
-
-
-def _deepspeed_globals() -> list:
-    """The plain-data classes DeepSpeed pickles into its optimizer files (fp16's dynamic loss scaler among
-    them), and nothing that runs code."""
-    from ..engines.zero import import_deepspeed
-
-    import_deepspeed()
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def causes(e: BaseException | None):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from . import checkpoint
+from . import checkpoint, sharded
 from ..errors import CheckpointError, UsageError
 from ..flags import Flags
 from ..plan import Plan
@@ -131,6 +131,7 @@ def choose(args: Flags, stem: str) -> tuple[Path, str, Path | None, dict]:
     if resume:
         try:
             manifest = checkpoint.check(resume)
+            sharded.check(resume)
         except CheckpointError as e:
             raise UsageError(f"--resume: {e}") from None
     return run_dir, name, resume, manifest
@@ -159,7 +160,8 @@ def compare(plan: Plan, manifest: dict) -> None:
     """Refuse a checkpoint another engine wrote (each keeps its state its own way); warn when the run resumes
     with other settings than its checkpoint was trained with."""
     engine = manifest.get("engine", "ddp")
-    if engine != plan.engine:
+    portable = manifest.get("sharded") and {engine, plan.engine} <= {"ddp", "fsdp"}  # DCP keys by parameter name
+    if engine != plan.engine and not portable:
         raise UsageError(f"{plan.resume} was written by --engine {engine}: resume it with that engine, or take its "
                          f"weights with `launch export {plan.resume}`")
     if engine == "deepspeed" and manifest.get("world_size") != plan.world_size:
@@ -175,6 +177,9 @@ def compare(plan: Plan, manifest: dict) -> None:
     changed = [f"{k} {saved[k]!r} → {now[k]!r}" for k in now if k in saved and saved[k] != now[k] and k not in secret]
     if changed:
         warn(f"resuming with other settings than the checkpoint was saved with: {', '.join(changed)}")
+    if engine != plan.engine and plan.node_rank == 0:
+        print(f"launch: resuming under --engine {plan.engine} a checkpoint --engine {engine} wrote: its weights and "
+              "optimizer state carry over, resharded", flush=True)
     world = manifest.get("world_size", plan.world_size)
     if world != plan.world_size and plan.node_rank == 0:
         accum, batch = saved["grad_accum"] or 1, saved.get("batch_size", plan.batch_size)

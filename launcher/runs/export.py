@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import checkpoint
+from . import checkpoint, sharded
 from ..errors import CheckpointError
 from ..text import first_line
 from .files import warn
@@ -30,6 +30,8 @@ def weights(path: Path) -> dict:
 def read_weights(ckpt: checkpoint.Reader) -> dict:
     """weights() of a checkpoint being read: DeepSpeed's zero_to_fp32 globs its folder and loads what it finds,
     through the reader."""
+    if sharded.held(ckpt):
+        return sharded.model_weights(ckpt)
     if not (ckpt.path / "deepspeed").is_dir():
         state = ckpt.load("state.pt")
         model = state.get("model") if isinstance(state, dict) else None

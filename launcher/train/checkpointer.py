@@ -5,14 +5,17 @@ step s holds everything up to and including step s's evaluations: the loop saves
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..engines.modules import buffers_kept
 from ..plan import Plan
 from ..processes import hang
-from ..runs import checkpoint
+from ..runs import checkpoint, sharded
 from ..runs.files import warn
 
 
@@ -20,6 +23,12 @@ class Checkpointer:
     def __init__(self, plan: Plan, engine, world: int, rank: int):
         self.plan, self.engine, self.world, self.rank = plan, engine, world, rank
         self.saved_at = -1  # the step of the newest step checkpoint
+        self.pending: Future | None = None  # the asynchronous save in flight: at most one
+        # DCP writes in the background over a gloo group of its own (torchtitan's way): the training's collectives
+        # go on meanwhile over theirs
+        self.asynchronous = plan.async_save and plan.engine != "deepspeed"
+        self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=plan.timeout)) \
+            if self.asynchronous and world > 1 else None
 
     def due(self, step: int) -> bool:
         return bool(self.plan.save_every) and step % self.plan.save_every == 0
@@ -33,19 +42,64 @@ class Checkpointer:
 
     def save(self, step: int, progress: dict, best: bool = False) -> None:
         """The engine's state and the run's `progress` at `step`, as the step's checkpoint (older ones pruned to
-        --keep) or as the best one."""
+        --keep) or as the best one. The shards are written in the background where the plan says so: the
+        checkpoint counts once all of it is on disk and renamed into place; the previous save is waited for
+        first."""
+        self.wait()
         hang.beat()
         plan, target = self.plan, self.best_dir if best else self.step_dir(step)
-        state = {**self.engine.state_dict(), "progress": progress}
+        state, shards = {**self.engine.state_dict(), "progress": progress}, self.engine.sharded()
         meta = {"step": step, "engine": plan.engine, "world_size": self.world, "seed": plan.seed,
                 "grad_accum": plan.grad_accum, "zero": plan.zero, "sharding": plan.sharding, "offload": plan.offload,
-                "precision": plan.precision, "hparams": plan.public_hparams()}
+                "precision": plan.precision, "sharded": shards is not None, "hparams": plan.public_hparams()}
         barrier = torch.distributed.barrier if self.world > 1 else lambda: None
-        checkpoint.save(target, state, meta, self.rank, barrier, self.engine.save_files)
         if not best:
             self.saved_at = step
-            if self.rank == 0:
-                checkpoint.prune(plan.run_dir, plan.keep)
+        if shards is None or not self.asynchronous:
+            def files(folder: Path) -> None:
+                self.engine.save_files(folder)
+                if shards is not None:
+                    sharded.save(folder, shards)
+
+            checkpoint.save(target, state, meta, self.rank, barrier, files)
+            self.published(best)
+            return
+        tmp = checkpoint.begin(target, state, self.rank, barrier, self.engine.save_files)
+        upload, finished = sharded.save_async(tmp, shards, self.group), Future()
+
+        def publish(upload: Future) -> None:  # in DCP's thread, once every rank's part is written
+            try:
+                upload.result()
+                if self.rank == 0:
+                    checkpoint.publish(tmp, target, meta)
+                    self.published(best)
+                finished.set_result(None)
+            except BaseException as e:
+                errors = [error for error, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+                full = any(checkpoint.disk_full(error) for error in errors)
+                finished.set_exception(checkpoint.full(target, tmp) if full else errors[0] if errors else e)
+
+        upload.add_done_callback(publish)
+        self.pending = finished
+
+    def published(self, best: bool) -> None:
+        if not best and self.rank == 0:
+            checkpoint.prune(self.plan.run_dir, self.plan.keep)
+
+    def settle(self) -> None:
+        """wait() on the way out of a failed run: what failed is the run's error, not this."""
+        try:
+            self.wait()
+        except BaseException:
+            pass
+
+    def wait(self) -> None:
+        """Until the save in flight (if any) is complete: before the next, at a stop and at the end."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        hang.beat()
+        pending.result()  # raises what failed: a full disk as CheckpointError, the rest as it was
 
     def load_weights(self, path: Path) -> tuple[dict, dict | None]:
         """A checkpoint's model (and optimizer) into the engine, the run's progress left as it is; (its state, this
@@ -54,6 +108,10 @@ class Checkpointer:
         with checkpoint.reading(path) as ckpt:
             state = ckpt.load("state.pt")
             self.engine.load_files(path)
+            if sharded.held(ckpt):
+                shards = self.engine.sharded()  # what this engine holds now: the shapes and places to load into
+                sharded.load(ckpt, shards)
+                self.engine.load_sharded(shards)
             self.engine.load_state_dict(state)
             rng = f"rng-{self.rank}.pt"
             return state, ckpt.load(rng) if ckpt.has(rng) else None

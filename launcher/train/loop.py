@@ -151,6 +151,8 @@ class Trainer:
             self.sinks.close(self.progress.step, ok=False)
             raise
         except BaseException:
+            # the save in flight completes before this rank goes: the others wait in it for this rank's part
+            self.checkpointer.settle()
             self.sinks.close(self.progress.step, ok=False)
             raise
         # None: the run had already finished
@@ -177,6 +179,7 @@ class Trainer:
                     if signum:
                         if self.checkpointer.saved_at != progress.step:
                             self.save()
+                        self.checkpointer.wait()
                         raise Stopped(signum, progress.step)
         return self.finish()
 
@@ -297,6 +300,7 @@ class Trainer:
             final.update(evaluator.last)
         if self.checkpointer.saved_at != step:  # first: the last step's checkpoint continues the run
             self.save()
+        self.checkpointer.wait()
         if "test" in evaluator.evals and not plan.debug:
             best, best_dir = self.progress.best, self.checkpointer.best_dir  # absent where a run resumed another's
             self.tested_at = best[1] if plan.test_weights == "best" and best and best_dir.exists() else step
