@@ -140,9 +140,11 @@ def test_a_file_planted_during_the_run_stops_the_restart_and_the_best_weights_na
             in restarted.stderr.splitlines()[-1]), restarted.stderr
     assert not (folder / "pwned").exists()
 
-    # lr 1, constant: the best evaluation is step 4's, whose weights the test split is evaluated with at the end
+    # lr 1, constant: the best evaluation is step 4's, whose weights the test split is evaluated with at the end;
+    # saved synchronously, so that the plant lands in the published folder rather than in the one being replaced
     folder, best = tiny(tmp_path, "best", "--max-steps", "8", "--eval-every", "2", "--lr", "1", "--schedule",
-                        "constant", "--plant", "run/checkpoints/best/evil.pt", "--plant-at", "8", check=False)
+                        "constant", "--plant", "run/checkpoints/best/evil.pt", "--plant-at", "8", "--no-async-save",
+                        check=False)
     assert best.returncode == 1
     assert (f"{folder / 'run' / 'checkpoints' / 'best'} holds 1 file that its manifest does not list (evil.pt)"
             in best.stderr.splitlines()[-1]), best.stderr

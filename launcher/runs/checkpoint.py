@@ -22,24 +22,21 @@ import errno
 import hashlib
 import json
 import os
-import pickletools
 import random
 import re
 import shutil
 import stat
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError, ForeignCheckpoint
-from ..text import count, first_line
+from ..text import count
 from .pickles import allowed_globals, unsafe
 
 STEP_DIR = re.compile(r"step-(\d+)")

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 from typing import IO
 
-from . import checkpoint, sharded
 from ..errors import CheckpointError, UsageError
 from ..flags import Flags
 from ..plan import Plan
-from .files import warn
 from ..text import count
+from . import checkpoint, sharded
+from .files import warn
 
 LOCK = ".lock"
 UNNAMED = "a run that has not said who it is yet"  # between taking the lock and writing into it

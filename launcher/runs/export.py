@@ -10,9 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from . import checkpoint, sharded
 from ..errors import CheckpointError
 from ..text import first_line
+from . import checkpoint, sharded
 from .files import warn
 
 

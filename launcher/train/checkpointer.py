@@ -10,7 +10,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 
 from ..engines.modules import buffers_kept
 from ..plan import Plan
@@ -75,7 +74,7 @@ class Checkpointer:
                     self.published(best)
                 finished.set_result(None)
             except BaseException as e:
-                errors = [error for error, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+                errors = sharded.failures(e)
                 full = any(checkpoint.disk_full(error) for error in errors)
                 finished.set_exception(checkpoint.full(target, tmp) if full else errors[0] if errors else e)
 

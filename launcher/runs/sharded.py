@@ -1,0 +1,206 @@
+"""The model and optimizer of a checkpoint as torch.distributed.checkpoint (DCP) keeps them, in CHECKPOINT/sharded/:
+each rank writes its own part (FSDP's shards; a replicated DDP tensor once, DCP deduplicating) and reads what its
+layout needs now, keyed by parameter name, so that a checkpoint resumes on another world size or engine.
+
+DCP's own reader trusts its folder: it unpickles the metadata and every non-tensor item (a learning rate) with code
+allowed. Here every file read is one the manifest lists, opened through checkpoint.Reader (hashed through the
+descriptor it is read from) and inside the shards' folder; the metadata is unpickled through an allow-list of DCP's
+plain-data classes, the non-tensor items and the tensors with weights_only."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    Metadata,
+    StorageMeta,
+    TensorStorageMetadata,
+)
+
+from ..errors import CheckpointError, ForeignCheckpoint
+from ..text import first_line
+from . import checkpoint
+from .pickles import unsafe
+
+FOLDER = "sharded"
+METADATA = f"{FOLDER}/.metadata"
+
+# what DCP pickles into its metadata (dataclasses of plain fields, paths, sizes, dtypes), and nothing that runs code
+SAFE = {("torch.distributed.checkpoint.metadata", name) for name in (
+    "Metadata", "StorageMeta", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties", "TensorStorageMetadata",
+    "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout")} | {
+    (module, name) for module in ("pathlib", "pathlib._local")
+    for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")}
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """DCP's remark that it runs in one process where torch.distributed is not started (a one-process run, export,
+    the check before spawn): that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def save(folder: Path, shards: dict) -> None:
+    """Each rank's part of `shards` into folder/sharded/, fsynced; a collective of every rank."""
+    with quiet():
+        dcp.save(shards, checkpoint_id=folder / FOLDER)
+
+
+def save_async(folder: Path, shards: dict, group) -> Future:
+    """save() in a thread of DCP's over `group` (gloo), once `shards` are copied aside (staged), so that training
+    may change them meanwhile: the future is done when this rank's files and, on rank 0, the metadata are written."""
+    with quiet():
+        return dcp.async_save(shards, checkpoint_id=folder / FOLDER, process_group=group)
+
+
+def held(ckpt: checkpoint.Reader) -> bool:
+    """Whether the checkpoint keeps its model and optimizer in shards (older ones hold them whole in state.pt)."""
+    return bool(ckpt.manifest.get("sharded"))
+
+
+def load(ckpt: checkpoint.Reader, shards: dict) -> None:
+    """The checkpoint's shards into `shards` (what the engine holds now: the names, shapes and places to fill), in
+    place; a collective of every rank."""
+    reader = Reader(ckpt)
+    reader.read_metadata()  # first: DCP logs a failed read with its traceback and goes on to look elsewhere
+    _load(reader, shards)
+
+
+def check(path: Path) -> None:
+    """Before anything starts: DCP's metadata and every non-tensor item of the shards at `path` read as the workers
+    will read them, so that a crafted one is refused in one line (the tensors are read with weights_only)."""
+    with checkpoint.reading(path) as ckpt:
+        if held(ckpt):
+            reader = Reader(ckpt)
+            items = reader.read_metadata().state_dict_metadata.items()
+            _load(reader, {key: None for key, kind in items if isinstance(kind, BytesStorageMetadata)})
+
+
+def model_weights(ckpt: checkpoint.Reader) -> dict:
+    """The whole model (every parameter and buffer, by name), assembled in this process from every rank's shards;
+    the optimizer state is never read."""
+    reader = Reader(ckpt)
+    items = reader.read_metadata().state_dict_metadata.items()
+    model = {key: torch.empty(kind.size, dtype=kind.properties.dtype) for key, kind in items
+             if key.startswith("model.") and isinstance(kind, TensorStorageMetadata)}
+    _load(reader, model)
+    return {key.removeprefix("model."): tensor for key, tensor in model.items()}
+
+
+def _load(reader: Reader, state: dict) -> None:
+    try:
+        with quiet():
+            dcp.load(state, storage_reader=reader, planner=Planner(reader))
+    except CheckpointException as e:
+        raise told(e, reader.ckpt.path) from None
+
+
+def failures(e: BaseException) -> list[BaseException]:
+    """What failed inside DCP, on whichever ranks (it gathers them into one CheckpointException), or `e` itself."""
+    return [error for error, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+
+
+def told(e: CheckpointException, path: Path) -> CheckpointError:
+    """The root cause of a failed read of the shards at `path` as one CheckpointError: ours as they were raised
+    (a refused file), anything else named."""
+    errors = failures(e)
+    ours = next((error for error in errors if isinstance(error, CheckpointError)), None)
+    if ours:
+        return ours
+    first = errors[0] if errors else e
+    return CheckpointError(f"reading the shards of {path} failed ({type(first).__name__}: {first_line(first)})")
+
+
+class VerifiedFiles(FileSystem):
+    """DCP's file access, for reading one checkpoint: a file inside its shards' folder that the manifest lists,
+    opened and verified by checkpoint.Reader; anything else refused."""
+
+    def __init__(self, ckpt: checkpoint.Reader):
+        super().__init__()
+        self.ckpt = ckpt
+        self.current: Path | None = None  # the file being read: what an unsafe item is named by
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str):
+        if mode != "rb":
+            raise ForeignCheckpoint(f"reading {self.ckpt.path}: DCP asked to open {path} for writing: refused")
+        root = os.path.abspath(self.ckpt.path)
+        name = Path(os.path.relpath(os.path.normpath(os.path.abspath(path)), root)).as_posix()
+        if not name.startswith(f"{FOLDER}/"):
+            raise ForeignCheckpoint(f"{self.ckpt.path / METADATA} points at {path}, outside the checkpoint's shards: "
+                                    "refused (a crafted or foreign checkpoint?); nothing was read from it")
+        self.current = self.ckpt.path / name
+        with self.ckpt.open(name) as f:
+            yield f
+
+
+class Reader(FileSystemReader):
+    """DCP's reader of a checkpoint's shards through VerifiedFiles, its metadata unpickled through SAFE."""
+
+    def __init__(self, ckpt: checkpoint.Reader):
+        super().__init__(ckpt.path / FOLDER)
+        self.ckpt, self.fs = ckpt, VerifiedFiles(ckpt)
+
+    def read_metadata(self) -> Metadata:
+        file = self.ckpt.path / METADATA
+        with self.fs.create_stream(file, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f, file).load()
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{file} cannot be loaded safely ({type(e).__name__}: {first_line(e)})") \
+                    from None
+        if not isinstance(metadata, Metadata):
+            raise ForeignCheckpoint(f"{file} holds a {type(metadata).__name__}, not DCP's metadata: refused")
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, f, file: Path):
+        super().__init__(f)
+        self.file = file
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in SAFE or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return super().find_class(module, name)
+        raise ForeignCheckpoint(f"{self.file} cannot be loaded safely: it refers to {module}.{name}, which is not "
+                                "part of DCP's metadata (a crafted or foreign file?); nothing in it was run")
+
+
+class Planner(DefaultLoadPlanner):
+    """DCP's planner, but that a non-tensor item is unpickled with weights_only (DCP's allows code)."""
+
+    def __init__(self, reader: Reader):
+        super().__init__()
+        self.reader = reader
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            item = torch.serialization.load(value, weights_only=True)
+        except Exception as e:
+            raise unsafe(self.reader.fs.current, value, e) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], item)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = item
