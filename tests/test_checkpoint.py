@@ -1,13 +1,33 @@
 """Checkpoints through the real CLI: exact resume, keep/best, and checkpoints that must not be trusted."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY, UNSTOPPED, assert_same, eval_record, params, plant, records, refused, rehash, tiny
+from conftest import (
+    LAUNCH,
+    ROOT,
+    TINY,
+    UNSTOPPED,
+    assert_same,
+    clean_env,
+    eval_record,
+    ok,
+    params,
+    plant,
+    records,
+    refused,
+    rehash,
+    tiny,
+)
+from launcher.runs import checkpoint
 
 
 @pytest.mark.parametrize("procs", [1, 2])
@@ -103,3 +123,34 @@ def test_a_checkpoint_from_before_the_shards_still_resumes_exactly(tmp_path):
     assert_same(params(resumed, 0), params(straight, 0))
     newest = resumed / "run" / "checkpoints" / "step-00000006"
     assert json.loads((newest / "manifest.json").read_text())["sharded"] and (newest / "sharded").is_dir()
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_asynchronous_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path):
+    """FSDP on 2 processes writes 200 MB checkpoints in the background; the job is killed -9 (launcher and
+    workers) while one is being written. What is in checkpoints/ is complete or is not a checkpoint: the newest
+    complete one verifies, the resume starts from it, removes the unfinished write and runs to the end."""
+    run = tmp_path / "run"
+    argv = [LAUNCH, ROOT / "recipes" / "digits.py", "--cpu", "--procs", "2", "--engine", "fsdp", "--hidden", "4096",
+            "--save-every", "2", "--max-steps", "10", "--log-every", "2", "--wandb", "disabled", "--run-dir", run]
+    job = subprocess.Popen(list(map(str, argv)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=clean_env(), start_new_session=True)
+    folder, deadline = checkpoint.folder(run), time.monotonic() + 240
+    writing = []
+    while not writing and job.poll() is None and time.monotonic() < deadline:
+        # a later save in flight once step 2's is complete: its shards begun, its manifest not yet written
+        if (folder / "step-00000002" / "manifest.json").exists():
+            writing = [p for p in folder.glob(".step-*.tmp") if (p / "sharded").is_dir()
+                       and not (p / "manifest.json").exists()]
+        time.sleep(0.002)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.communicate(timeout=60)
+    assert writing, "no asynchronous save was seen in flight"
+    for step_dir in checkpoint.step_dirs(run):  # each one there is whole: the one being written did not count
+        checkpoint.verify(step_dir)
+    newest = checkpoint.step_dirs(run)[0]
+    resumed = ok(subprocess.run(list(map(str, [*argv, "--resume", "auto"])), capture_output=True, text=True,
+                                env=clean_env(), timeout=300))
+    assert f"resumed from {newest} at step {int(newest.name[5:])}" in resumed.stdout
+    assert "done: 10 steps" in resumed.stdout
+    assert not list(folder.glob(".*.tmp"))

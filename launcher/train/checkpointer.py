@@ -5,6 +5,8 @@ step s holds everything up to and including step s's evaluations: the loop saves
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from concurrent.futures import Future
 from datetime import timedelta
 from pathlib import Path
@@ -28,6 +30,9 @@ class Checkpointer:
         self.asynchronous = plan.async_save and plan.engine != "deepspeed"
         self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=plan.timeout)) \
             if self.asynchronous and world > 1 else None
+        if self.asynchronous:
+            mine = weakref.ref(self)
+            os.register_at_fork(before=lambda: (checkpointer := mine()) and checkpointer.written())
 
     def due(self, step: int) -> bool:
         return bool(self.plan.save_every) and step % self.plan.save_every == 0
@@ -91,6 +96,14 @@ class Checkpointer:
             self.wait()
         except BaseException:
             pass
+
+    def written(self) -> None:
+        """Until the save in flight (if any) is on disk, its outcome left to wait(); before every fork of this
+        process. A child forked while DCP's writer thread runs may inherit a lock that thread holds (a DataLoader
+        worker hung at its start on glibc's atexit lock), so a new epoch's or evaluation's DataLoader workers start
+        once the save is written. Forks from another thread (none expected: DCP's own would wait on itself) pass."""
+        if self.pending is not None and threading.current_thread() is threading.main_thread():
+            self.pending.exception()
 
     def wait(self) -> None:
         """Until the save in flight (if any) is complete: before the next, at a stop and at the end."""
