@@ -130,8 +130,7 @@ def choose(args: Flags, stem: str) -> tuple[Path, str, Path | None, dict]:
     manifest = {}
     if resume:
         try:
-            manifest = checkpoint.check(resume)
-            sharded.check(resume)
+            manifest = sharded.check(resume)
         except CheckpointError as e:
             raise UsageError(f"--resume: {e}") from None
     return run_dir, name, resume, manifest

@@ -84,14 +84,21 @@ def load(ckpt: checkpoint.Reader, shards: dict) -> None:
     _load(reader, shards)
 
 
-def check(path: Path) -> None:
-    """Before anything starts: DCP's metadata and every non-tensor item of the shards at `path` read as the workers
-    will read them, so that a crafted one is refused in one line (the tensors are read with weights_only)."""
+def check(path: Path) -> dict:
+    """checkpoint.check() before anything starts, the shards included: DCP's metadata and every non-tensor item
+    read as the workers will read them, so that a crafted one is refused in one line (the tensors are read with
+    weights_only), and every shard file hashed once; the manifest."""
+    manifest = checkpoint.check(path, but=FOLDER)
     with checkpoint.reading(path) as ckpt:
         if held(ckpt):
             reader = Reader(ckpt)
             items = reader.read_metadata().state_dict_metadata.items()
             _load(reader, {key: None for key, kind in items if isinstance(kind, BytesStorageMetadata)})
+            for name in ckpt.manifest["files"]:
+                if name.startswith(f"{FOLDER}/") and name not in reader.fs.opened:
+                    with ckpt.open(name):
+                        pass
+    return manifest
 
 
 def model_weights(ckpt: checkpoint.Reader) -> dict:
@@ -137,6 +144,7 @@ class VerifiedFiles(FileSystem):
         super().__init__()
         self.ckpt = ckpt
         self.current: Path | None = None  # the file being read: what an unsafe item is named by
+        self.opened: set[str] = set()  # and those read so far, by their names in the manifest
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str):
@@ -148,6 +156,7 @@ class VerifiedFiles(FileSystem):
             raise ForeignCheckpoint(f"{self.ckpt.path / METADATA} points at {path}, outside the checkpoint's shards: "
                                     "refused (a crafted or foreign checkpoint?); nothing was read from it")
         self.current = self.ckpt.path / name
+        self.opened.add(name)
         with self.ckpt.open(name) as f:
             yield f
 
