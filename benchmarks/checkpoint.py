@@ -9,7 +9,8 @@ parameter in all), and save it through the launcher's own Checkpointer, in the r
 - gather: what the launcher did before the shards: the whole model and optimizer state gathered into rank 0's CPU
   memory (`full_state_dict=True, cpu_offload=True`) and written by rank 0 alone, through the same atomic save;
 - sync: every rank writes its own shard with DCP and waits for it (`--no-async-save`);
-- async: the same, written in the background (the default): training stalls only while the shards are staged.
+- async: the same, written in the background (the default): training stalls only while the shards are copied
+  aside (staged), into memory the first save allocates and the later ones reuse: its peak is the first save's.
 
 Peak memory is each process's high-water mark above what it held before the save (VmHWM, reset through
 /proc/self/clear_refs; the busiest rank is shown); the stall is how long Checkpointer.save keeps the training loop
@@ -117,14 +118,14 @@ def worker(args) -> None:
     savers = {"gather": (gather, None), "sync": (None, False), "async": (None, True)}
     results, step = {}, 0
     for name, (by_hand, asynchronous) in savers.items():
+        plan.async_save = asynchronous
+        saver = Checkpointer(plan, engine, world, rank) if not by_hand else None  # one per run, as in training
         for _ in range(args.repeats):
             step += 1
             if by_hand:
-                got = measured(lambda: by_hand(step))
+                got = measured(lambda save=by_hand, at=step: save(at))
             else:
-                plan.async_save = asynchronous
-                saver = Checkpointer(plan, engine, world, rank)
-                got = measured(lambda: (saver.save(step, {}), saver.wait)[1])
+                got = measured(lambda saver=saver, at=step: (saver.save(at, {}), saver.wait)[1])
             results.setdefault(name, []).append(got)
             if rank == 0:
                 got["bytes"] = sum(p.stat().st_size for p in checkpoint.step_dirs(run_dir)[0].rglob("*") if p.is_file())
@@ -167,10 +168,12 @@ def main() -> None:
         size = max(r["bytes"] for r in ranks[0]["results"]["sync"])
         disk = max(disk_write(Path(tmp), size) for _ in range(args.repeats))
 
-    def best(name: str, key: str) -> float:  # the busiest rank's figure, best of the repeats
-        return min(max(rank["results"][name][i][key] for rank in ranks) for i in range(args.repeats))
+    def best(name: str, key: str, worst: bool = False) -> float:  # the busiest rank's figure, best of the repeats
+        return (max if worst else min)(max(rank["results"][name][i][key] for rank in ranks)
+                                       for i in range(args.repeats))
 
-    peak = {name: best(name, "peak") for name in ("gather", "sync", "async", "load")}
+    # the first asynchronous save allocates the copy its successors reuse (held for the run): its peak counts
+    peak = {name: best(name, "peak", worst=name == "async") for name in ("gather", "sync", "async", "load")}
     stall = {name: best(name, "stall") for name in ("gather", "sync", "async")}
     complete = {name: best(name, "complete") for name in ("gather", "sync", "async", "load")}
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} · Python "

@@ -147,6 +147,29 @@ def test_a_checkpoint_resumes_on_another_world_size_and_engine_as_the_run_would_
     assert train_records(resumed / "run").keys() == set(range(7, 13))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("before,after", [(("zero2", 2), ("fsdp", 2)), (("ddp", 1), ("zero2", 2)),
+                                          (("fsdp", 2), ("zero3", 2))], ids=["zero2-fsdp", "ddp1-zero2", "fsdp-zero3"])
+def test_deepspeed_and_the_other_engines_take_each_others_weights_progress_and_schedule(tmp_path, before, after):
+    """Neither side reads the other's optimizer state: the resumed run says that it starts afresh, and goes on from
+    the checkpoint's weights (its first loss is the uninterrupted run's), step and schedule (the same rates)."""
+    (engine, procs), (then, procs_then) = before, after
+    flags = {name: ENGINES.get(name, ("--engine", name)) for name in (engine, then)}
+    straight, _ = tiny(tmp_path, "straight", *CROSS, *flags[engine], procs=procs, dump=False)
+    source = straight / "run" / "checkpoints" / "step-00000006"
+    resumed, result = tiny(tmp_path, "resumed", *CROSS, *flags[then], "--resume", source, procs=procs_then,
+                           dump=False)
+    assert f"resumed from {source} at step 6" in result.stdout
+    written, now = (flags[x][flags[x].index("--engine") + 1] for x in (engine, then))
+    assert (f"launch: warning: resuming under --engine {now} a checkpoint --engine {written} wrote: its weights, "
+            "progress and schedule carry over; the optimizer state (momentum, Adam's moments) starts afresh") \
+        in result.stderr, result.stderr
+    want, got = train_records(straight / "run"), train_records(resumed / "run")
+    assert got.keys() == set(range(7, 13))
+    assert got[7]["train/loss"] == pytest.approx(want[7]["train/loss"], rel=1e-5)
+    assert [got[s]["lr"] for s in got] == pytest.approx([want[s]["lr"] for s in got], rel=1e-6)
+
+
 def test_fp16_under_fsdp_trains_like_ddp_fp16(tmp_path, ddp):
     """fp16 autocast with a loss scaler, on the CPU: FSDP's shard-aware scaler and DDP's skip the same
     overflowing step (a planted NaN in step 3) and halve the scale alike, so losses, norms and weights agree."""

@@ -103,12 +103,16 @@ class Ddp:
         if "model" in state:  # a checkpoint from before they were sharded: whole tensors in state.pt
             self.load_whole(state)
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler and state["scaler"]:
+        if self.scaler and state.get("scaler"):  # DeepSpeed's checkpoints keep theirs in its partitions
             self.scaler.load_state_dict(state["scaler"])
 
     def load_whole(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
+        self.load_model(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+    def load_model(self, weights: dict) -> None:
+        """Whole tensors by parameter name (another engine's checkpoint) into the model; the optimizer as built."""
+        self.module.load_state_dict(weights)
 
     def sharded(self) -> dict:
         """The model and optimizer as DCP saves and loads them: keyed by parameter name whatever the engine, each

@@ -67,6 +67,10 @@ class Engine(Protocol):
     def load_sharded(self, state: dict) -> None:
         """sharded()'s state, filled by DCP, into the model and optimizer."""
 
+    def load_model(self, weights: dict) -> None:
+        """Whole tensors by parameter name into the model alone: another engine's checkpoint, whose optimizer
+        state this engine cannot take (DeepSpeed's partitions to DDP or FSDP, and the other way)."""
+
     def save_files(self, folder: Path) -> None:
         """Files of the engine's own in the checkpoint folder (DeepSpeed's partitions), from every rank."""
 

@@ -49,14 +49,17 @@ class Fsdp(Ddp):
 
     def load_whole(self, state: dict) -> None:
         """A checkpoint from before they were sharded: every rank holds the whole state and keeps its shard."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-        whole = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.module, state["model"], options=whole)
-        set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"], options=whole)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        self.load_model(state["model"])
+        set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+
+    def load_model(self, weights: dict) -> None:
+        """Every rank holds the whole tensors and keeps its shard."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.module, weights, options=StateDictOptions(full_state_dict=True))
 
     def reshard(self) -> None:
         """--sharding grad-op keeps parameters gathered after a forward without a backward (an evaluation):

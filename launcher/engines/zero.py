@@ -12,6 +12,7 @@ itself; the launcher never does any of these a second time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -210,6 +211,18 @@ class Zero:
 
     def load_sharded(self, state: dict) -> None:
         raise NotImplementedError("DeepSpeed loads its own partitions")
+
+    def load_model(self, weights: dict) -> None:
+        """Whole fp32 tensors by parameter name (another engine's checkpoint) into the module, gathered where ZeRO-3
+        partitions it, and into the optimizer's fp32 copies, which DeepSpeed steps (its moments start afresh)."""
+        deepspeed = import_deepspeed()
+
+        params = list(self.module.parameters())
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0) \
+            if self.model.zero_optimization_stage() == 3 else contextlib.nullcontext()
+        with gathered, torch.no_grad():
+            self.module.load_state_dict(weights)
+        self.optimizer.refresh_fp32_params()
 
     def save_files(self, folder: Path) -> None:
         """Every rank writes its partition of the weights and optimizer state (a collective)."""

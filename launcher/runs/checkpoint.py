@@ -28,6 +28,7 @@ import shutil
 import stat
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,8 +133,11 @@ def full(target: Path, tmp: Path) -> CheckpointError:
 def publish(tmp: Path, target: Path, meta: dict) -> None:
     """Rank 0, once every rank's files are in `tmp`: the manifest (`meta` and every file's size and hash), and the
     directory renamed into place, fsynced; the checkpoint counts from here."""
-    files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+    with ThreadPoolExecutor(max_workers=min(8, len(paths) or 1)) as pool:  # hashlib lets go of the GIL: in parallel
+        hashes = list(pool.map(_sha256, paths))
+    files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": digest}
+             for p, digest in zip(paths, hashes, strict=True)}
     (tmp / MANIFEST).write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
     _fsync_dir(tmp)
     if target.exists():  # a step saved again after a resume, or the previous best
@@ -145,6 +149,12 @@ def publish(tmp: Path, target: Path, meta: dict) -> None:
     else:
         os.replace(tmp, target)
     _fsync_dir(target.parent)
+
+
+def optimizer_carries(written: str, engine: str) -> bool:
+    """Whether `engine` can take the optimizer state of a checkpoint the engine `written` saved: DeepSpeed keeps
+    it in partitions of its own that no other engine reads, and cannot read the others' (their weights carry)."""
+    return (written == "deepspeed") == (engine == "deepspeed")
 
 
 def verify(path: Path) -> dict:

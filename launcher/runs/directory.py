@@ -159,14 +159,17 @@ def compare(plan: Plan, manifest: dict) -> None:
     """Refuse a checkpoint another engine wrote (each keeps its state its own way); warn when the run resumes
     with other settings than its checkpoint was trained with."""
     engine = manifest.get("engine", "ddp")
-    portable = manifest.get("sharded") and {engine, plan.engine} <= {"ddp", "fsdp"}  # DCP keys by parameter name
-    if engine != plan.engine and not portable:
-        raise UsageError(f"{plan.resume} was written by --engine {engine}: resume it with that engine, or take its "
-                         f"weights with `launch export {plan.resume}`")
-    if engine == "deepspeed" and manifest.get("world_size") != plan.world_size:
-        raise UsageError(f"{plan.resume} holds DeepSpeed partitions for {manifest.get('world_size')} processes: "
-                         f"resume it on as many, not {plan.world_size}")
-    if engine == "deepspeed" and (zero_stage(manifest) == "3") != (plan.zero == 3):
+    resharded = manifest.get("sharded") and {engine, plan.engine} <= {"ddp", "fsdp"}  # DCP keys by parameter name
+    weights_only = not checkpoint.optimizer_carries(engine, plan.engine)
+    if engine != plan.engine and not resharded and not weights_only:
+        raise UsageError(f"{plan.resume} was written by --engine {engine} before checkpoints were sharded: resume "
+                         f"it with that engine, or take its weights with `launch export {plan.resume}`")
+    world = manifest.get("world_size", plan.world_size)
+    if engine == plan.engine == "deepspeed" and world != plan.world_size:
+        raise UsageError(f"{plan.resume} holds DeepSpeed partitions for {world} processes, which DeepSpeed reads on "
+                         f"as many: resume it on {world}, not {plan.world_size}, or under --engine fsdp or ddp, "
+                         "which take its weights, progress and schedule (the optimizer state starts afresh)")
+    if engine == plan.engine == "deepspeed" and (zero_stage(manifest) == "3") != (plan.zero == 3):
         raise UsageError(f"{plan.resume} was written with --zero {zero_stage(manifest)}, whose partitions --zero "
                          f"{plan.zero} cannot load (stage 3 partitions the weights too): resume it with --zero "
                          f"{zero_stage(manifest)}, or start afresh from its weights (launch export {plan.resume})")
@@ -176,10 +179,13 @@ def compare(plan: Plan, manifest: dict) -> None:
     changed = [f"{k} {saved[k]!r} → {now[k]!r}" for k in now if k in saved and saved[k] != now[k] and k not in secret]
     if changed:
         warn(f"resuming with other settings than the checkpoint was saved with: {', '.join(changed)}")
-    if engine != plan.engine and plan.node_rank == 0:
+    if weights_only and plan.node_rank == 0:
+        why = "DeepSpeed keeps it in partitions of its own" if engine == "deepspeed" else "DeepSpeed cannot read it"
+        warn(f"resuming under --engine {plan.engine} a checkpoint --engine {engine} wrote: its weights, progress and "
+             f"schedule carry over; the optimizer state (momentum, Adam's moments) starts afresh, as {why}")
+    elif engine != plan.engine and plan.node_rank == 0:
         print(f"launch: resuming under --engine {plan.engine} a checkpoint --engine {engine} wrote: its weights and "
               "optimizer state carry over, resharded", flush=True)
-    world = manifest.get("world_size", plan.world_size)
     if world != plan.world_size and plan.node_rank == 0:
         accum, batch = saved["grad_accum"] or 1, saved.get("batch_size", plan.batch_size)
         print(f"launch: resuming on {count(plan.world_size, 'process')} a checkpoint {count(world, 'process')} "

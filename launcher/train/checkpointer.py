@@ -16,7 +16,7 @@ import torch
 from ..engines.modules import buffers_kept
 from ..plan import Plan
 from ..processes import hang
-from ..runs import checkpoint, sharded
+from ..runs import checkpoint, export, sharded
 from ..runs.files import warn
 
 
@@ -30,6 +30,7 @@ class Checkpointer:
         self.asynchronous = plan.async_save and plan.engine != "deepspeed"
         self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=plan.timeout)) \
             if self.asynchronous and world > 1 else None
+        self.staging = sharded.stager() if self.asynchronous else None
         if self.asynchronous:
             mine = weakref.ref(self)
             os.register_at_fork(before=lambda: (checkpointer := mine()) and checkpointer.written())
@@ -69,7 +70,7 @@ class Checkpointer:
             self.published(best)
             return
         tmp = checkpoint.begin(target, state, self.rank, barrier, self.engine.save_files)
-        upload, finished = sharded.save_async(tmp, shards, self.group), Future()
+        upload, finished = sharded.save_async(tmp, shards, self.group, self.staging), Future()
 
         def publish(upload: Future) -> None:  # in DCP's thread, once every rank's part is written
             try:
@@ -119,12 +120,21 @@ class Checkpointer:
         the engine's own files too."""
         with checkpoint.reading(path) as ckpt:
             state = ckpt.load("state.pt")
-            self.engine.load_files(path)
-            if sharded.held(ckpt):
-                shards = self.engine.sharded()  # what this engine holds now: the shapes and places to load into
-                sharded.load(ckpt, shards)
-                self.engine.load_sharded(shards)
+            fresh = not checkpoint.optimizer_carries(ckpt.manifest.get("engine", "ddp"), self.plan.engine)
+            if fresh:
+                self.engine.load_model(export.read_weights(ckpt))  # whole, as export assembles them
+                state = {key: value for key, value in state.items() if key not in ("model", "optimizer")}
+            else:
+                self.engine.load_files(path)
+                if sharded.held(ckpt):
+                    shards = self.engine.sharded()  # what this engine holds now: the shapes and places to load into
+                    sharded.load(ckpt, shards)
+                    self.engine.load_sharded(shards)
             self.engine.load_state_dict(state)
+            if fresh:  # the schedule's rate, which a loaded optimizer's groups would have held
+                scheduler = self.engine.scheduler
+                for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+                    group["lr"] = lr
             rng = f"rng-{self.rank}.pt"
             return state, ckpt.load(rng) if ckpt.has(rng) else None
 
