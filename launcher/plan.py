@@ -62,6 +62,7 @@ class Plan:
     keep: int = Flags.keep
     async_save: bool = Flags.async_save
     resume: str | None = None  # a verified checkpoint directory to start from (auto and run directories resolved)
+    convert_from: str | None = None  # deepspeed: the checkpoint node 0 makes `resume`, its universal form, from
     max_restarts: int = Flags.max_restarts
     skip_nonfinite: bool = Flags.skip_nonfinite  # on with --find-lr too
     early_stop: int = Flags.early_stop

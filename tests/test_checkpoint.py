@@ -112,6 +112,15 @@ def test_resume_auto_starts_fresh_without_a_checkpoint_and_stops_when_done(tmp_p
     assert f"no checkpoint in {folder / 'run'}: starting fresh" in fresh.stdout
 
 
+def refused_run(tmp_path, *flags) -> str:
+    """The last line of a start of the tiny recipe that must be refused (exit 2) before anything starts."""
+    result = subprocess.run([str(LAUNCH), str(TINY), "--cpu", "--wandb", "disabled", "--run-dir",
+                             str(tmp_path / "refused"), *map(str, flags)], capture_output=True, text=True,
+                            env=clean_env(), timeout=120)
+    assert result.returncode == 2, result.stderr
+    return result.stderr.splitlines()[-1]
+
+
 def test_a_checkpoint_from_before_the_shards_still_resumes_exactly(tmp_path):
     """tests/data/checkpoint-v1: the whole state in state.pt, as the launcher wrote it before DCP. Resumed at step 4,
     the run ends bit for bit as an uninterrupted one; its next checkpoint is sharded."""
@@ -123,6 +132,9 @@ def test_a_checkpoint_from_before_the_shards_still_resumes_exactly(tmp_path):
     assert_same(params(resumed, 0), params(straight, 0))
     newest = resumed / "run" / "checkpoints" / "step-00000006"
     assert json.loads((newest / "manifest.json").read_text())["sharded"] and (newest / "sharded").is_dir()
+    other = refused_run(tmp_path, "--engine", "fsdp", "--resume", old)
+    assert other == (f"launch: error: {old} was written by --engine ddp before checkpoints were sharded: resume it "
+                     f"with that engine, or take its weights with `launch export {old}`")
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from ..processes import slurm, spawn
 from ..processes.collector import settle
 from ..processes.leave import leave
 from ..recipe import contract as recipes
-from ..runs import checkpoint, record
+from ..runs import checkpoint, record, universal
 from ..runs import directory as rundir
 from ..runs.files import keep_console, start_summary, update_summary, write_record
 from ..text import count
@@ -333,6 +333,9 @@ def make_plan(args: Flags, hp, recipe_path: Path) -> Plan:
             raise UsageError(str(e)) from None
     if manifest:
         rundir.compare(plan, manifest)
+        if universal.needed(manifest, plan.engine, plan.world_size):  # node 0 converts it before spawning
+            plan = dataclasses.replace(plan, convert_from=plan.resume,
+                                       resume=str(universal.target(plan.run_dir, Path(plan.resume))))
     return plan
 
 
@@ -390,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         if plan.node_rank == 0:  # node 0 owns the run directory: its lock, for as long as this process lives
             rundir.claim(Path(plan.run_dir))  # the last check: the directory is made only when all else holds
             checkpoint.clean(plan.run_dir)
+            universal.prepare(plan)
     except UsageError as e:
         print(f"launch: error: {e}", file=sys.stderr)
         sys.exit(2)

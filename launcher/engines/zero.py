@@ -229,4 +229,14 @@ class Zero:
         self.model.save_checkpoint(str(folder / "deepspeed"), tag=TAG, save_latest=False)
 
     def load_files(self, folder: Path) -> None:
-        self.model.load_checkpoint(str(folder / "deepspeed"), tag=TAG, load_lr_scheduler_states=False)
+        # a universal checkpoint (runs/universal.py) keeps a folder per parameter: DeepSpeed reads it when its
+        # config says so, and a restart from the run's own checkpoints reads partitions again
+        universal = self.model._config.load_universal_checkpoint = (folder / "deepspeed" / TAG / "zero").is_dir()
+        logger = import_deepspeed().utils.logger
+        level = logger.level
+        if universal:  # "MPU is not provided, setting tp size to 1": there is no tensor parallelism to set
+            logger.setLevel(logging.ERROR)
+        try:
+            self.model.load_checkpoint(str(folder / "deepspeed"), tag=TAG, load_lr_scheduler_states=False)
+        finally:
+            logger.setLevel(level)

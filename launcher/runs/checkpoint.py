@@ -302,6 +302,7 @@ class Reader:
 
     path: Path
     manifest: dict
+    scratch: Path | None = None
 
     def has(self, name: str) -> bool:
         return name in self.manifest["files"]
@@ -338,19 +339,28 @@ class Reader:
         if not isinstance(f, (str, os.PathLike)):
             raise ForeignCheckpoint(f"reading {self.path}: a library loaded a file object rather than a file of the "
                                   "checkpoint, which cannot be verified: refused")
+        if self.scratch and _inside(f, self.scratch):  # what the library itself wrote there from verified files
+            with torch.serialization.safe_globals(allowed_globals("deepspeed")):
+                return torch.serialization.load(f, map_location=map_location, weights_only=True)
         name = os.path.relpath(os.path.abspath(f), os.path.abspath(self.path))
         if name == ".." or name.startswith(("../", "/")):
             raise ForeignCheckpoint(f"reading {self.path}: a library asked for {f}, outside the checkpoint: refused")
         return self.load(Path(name).as_posix(), map_location)
 
 
+def _inside(f: str | os.PathLike, folder: Path) -> bool:
+    name = os.path.relpath(os.path.abspath(f), os.path.abspath(folder))
+    return not (name == ".." or name.startswith(("../", "/")))
+
+
 @contextmanager
-def reading(path: Path) -> Iterator[Reader]:
+def reading(path: Path, scratch: Path | None = None) -> Iterator[Reader]:
     """The checkpoint at `path`, listed (listing()), for the duration of which every torch.load in this process,
     those inside DeepSpeed's loaders included, reads through Reader.library_load. DeepSpeed globs its folder
     and unpickles what it finds with weights_only off: so it sees the listed, verified files alone, and code in
-    none of them runs."""
-    ckpt = Reader(path, listing(path))
+    none of them runs. `scratch`: a private folder (mode 0700) where a library writes what it reads back (DeepSpeed's
+    conversion to a universal checkpoint), read with weights_only too."""
+    ckpt = Reader(path, listing(path), scratch)
     original = torch.load
     torch.load = ckpt.library_load
     try:

@@ -165,10 +165,6 @@ def compare(plan: Plan, manifest: dict) -> None:
         raise UsageError(f"{plan.resume} was written by --engine {engine} before checkpoints were sharded: resume "
                          f"it with that engine, or take its weights with `launch export {plan.resume}`")
     world = manifest.get("world_size", plan.world_size)
-    if engine == plan.engine == "deepspeed" and world != plan.world_size:
-        raise UsageError(f"{plan.resume} holds DeepSpeed partitions for {world} processes, which DeepSpeed reads on "
-                         f"as many: resume it on {world}, not {plan.world_size}, or under --engine fsdp or ddp, "
-                         "which take its weights, progress and schedule (the optimizer state starts afresh)")
     if engine == plan.engine == "deepspeed" and (zero_stage(manifest) == "3") != (plan.zero == 3):
         raise UsageError(f"{plan.resume} was written with --zero {zero_stage(manifest)}, whose partitions --zero "
                          f"{plan.zero} cannot load (stage 3 partitions the weights too): resume it with --zero "
