@@ -1,6 +1,6 @@
 """Checkpoints of an FSDP model: sharded (DCP) against the whole-state gather they replaced, side by side in one run.
 
-    python benchmarks/checkpoint.py [--procs 2] [--width 4096] [--layers 6] [--dir DIR] [--repeats 2]
+    python benchmarks/checkpoint.py [--procs 2] [--width 4096] [--layers 6] [--dir DIR] [--repeats 2] [--gpu]
 
 `--procs` CPU processes (gloo) shard a stack of `--layers` Linear(W, W) (W = `--width`; 6 × 4096² ≈ 100.7 M
 parameters) with the launcher's FSDP engine, take one AdamW step so that the optimizer state exists (16 bytes per
@@ -17,7 +17,8 @@ Peak memory is each process's high-water mark above what it held before the save
 waiting; throughput is checkpoint bytes per second of a save until it is complete (published), and of a load of
 the sharded checkpoint back into the model through the launcher's verified reader (each file hashed as it is
 read), against the disk's own sequential write (the same bytes in 16 MiB writes and an fsync, on the same
-filesystem). Each figure is the best of `--repeats` saves.
+filesystem). Each figure is the best of `--repeats` saves. `--gpu`: one GPU per process (NCCL for training, gloo
+beside it for the asynchronous saves), where staging is the copy from the device to host memory.
 """
 
 import argparse
@@ -78,10 +79,13 @@ def worker(args) -> None:
     from launcher.runs import checkpoint
     from launcher.train.checkpointer import Checkpointer
 
-    dist.init_process_group("gloo")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if args.gpu else torch.device("cpu")
+    if args.gpu:
+        torch.cuda.set_device(device)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if args.gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    module = nn.Sequential(*(nn.Linear(args.width, args.width) for _ in range(args.layers)))
+    module = nn.Sequential(*(nn.Linear(args.width, args.width) for _ in range(args.layers))).to(device)
     params = sum(p.numel() for p in module.parameters())
     run_dir = Path(args.dir) / "run"
 
@@ -89,9 +93,10 @@ def worker(args) -> None:
         optimizer = torch.optim.AdamW(m.parameters(), lr=1e-4)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
-    plan = Plan(recipe="", hparams={}, run_dir=str(run_dir), name="bench", engine="fsdp", keep=0)
+    plan = Plan(recipe="", hparams={}, run_dir=str(run_dir), name="bench", engine="fsdp", keep=0,
+                device=device.type)
     engine = fsdp.build(plan, module, make_optimizer)
-    module(torch.randn(8, args.width)).sum().backward()
+    module(torch.randn(8, args.width, device=device)).sum().backward()
     engine.optimizer.step()
     engine.optimizer.zero_grad(set_to_none=True)
     barrier = dist.barrier
@@ -127,8 +132,9 @@ def worker(args) -> None:
             else:
                 got = measured(lambda saver=saver, at=step: (saver.save(at, {}), saver.wait)[1])
             results.setdefault(name, []).append(got)
-            if rank == 0:
+            if rank == 0:  # its size, and only the newest kept: a big model's checkpoints fill a disk
                 got["bytes"] = sum(p.stat().st_size for p in checkpoint.step_dirs(run_dir)[0].rglob("*") if p.is_file())
+                checkpoint.prune(run_dir, 1)
     newest = checkpoint.step_dirs(run_dir)[0]  # async's last: a sharded one
     for _ in range(args.repeats):
         barrier()
@@ -150,6 +156,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dir", default=None, help="where the checkpoints are written (default: a temporary "
                                                     "folder under /tmp); the disk is measured there")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per process")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -159,7 +166,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.procs),
                __file__, "--worker", "--dir", tmp, "--width", str(args.width), "--layers", str(args.layers),
-               "--repeats", str(args.repeats)]
+               "--repeats", str(args.repeats), *(["--gpu"] if args.gpu else [])]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
         if result.returncode:
@@ -177,7 +184,8 @@ def main() -> None:
     stall = {name: best(name, "stall") for name in ("gather", "sync", "async")}
     complete = {name: best(name, "complete") for name in ("gather", "sync", "async", "load")}
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} · Python "
-          f"{platform.python_version()} · torch {torch.__version__} · {args.procs} CPU processes, FSDP, "
+          f"{platform.python_version()} · torch {torch.__version__} · {args.procs} "
+          f"{torch.cuda.get_device_name() if args.gpu else 'CPU'} processes, FSDP, "
           f"{ranks[0]['params'] / 1e6:.1f} M parameters, AdamW, fp32 · checkpoint {size / MB:,.0f} MB · disk "
           f"{disk / MB:,.0f} MB/s sequential write with fsync · best of {args.repeats}\n")
     print("| save | peak MB, busiest rank | vs gather | training stalls, s | vs sync | complete, s | MB/s | vs disk |")
@@ -190,7 +198,7 @@ def main() -> None:
     print(f"| load (sharded) | {peak['load'] / MB:,.0f} | | | | {complete['load']:.2f} | {rate / MB:,.0f} | "
           f"{rate / disk:.2f} |")
     print(f"\ncommand: python benchmarks/checkpoint.py --procs {args.procs} --width {args.width} --layers "
-          f"{args.layers} --repeats {args.repeats}")
+          f"{args.layers} --repeats {args.repeats}{' --gpu' if args.gpu else ''}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ torchvision for airbench; never torch) and this project without its pins, then r
    ZeRO-2 with its own loss scaler (allowed for this check by LAUNCH_UNVERIFIED_DEEPSPEED_FP16=1), same seed,
    compared step by step: loss scale, skipped steps, gradient norm before clipping, loss;
 5. overhead: benchmarks/overhead.py --gpu: the launcher's steps/s against the hand-written loop on the GPU for
-   the MLP and the CIFAR-10 network, where a host–device sync per step would show.
+   the MLP and the CIFAR-10 network, where a host–device sync per step would show;
+6. checkpoint: benchmarks/checkpoint.py --gpu: an FSDP model of 268 M parameters with AdamW saved sharded
+   (synchronously and in the background) against the whole-state gather, and loaded: host memory, the stall of
+   training, throughput against the disk's own.
 
 A step that fails is recorded with its error and the next one runs. OUT/results.json and OUT/results.md are
 written after every step (a time-out still leaves what was measured), each run's console and metrics under
@@ -238,7 +241,20 @@ def overhead(setup: Setup) -> dict:
                                       if (m := re.search(r"\| ([0-9.]+) \(min", line))]}
 
 
-STEPS = {"smoke": smoke, "cifar": cifar, "lm": lm, "deepspeed-fp16": deepspeed_fp16, "overhead": overhead}
+def checkpoint(setup: Setup) -> dict:
+    """benchmarks/checkpoint.py on the GPU (on the CPU at a tiny size in smoke mode): its table."""
+    size = ["--procs", "2", "--width", "128", "--layers", "2", "--repeats", "1"] if setup.smoke else \
+        ["--procs", "1", "--width", "8192", "--layers", "4", "--repeats", "2", "--gpu"]
+    folder = setup.scratch / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    text = command([sys.executable, HERE / "checkpoint.py", *size, "--dir", folder], "checkpoint", setup,
+                   timeout=400)
+    return {"machine": next(line for line in text.splitlines() if line.startswith("machine:")),
+            "table": [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| save")]}
+
+
+STEPS = {"smoke": smoke, "cifar": cifar, "lm": lm, "deepspeed-fp16": deepspeed_fp16, "overhead": overhead,
+         "checkpoint": checkpoint}
 
 
 # ------------------------------------------------------------------ set-up, data and the report
@@ -329,7 +345,13 @@ def overhead_md(result: dict) -> list[str]:
     return ["| measure | launcher | reference | ratio |", "|---|---|---|---|", *result["table"]]
 
 
-MARKDOWN = {"smoke": smoke_md, "cifar": cifar_md, "lm": lm_md, "deepspeed-fp16": fp16_md, "overhead": overhead_md}
+def checkpoint_md(result: dict) -> list[str]:
+    return [result["machine"], "", "| save | peak MB, busiest rank | vs gather | training stalls, s | vs sync | "
+            "complete, s | MB/s | vs disk |", "|---|---|---|---|---|---|---|---|", *result["table"]]
+
+
+MARKDOWN = {"smoke": smoke_md, "cifar": cifar_md, "lm": lm_md, "deepspeed-fp16": fp16_md, "overhead": overhead_md,
+            "checkpoint": checkpoint_md}
 
 
 def report(setup: Setup) -> None:

@@ -33,9 +33,9 @@ def test_every_step_runs_in_smoke_mode_and_reports(smoke):
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp / "out" / "results.json").read_text())
     steps = results["steps"]
-    assert list(steps) == ["smoke", "cifar", "lm", "deepspeed-fp16", "overhead"]
+    assert list(steps) == ["smoke", "cifar", "lm", "deepspeed-fp16", "overhead", "checkpoint"]
     assert {name: s["status"] for name, s in steps.items()} == {
-        "smoke": "ok", "cifar": "ok", "lm": "ok", "deepspeed-fp16": "skipped", "overhead": "ok"}
+        "smoke": "ok", "cifar": "ok", "lm": "ok", "deepspeed-fp16": "skipped", "overhead": "ok", "checkpoint": "ok"}
     assert steps["deepspeed-fp16"]["why"] == "DeepSpeed's fp16 needs a GPU"
     assert set(steps["smoke"]["result"]) == {"gpu bf16", "gpu fp16", "debug bf16", "debug fp16"}
     assert all(r["steps"] == 20 for r in steps["smoke"]["result"].values())
@@ -48,7 +48,10 @@ def test_every_step_runs_in_smoke_mode_and_reports(smoke):
     assert all(r["tokens_per_s"] > 0 and r["windows"] >= 2 for r in lm.values()), lm
     assert steps["overhead"]["result"]["ratios"] and all(r > 0 for r in steps["overhead"]["result"]["ratios"])
     md = (tmp / "out" / "results.md").read_text()
-    for heading in ("## smoke: ok", "## cifar: ok", "## lm: ok", "## deepspeed-fp16: skipped", "## overhead: ok"):
+    assert [row.split(" | ")[0] for row in steps["checkpoint"]["result"]["table"]] == [
+        "| gather", "| sync", "| async", "| load (sharded)"]
+    for heading in ("## smoke: ok", "## cifar: ok", "## lm: ok", "## deepspeed-fp16: skipped", "## overhead: ok",
+                    "## checkpoint: ok"):
         assert heading in md
     assert "| DeepSpeed ZeRO-2 | " in md and "| mean ± sd | " in md
     assert (tmp / "out" / "runs" / "lm-fsdp.metrics.jsonl").exists()
