@@ -215,8 +215,7 @@ def crafted_item(run: Path, marker: Path) -> Path:
     shutil.rmtree(newest / "sharded")
     import torch.distributed.checkpoint as dcp
 
-    with sharded.quiet():
-        dcp.save({lr: recipe.load(TINY).Exploit(marker)}, checkpoint_id=newest / "sharded", no_dist=True)
+    dcp.save({lr: recipe.load(TINY).Exploit(marker)}, checkpoint_id=newest / "sharded", no_dist=True)
     manifest = json.loads((newest / "manifest.json").read_text())
     manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("sharded/")}
     manifest["files"].update({f"sharded/{p.name}": {} for p in (newest / "sharded").iterdir()})

@@ -13,7 +13,6 @@ import io
 import os
 import pickle
 import warnings
-from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +39,10 @@ from .pickles import unsafe
 FOLDER = "sharded"
 METADATA = f"{FOLDER}/.metadata"
 
+# DCP's remark, from whichever thread writes, that it runs in one process where torch.distributed is not started
+# (a one-process run, export, the check before spawn): that is the intent
+warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+
 # what DCP pickles into its metadata (dataclasses of plain fields, paths, sizes, dtypes), and nothing that runs code
 SAFE = {("torch.distributed.checkpoint.metadata", name) for name in (
     "Metadata", "StorageMeta", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties", "TensorStorageMetadata",
@@ -50,15 +53,6 @@ SAFE = {("torch.distributed.checkpoint.metadata", name) for name in (
     for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")}
 
 
-@contextmanager
-def quiet() -> Iterator[None]:
-    """DCP's remark that it runs in one process where torch.distributed is not started (a one-process run, export,
-    the check before spawn): that is the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
-        yield
-
-
 def writer(folder: Path) -> FileSystemWriter:
     """DCP's writer into folder/sharded/, fsyncing, with a thread per core this process may use (up to 4): one
     thread serialises and writes at about a third of what the disk takes."""
@@ -67,8 +61,7 @@ def writer(folder: Path) -> FileSystemWriter:
 
 def save(folder: Path, shards: dict) -> None:
     """Each rank's part of `shards` into folder/sharded/, fsynced; a collective of every rank."""
-    with quiet():
-        dcp.save(shards, storage_writer=writer(folder))
+    dcp.save(shards, storage_writer=writer(folder))
 
 
 def stager() -> DefaultStager:
@@ -82,8 +75,7 @@ def save_async(folder: Path, shards: dict, group, staging: DefaultStager) -> Fut
     """save() in a thread of DCP's over `group` (gloo), once `shards` are copied aside by `staging`, so that
     training may change them meanwhile: the future is done when this rank's files and, on rank 0, the metadata are
     written."""
-    with quiet():
-        return dcp.async_save(shards, storage_writer=writer(folder), process_group=group, async_stager=staging)
+    return dcp.async_save(shards, storage_writer=writer(folder), process_group=group, async_stager=staging)
 
 
 def held(ckpt: checkpoint.Reader) -> bool:
@@ -129,8 +121,7 @@ def model_weights(ckpt: checkpoint.Reader) -> dict:
 
 def _load(reader: Reader, state: dict) -> None:
     try:
-        with quiet():
-            dcp.load(state, storage_reader=reader, planner=Planner(reader))
+        dcp.load(state, storage_reader=reader, planner=Planner(reader))
     except CheckpointException as e:
         raise told(e, reader.ckpt.path) from None
 

@@ -4,6 +4,7 @@ step s holds everything up to and including step s's evaluations: the loop saves
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import weakref
@@ -73,16 +74,20 @@ class Checkpointer:
         upload, finished = sharded.save_async(tmp, shards, self.group, self.staging), Future()
 
         def publish(upload: Future) -> None:  # in DCP's thread, once every rank's part is written
+            error = None
             try:
                 upload.result()
                 if self.rank == 0:
                     checkpoint.publish(tmp, target, meta)
                     self.published(best)
-                finished.set_result(None)
             except BaseException as e:
                 errors = sharded.failures(e)
                 full = any(checkpoint.disk_full(error) for error in errors)
-                finished.set_exception(checkpoint.full(target, tmp) if full else errors[0] if errors else e)
+                error = checkpoint.full(target, tmp) if full else errors[0] if errors else e
+            if self.group is not None:  # a rank's save ends once rank 0 published it: a rank that fails meanwhile
+                with contextlib.suppress(Exception):  # waits for that (settle) before the agent stops the others
+                    torch.distributed.barrier(group=self.group)
+            finished.set_exception(error) if error else finished.set_result(None)
 
         upload.add_done_callback(publish)
         self.pending = finished
