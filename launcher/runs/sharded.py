@@ -39,9 +39,11 @@ from .pickles import unsafe
 FOLDER = "sharded"
 METADATA = f"{FOLDER}/.metadata"
 
-# DCP's remark, from whichever thread writes, that it runs in one process where torch.distributed is not started
-# (a one-process run, export, the check before spawn): that is the intent
-warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+# DCP's remark that it runs in one process where torch.distributed is not started (a one-process run, export, the
+# check before spawn): that is the intent. For the whole process, as the asynchronous writer's thread makes it
+# after any context has closed; and around each call in this thread (quiet), above filters set since
+ONE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
+warnings.filterwarnings("ignore", ONE_PROCESS)
 
 # what DCP pickles into its metadata (dataclasses of plain fields, paths, sizes, dtypes), and nothing that runs code
 SAFE = {("torch.distributed.checkpoint.metadata", name) for name in (
@@ -53,6 +55,13 @@ SAFE = {("torch.distributed.checkpoint.metadata", name) for name in (
     for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")}
 
 
+@contextmanager
+def quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ONE_PROCESS)
+        yield
+
+
 def writer(folder: Path) -> FileSystemWriter:
     """DCP's writer into folder/sharded/, fsyncing, with a thread per core this process may use (up to 4): one
     thread serialises and writes at about a third of what the disk takes."""
@@ -61,7 +70,8 @@ def writer(folder: Path) -> FileSystemWriter:
 
 def save(folder: Path, shards: dict) -> None:
     """Each rank's part of `shards` into folder/sharded/, fsynced; a collective of every rank."""
-    dcp.save(shards, storage_writer=writer(folder))
+    with quiet():
+        dcp.save(shards, storage_writer=writer(folder))
 
 
 def stager() -> DefaultStager:
@@ -75,7 +85,8 @@ def save_async(folder: Path, shards: dict, group, staging: DefaultStager) -> Fut
     """save() in a thread of DCP's over `group` (gloo), once `shards` are copied aside by `staging`, so that
     training may change them meanwhile: the future is done when this rank's files and, on rank 0, the metadata are
     written."""
-    return dcp.async_save(shards, storage_writer=writer(folder), process_group=group, async_stager=staging)
+    with quiet():
+        return dcp.async_save(shards, storage_writer=writer(folder), process_group=group, async_stager=staging)
 
 
 def held(ckpt: checkpoint.Reader) -> bool:
@@ -121,7 +132,8 @@ def model_weights(ckpt: checkpoint.Reader) -> dict:
 
 def _load(reader: Reader, state: dict) -> None:
     try:
-        dcp.load(state, storage_reader=reader, planner=Planner(reader))
+        with quiet():
+            dcp.load(state, storage_reader=reader, planner=Planner(reader))
     except CheckpointException as e:
         raise told(e, reader.ckpt.path) from None
 
