@@ -77,10 +77,16 @@ def _write(obj, path: Path) -> None:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
+        return _digest(f)
+
+
+def _digest(f) -> str:
+    """The sha256 of what `f` holds from where it stands, read through one buffer (no new bytes per chunk)."""
+    digest, buffer = hashlib.sha256(), bytearray(1 << 22)
+    view = memoryview(buffer)
+    while read := f.readinto(buffer):
+        digest.update(view[:read])
     return digest.hexdigest()
 
 
@@ -93,21 +99,22 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save(target: Path, state: dict, meta: dict, rank: int, barrier: Callable[[], None],
-         engine_files: Callable[[Path], None]) -> None:
+         engine_files: Callable[[Path], dict[str, str] | None]) -> None:
     """Every rank calls this at the same step. Rank 0 writes `state`, every rank its random generators and
-    what `engine_files` writes (DeepSpeed: its partitions; the shards); rank 0 then writes the manifest and renames
-    the whole directory into place."""
-    tmp = begin(target, state, rank, barrier, engine_files)
+    what `engine_files` writes (DeepSpeed: its partitions; the shards, whose digests it returns on rank 0); rank 0
+    then writes the manifest and renames the whole directory into place."""
+    tmp, hashed = begin(target, state, rank, barrier, engine_files)
     barrier()
     if rank == 0:
-        publish(tmp, target, meta)
+        publish(tmp, target, meta, hashed)
     barrier()
 
 
 def begin(target: Path, state: dict, rank: int, barrier: Callable[[], None],
-          engine_files: Callable[[Path], None]) -> Path:
-    """A checkpoint's files, under its temporary name (returned): rank 0's `state`, each rank's random generators
-    and what `engine_files` writes. A full disk is CheckpointError, what fitted removed."""
+          engine_files: Callable[[Path], dict[str, str] | None]) -> tuple[Path, dict[str, str]]:
+    """A checkpoint's files, under its temporary name: rank 0's `state`, each rank's random generators and what
+    `engine_files` writes; (the temporary folder, the digests engine_files returned). A full disk is
+    CheckpointError, what fitted removed."""
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         if rank == 0:
@@ -115,13 +122,13 @@ def begin(target: Path, state: dict, rank: int, barrier: Callable[[], None],
             tmp.mkdir(parents=True)
             _write(state, tmp / "state.pt")
         barrier()
-        engine_files(tmp)
+        hashed = engine_files(tmp) or {}
         _write(rng_state(), tmp / f"rng-{rank}.pt")
     except Exception as e:
         if not disk_full(e):
             raise
         raise full(target, tmp) from None
-    return tmp
+    return tmp, hashed
 
 
 def full(target: Path, tmp: Path) -> CheckpointError:
@@ -130,14 +137,16 @@ def full(target: Path, tmp: Path) -> CheckpointError:
     return CheckpointError(no_space(f"saving checkpoint {target.name}", target.parent, target.parent.parent))
 
 
-def publish(tmp: Path, target: Path, meta: dict) -> None:
+def publish(tmp: Path, target: Path, meta: dict, hashed: dict[str, str] | None = None) -> None:
     """Rank 0, once every rank's files are in `tmp`: the manifest (`meta` and every file's size and hash), and the
-    directory renamed into place, fsynced; the checkpoint counts from here."""
-    paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
-    with ThreadPoolExecutor(max_workers=min(8, len(paths) or 1)) as pool:  # hashlib lets go of the GIL: in parallel
-        hashes = list(pool.map(_sha256, paths))
-    files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": digest}
-             for p, digest in zip(paths, hashes, strict=True)}
+    directory renamed into place, fsynced; the checkpoint counts from here. `hashed`: the sha256 of files hashed
+    as they were written (by their names in the manifest), which are not read again."""
+    hashed = hashed or {}
+    paths = {p.relative_to(tmp).as_posix(): p for p in sorted(tmp.rglob("*")) if p.is_file()}
+    unknown = [name for name in paths if name not in hashed]
+    with ThreadPoolExecutor(max_workers=min(8, len(unknown) or 1)) as pool:  # hashlib lets go of the GIL
+        hashed = {**hashed, **dict(zip(unknown, pool.map(_sha256, (paths[name] for name in unknown)), strict=True))}
+    files = {name: {"bytes": p.stat().st_size, "sha256": hashed[name]} for name, p in paths.items()}
     (tmp / MANIFEST).write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
     _fsync_dir(tmp)
     if target.exists():  # a step saved again after a resume, or the previous best
@@ -286,10 +295,7 @@ def _opened(root: Path, name: str, manifest: dict):
         if size != expected["bytes"]:
             raise CheckpointError(f"{root / name} is truncated or damaged: {size} bytes, the manifest says "
                                   f"{expected['bytes']}")
-        digest = hashlib.sha256()
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-        if digest.hexdigest() != expected["sha256"]:
+        if _digest(f) != expected["sha256"]:
             raise CheckpointError(f"{root / name} is damaged: its sha256 differs from the manifest's")
         f.seek(0)
         yield f
@@ -339,18 +345,19 @@ class Reader:
         if not isinstance(f, (str, os.PathLike)):
             raise ForeignCheckpoint(f"reading {self.path}: a library loaded a file object rather than a file of the "
                                   "checkpoint, which cannot be verified: refused")
-        if self.scratch and _inside(f, self.scratch):  # what the library itself wrote there from verified files
+        if self.scratch and within(f, self.scratch) is not None:  # what the library wrote there from verified files
             with torch.serialization.safe_globals(allowed_globals("deepspeed")):
                 return torch.serialization.load(f, map_location=map_location, weights_only=True)
-        name = os.path.relpath(os.path.abspath(f), os.path.abspath(self.path))
-        if name == ".." or name.startswith(("../", "/")):
+        name = within(f, self.path)
+        if name is None:
             raise ForeignCheckpoint(f"reading {self.path}: a library asked for {f}, outside the checkpoint: refused")
-        return self.load(Path(name).as_posix(), map_location)
+        return self.load(name, map_location)
 
 
-def _inside(f: str | os.PathLike, folder: Path) -> bool:
-    name = os.path.relpath(os.path.abspath(f), os.path.abspath(folder))
-    return not (name == ".." or name.startswith(("../", "/")))
+def within(f: str | os.PathLike, folder: Path) -> str | None:
+    """`f`'s path inside `folder` (posix, as the manifest names files), or None where it lies outside."""
+    name = os.path.relpath(os.path.normpath(os.path.abspath(f)), os.path.abspath(folder))
+    return None if name == ".." or name.startswith(("../", "/")) else Path(name).as_posix()
 
 
 @contextmanager

@@ -9,6 +9,8 @@ plain-data classes, the non-tensor items and the tensors with weights_only."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import os
 import pickle
@@ -22,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter, _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     Metadata,
@@ -62,16 +64,93 @@ def quiet():
         yield
 
 
-def writer(folder: Path) -> FileSystemWriter:
+class Writer(FileSystemWriter):
     """DCP's writer into folder/sharded/, fsyncing, with a thread per core this process may use (up to 4): one
-    thread serialises and writes at about a third of what the disk takes."""
-    return FileSystemWriter(folder / FOLDER, sync_files=True, thread_count=max(1, min(4, len(os.sched_getaffinity(0)))))
+    thread serialises and writes at about a third of what the disk takes. Each rank hashes its files as it writes
+    them (HashingFiles) and hands the digests to rank 0 with its write results, through DCP's own gather: so that
+    publishing the checkpoint need not read every shard back. `digests`: on rank 0 once the save is complete,
+    every rank's shard files by their names in the manifest."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder / FOLDER, sync_files=True, thread_count=max(1, min(4, len(os.sched_getaffinity(0)))))
+        self.fs = HashingFiles()
+        self.digests: dict[str, str] = {}
+
+    def write_data(self, plan, planner):
+        results = super().write_data(plan, planner).wait()  # DCP's file writer is done when it returns
+        carried = torch.futures.Future()
+        carried.set_result([dataclasses.replace(result, storage_data=_Hashed(
+            **vars(result.storage_data), sha256=self.fs.digests.get(result.storage_data.relative_path)))
+            for result in results])
+        return carried
+
+    def finish(self, metadata: Metadata, results: list) -> None:
+        plain = []
+        for ranks in results:
+            for result in ranks:
+                if result.storage_data.sha256:
+                    self.digests[f"{FOLDER}/{result.storage_data.relative_path}"] = result.storage_data.sha256
+            plain.append([dataclasses.replace(result, storage_data=result.storage_data.plain()) for result in ranks])
+        super().finish(metadata, plain)
 
 
-def save(folder: Path, shards: dict) -> None:
-    """Each rank's part of `shards` into folder/sharded/, fsynced; a collective of every rank."""
+@dataclasses.dataclass
+class _Hashed(_StorageInfo):
+    """Where an item was written, and the sha256 of its whole file (None where it could not be hashed on the way):
+    between the ranks only, what the metadata keeps is plain()."""
+
+    sha256: str | None = None
+
+    def plain(self) -> _StorageInfo:
+        return _StorageInfo(self.relative_path, self.offset, self.length, self.transform_descriptors)
+
+
+class HashingFiles(FileSystem):
+    """DCP's file access for writing: every file written hashed on the way (`digests`, by file name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.digests: dict[str, str] = {}
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str):
+        with super().create_stream(path, mode) as stream:
+            if mode != "wb":
+                yield stream
+                return
+            hashing = _Hashing(stream)
+            yield hashing
+            if hashing.digest is not None:
+                self.digests[Path(path).name] = hashing.digest.hexdigest()
+
+
+class _Hashing:
+    """A file being written, hashed as the bytes go by: written once, in order (a seek, and there is no digest)."""
+
+    def __init__(self, stream):
+        self.stream, self.digest = stream, hashlib.sha256()
+
+    def write(self, data) -> int:
+        written = self.stream.write(data)
+        if self.digest is not None:
+            self.digest.update(data)  # hashlib lets go of the GIL: the other writer threads go on meanwhile
+        return written
+
+    def seek(self, *args) -> int:
+        self.digest = None
+        return self.stream.seek(*args)
+
+    def __getattr__(self, name: str):  # tell, flush, fileno, close: the file's own
+        return getattr(self.stream, name)
+
+
+def save(folder: Path, shards: dict) -> dict[str, str]:
+    """Each rank's part of `shards` into folder/sharded/, fsynced; a collective of every rank. On rank 0 the
+    digests of every rank's shard files (Writer)."""
+    storage = Writer(folder)
     with quiet():
-        dcp.save(shards, storage_writer=writer(folder))
+        dcp.save(shards, storage_writer=storage)
+    return storage.digests
 
 
 def stager() -> DefaultStager:
@@ -84,9 +163,17 @@ def stager() -> DefaultStager:
 def save_async(folder: Path, shards: dict, group, staging: DefaultStager) -> Future:
     """save() in a thread of DCP's over `group` (gloo), once `shards` are copied aside by `staging`, so that
     training may change them meanwhile: the future is done when this rank's files and, on rank 0, the metadata are
-    written."""
+    written; its result is save()'s."""
+    storage, digests = Writer(folder), Future()
     with quiet():
-        return dcp.async_save(shards, storage_writer=writer(folder), process_group=group, async_stager=staging)
+        upload = dcp.async_save(shards, storage_writer=storage, process_group=group, async_stager=staging)
+
+    def done(upload: Future) -> None:
+        error = upload.exception()
+        digests.set_exception(error) if error else digests.set_result(storage.digests)
+
+    upload.add_done_callback(done)
+    return digests
 
 
 def held(ckpt: checkpoint.Reader) -> bool:
@@ -168,9 +255,8 @@ class VerifiedFiles(FileSystem):
     def create_stream(self, path: str | os.PathLike, mode: str):
         if mode != "rb":
             raise ForeignCheckpoint(f"reading {self.ckpt.path}: DCP asked to open {path} for writing: refused")
-        root = os.path.abspath(self.ckpt.path)
-        name = Path(os.path.relpath(os.path.normpath(os.path.abspath(path)), root)).as_posix()
-        if not name.startswith(f"{FOLDER}/"):
+        name = checkpoint.within(path, self.ckpt.path)
+        if name is None or not name.startswith(f"{FOLDER}/"):
             raise ForeignCheckpoint(f"{self.ckpt.path / METADATA} points at {path}, outside the checkpoint's shards: "
                                     "refused (a crafted or foreign checkpoint?); nothing was read from it")
         self.current = self.ckpt.path / name

@@ -62,23 +62,22 @@ class Checkpointer:
         if not best:
             self.saved_at = step
         if shards is None or not self.asynchronous:
-            def files(folder: Path) -> None:
+            def files(folder: Path) -> dict[str, str] | None:
                 self.engine.save_files(folder)
-                if shards is not None:
-                    sharded.save(folder, shards)
+                return sharded.save(folder, shards) if shards is not None else None
 
             checkpoint.save(target, state, meta, self.rank, barrier, files)
             self.published(best)
             return
-        tmp = checkpoint.begin(target, state, self.rank, barrier, self.engine.save_files)
+        tmp, _ = checkpoint.begin(target, state, self.rank, barrier, self.engine.save_files)
         upload, finished = sharded.save_async(tmp, shards, self.group, self.staging), Future()
 
         def publish(upload: Future) -> None:  # in DCP's thread, once every rank's part is written
             error = None
             try:
-                upload.result()
+                hashed = upload.result()
                 if self.rank == 0:
-                    checkpoint.publish(tmp, target, meta)
+                    checkpoint.publish(tmp, target, meta, hashed)
                     self.published(best)
             except BaseException as e:
                 errors = sharded.failures(e)
