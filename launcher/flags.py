@@ -58,10 +58,11 @@ class Flags:
     gpus: int | None = flag(WHERE, None, "N processes on this node, one GPU each", metavar="N", low=1)
     cpu: bool = flag(WHERE, False, "run on the CPU (gloo); with --procs N, N processes")
     procs: int | None = flag(WHERE, None, "with --cpu: number of processes", metavar="N", low=1)
-    nodes: int = flag(WHERE, 1, "machines in the job; run launch on each with its --node-rank (default 1)",
-                      metavar="N", low=1)
-    node_rank: int | None = flag(WHERE, None, "this machine's place, 0 … N-1 (default: in a Slurm job step, the node "
-                                              "Slurm runs it on, else 0)", metavar="I", low=0)
+    nodes: int | None = flag(WHERE, None, "machines in the job; run launch on each with its --node-rank (default: "
+                                          "what the environment says, README's table, else 1)", metavar="N", low=1)
+    node_rank: int | None = flag(WHERE, None, "this machine's place, 0 … N-1 (default: what the environment says, "
+                                              "such as the node a Slurm job step runs it on, else 0)", metavar="I",
+                                 low=0)
     master_addr: str | None = flag(WHERE, None, "with --nodes: node 0's address, reachable from every node",
                                    metavar="HOST")
     master_port: int | None = flag(WHERE, None, "the rendezvous port on node 0 (default: 29500 with --nodes, else any "

@@ -36,6 +36,7 @@ class Plan:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"  # where node 0's launcher hosts the rendezvous
     master_port: int = 0  # 0: any free port (one node only)
+    placed_by: str | None = None  # the environment the node count and rank came from (processes/cluster.py)
     rendezvous_timeout: int = Flags.rendezvous_timeout
     engine: str = Flags.engine
     sharding: str = "full"  # fsdp: full (free gathered parameters after the forward) | grad-op (keep them)

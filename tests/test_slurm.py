@@ -358,6 +358,23 @@ def test_a_hand_written_job_that_would_hang_is_an_error(lab, tmp_path, allocatio
     assert not (tmp_path / "run").exists()
 
 
+def test_a_hand_written_job_step_needs_no_node_flags(lab, tmp_path):
+    """`srun launch RECIPE` in a 2-node allocation: the node count, this node's rank and node 0's address come from
+    the job step (processes/cluster.py), as torchrun's would come from its flags."""
+    run_dir, script = tmp_path / "run", tmp_path / "job.sbatch"
+    command = shlex.join([str(Path(os.sys.executable)), "-m", "launcher", str(TINY), "--cpu", "--max-steps", "6",
+                          "--wandb", "disabled", "--run-dir", str(run_dir), "--dump-dir", str(tmp_path)])
+    script.write_text(f"#!/bin/bash\n#SBATCH --output={tmp_path}/out.txt\nsrun --ntasks-per-node=1 {command}\n")
+    job = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", str(script)], env=lab.env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    lab.wait(job)
+    text = (tmp_path / "out.txt").read_text()
+    assert (f"1 process on node 0 of 2 (as the Slurm job step's variables say), rendezvous on 127.0.0.1:"
+            f"{20000 + int(job) % 20000}") in text, text
+    assert max(r["step"] for r in records(run_dir)) == 6
+    assert_same(params(tmp_path, 0), params(tmp_path, 1))
+
+
 @pytest.mark.parametrize("flags,reason", [
     (["--partition", "nowhere"], "invalid partition"),
     (["--nodes", "4"], "requested node configuration is not available"),  # the lab has 3 nodes

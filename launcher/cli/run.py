@@ -22,7 +22,7 @@ from ..engines import zero
 from ..errors import RecipeError, UsageError
 from ..flags import Flags
 from ..plan import Plan
-from ..processes import slurm, spawn
+from ..processes import cluster, slurm, spawn
 from ..processes.collector import settle
 from ..processes.leave import leave
 from ..recipe import contract as recipes
@@ -101,17 +101,17 @@ def parse_script(given: list[str], script: str, script_args: list[str]) -> tuple
         raise UsageError(f"--resume {args.resume}: a script resumes from its own checkpoints; --resume auto reuses "
                          "its run directory")
     given_flags = Flags(**{name: getattr(args, name) for name in flags.FIELDS})  # checks each flag's bounds
-    _node_rank(given_flags)
+    place = _place(given_flags)
     _check_environment(given_flags)
-    _check_slurm(given_flags)
+    _check_slurm(given_flags, place)
     device, nproc = _where(given_flags)
     run_dir, name, _, _ = rundir.choose(given_flags, Path(script).stem)
     same = {flag: getattr(given_flags, flag) for flag in SCRIPT_FLAGS if flag in Plan.__dataclass_fields__}
     plan = Plan(**{**same, "recipe": str(Path(script).resolve()), "hparams": {}, "run_dir": str(run_dir),
                    "name": name, "device": device, "nproc": nproc, "nnodes": given_flags.nodes,
                    "master_addr": given_flags.master_addr or "127.0.0.1", "resume": None, "wandb": "disabled",
-                   "master_port": given_flags.master_port or (29500 if given_flags.nodes > 1 else 0),
-                   "script_args": list(script_args)})
+                   "master_port": given_flags.master_port or (cluster.DEFAULT_PORT if given_flags.nodes > 1 else 0),
+                   "placed_by": _placed_by(place, given_flags), "script_args": list(script_args)})
     return plan, given_flags
 
 
@@ -172,7 +172,7 @@ def _float(text: str) -> float:
         return math.nan
 
 
-def _check_slurm(args: Flags) -> None:
+def _check_slurm(args: Flags, place: cluster.Place | None) -> None:
     if args.slurm:
         for flag in ("node_rank", "master_addr", "master_port"):
             if getattr(args, flag) not in (None, 0):
@@ -192,7 +192,7 @@ def _check_slurm(args: Flags) -> None:
             raise UsageError(str(e)) from None
     elif args.dry_run:
         raise UsageError("--dry-run goes with --slurm")
-    else:
+    elif place is not None and place.source == cluster.SLURM:
         try:
             slurm.check_step(os.environ, args.nodes, args.node_rank)  # inside a Slurm job: what would hang
         except slurm.SlurmError as e:
@@ -280,20 +280,38 @@ def _where(args: Flags) -> tuple[str, int]:
     return device, nproc
 
 
-def _node_rank(args: Flags) -> None:
-    """--node-rank, or in a Slurm job step the node Slurm runs this task on: the batch script passes none, as a
-    flag after a training script would be the script's."""
-    if args.node_rank is None:
-        stepped = "SLURM_STEP_ID" in os.environ and "SLURM_NODEID" in os.environ and not args.slurm
-        args.node_rank = int(os.environ["SLURM_NODEID"]) if stepped else 0
+def _place(args: Flags) -> cluster.Place | None:
+    """The node count, this node's rank, node 0's address and port, and the processes per node: the flags', and
+    for what they leave out the environment's that started this process (processes/cluster.py: PET_*, a Slurm job
+    step, SkyPilot), unless this launcher submits the job (--slurm); what that environment said, if any."""
+    place = None if args.slurm else cluster.environment(os.environ)
+    if place is not None:
+        for name in ("nodes", "node_rank", "master_addr", "master_port"):
+            if getattr(args, name) is None:
+                setattr(args, name, getattr(place, name))
+        if place.per_node and args.gpus is None and args.procs is None and not args.debug:
+            import torch  # imported with the recipe already
+
+            if isinstance(place.per_node, str):  # one per GPU, as torchrun counts them
+                args.gpus = torch.cuda.device_count() if torch.cuda.is_available() and not args.cpu else None
+            elif torch.cuda.is_available() and not args.cpu:
+                args.gpus = place.per_node
+            else:  # torchrun's N processes, on the CPU where there is no GPU
+                args.cpu, args.procs = True, place.per_node
+    args.nodes, args.node_rank = args.nodes or 1, args.node_rank or 0
+    return place
+
+
+def _placed_by(place: cluster.Place | None, args: Flags) -> str | None:
+    return place.source if place is not None and args.nodes > 1 else None
 
 
 def make_plan(args: Flags, hp, recipe_path: Path) -> Plan:
     if args.script_signal != flags.FIELDS["script_signal"].default:
         raise UsageError("--script-signal is for a training script; a recipe saves and stops on SIGTERM")
-    _node_rank(args)
+    place = _place(args)
     _check_environment(args)
-    _check_slurm(args)
+    _check_slurm(args, place)
     deepspeed_config = _check_engine(args)
     _check_modes(args)
     device, nproc = _where(args)
@@ -313,7 +331,8 @@ def make_plan(args: Flags, hp, recipe_path: Path) -> Plan:
     resolved = dict(  # the fields whose value is not simply the flag's of the same name
         recipe=str(recipe_path), hparams=dataclasses.asdict(hp), run_dir=str(run_dir), name=name,
         device=device, nproc=nproc, nnodes=args.nodes, master_addr=args.master_addr or "127.0.0.1",
-        master_port=args.master_port or (29500 if args.nodes > 1 else 0), sharding=args.sharding or "full",
+        master_port=args.master_port or (cluster.DEFAULT_PORT if args.nodes > 1 else 0),
+        placed_by=_placed_by(place, args), sharding=args.sharding or "full",
         zero=(args.zero or 2) if args.engine == "deepspeed" else 0, offload=args.offload or "none",
         deepspeed_config=None, max_steps=args.max_steps or (flags.DEBUG_STEPS if args.debug else None),
         eval_every=0 if args.debug else args.eval_every, eval_epochs=0 if args.debug else args.eval_epochs,

@@ -166,7 +166,8 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
     os.environ.update(env.worker_env(plan, os.environ, os.getpid(), env.cores(), env.loopback()))
     config, port = agent.launch_config(plan, sock)
     print(f"launch: {count(plan.nproc, 'process')}"
-          f"{f' on node {plan.node_rank} of {plan.nnodes}' if plan.nnodes > 1 else ''}, rendezvous on "
+          f"{f' on node {plan.node_rank} of {plan.nnodes}' if plan.nnodes > 1 else ''}"
+          f"{f' (as {plan.placed_by} say)' if plan.placed_by else ''}, rendezvous on "
           f"{plan.master_addr}:{port}{f', up to {plan.max_restarts} restarts' if plan.max_restarts else ''}",
           flush=True)
     settle()  # this process's set-up is done: from here it supervises
