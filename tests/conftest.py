@@ -46,8 +46,10 @@ def launch(*args, env=None, timeout=300, cwd=None) -> subprocess.CompletedProces
 def torchrun(script: Path, *args, procs: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
     """Plain torchrun, the reference a launched script is compared with. Its ranks go through torch's interpreter
     teardown, which on an oversubscribed machine aborts a finished rank now and then ("terminate called without
-    an active exception"; the launcher's own script mode skips it): such a run is run once more."""
-    for _ in range(2):
+    an active exception": a gloo worker thread still dropping a finished collective's tensor wants the GIL while
+    Python finalizes; about one run in eight with 4 ranks on 2 cores, more under load; the launcher's own script
+    mode skips that teardown): such a run is run again, up to five times in all."""
+    for _ in range(5):
         done = subprocess.run([str(TORCHRUN), "--nproc-per-node", str(procs), str(script), *map(str, args)],
                               capture_output=True, text=True, timeout=300, env=clean_env(**(env or {})))
         if done.returncode == 0 or "terminate called without an active exception" not in done.stderr:
