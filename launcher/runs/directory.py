@@ -18,7 +18,7 @@ from ..errors import CheckpointError, UsageError
 from ..flags import Flags
 from ..plan import Plan
 from ..text import count
-from . import checkpoint, sharded
+from . import checkpoint
 from .files import warn
 
 LOCK = ".lock"
@@ -129,6 +129,8 @@ def choose(args: Flags, stem: str) -> tuple[Path, str, Path | None, dict]:
             print(f"launch: no checkpoint in {run_dir}: starting fresh", flush=True)
     manifest = {}
     if resume:
+        from . import sharded  # DCP takes most of a second to import: only a resume pays for it here
+
         try:
             manifest = sharded.check(resume)
         except CheckpointError as e:

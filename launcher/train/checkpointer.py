@@ -17,7 +17,7 @@ import torch
 from ..engines.modules import buffers_kept
 from ..plan import Plan
 from ..processes import hang
-from ..runs import checkpoint, export, sharded
+from ..runs import checkpoint
 from ..runs.files import warn
 
 
@@ -31,7 +31,7 @@ class Checkpointer:
         self.asynchronous = plan.async_save and plan.engine != "deepspeed"
         self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=plan.timeout)) \
             if self.asynchronous and world > 1 else None
-        self.staging = sharded.stager() if self.asynchronous else None
+        self.staging = None  # DCP's stager, made at the first asynchronous save
         if self.asynchronous:
             mine = weakref.ref(self)
             os.register_at_fork(before=lambda: (checkpointer := mine()) and checkpointer.written())
@@ -61,6 +61,10 @@ class Checkpointer:
         barrier = torch.distributed.barrier if self.world > 1 else lambda: None
         if not best:
             self.saved_at = step
+        # imported here, not at the top: DCP takes most of a second to import, which a run that never saves or
+        # loads need not pay
+        from ..runs import sharded
+
         if shards is None or not self.asynchronous:
             def files(folder: Path) -> dict[str, str] | None:
                 self.engine.save_files(folder)
@@ -70,6 +74,7 @@ class Checkpointer:
             self.published(best)
             return
         tmp, _ = checkpoint.begin(target, state, self.rank, barrier, self.engine.save_files)
+        self.staging = self.staging or sharded.stager()
         upload, finished = sharded.save_async(tmp, shards, self.group, self.staging), Future()
 
         def publish(upload: Future) -> None:  # in DCP's thread, once every rank's part is written
@@ -122,6 +127,8 @@ class Checkpointer:
         """A checkpoint's model (and optimizer) into the engine, the run's progress left as it is; (its state, this
         rank's random generators or None). Every file is read verified and without running code (runs/checkpoint.py),
         the engine's own files too."""
+        from ..runs import export, sharded
+
         with checkpoint.reading(path) as ckpt:
             state = ckpt.load("state.pt")
             fresh = not checkpoint.optimizer_carries(ckpt.manifest.get("engine", "ddp"), self.plan.engine)
