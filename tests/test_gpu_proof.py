@@ -45,6 +45,7 @@ def test_every_step_runs_in_smoke_mode_and_reports(smoke):
     assert steps["cifar"]["result"]["airbench"] == {"skipped": "airbench needs CUDA (or --cpu)"}
     lm = steps["lm"]["result"]
     assert list(lm) == ["DDP, --compile", "DDP", "FSDP", "DeepSpeed ZeRO-2"]
+    assert lm.pop("DDP, --compile") == {"skipped": "not compiled in smoke mode"}
     assert all(r["tokens_per_s"] > 0 and r["windows"] >= 2 for r in lm.values()), lm
     assert steps["overhead"]["result"]["ratios"] and all(r > 0 for r in steps["overhead"]["result"]["ratios"])
     md = (tmp / "out" / "results.md").read_text()
