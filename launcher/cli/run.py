@@ -194,7 +194,7 @@ def _check_slurm(args: Flags, place: cluster.Place | None) -> None:
         raise UsageError("--dry-run goes with --slurm")
     elif place is not None and place.source == cluster.SLURM:
         try:
-            slurm.check_step(os.environ, args.nodes, args.node_rank)  # inside a Slurm job: what would hang
+            slurm.check_step(os.environ, place, args.nodes, args.node_rank)  # inside a Slurm job: what would hang
         except slurm.SlurmError as e:
             raise UsageError(str(e)) from None
 

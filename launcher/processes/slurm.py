@@ -24,6 +24,7 @@ from ..runs import directory as rundir
 from ..runs import record
 from ..runs.files import update_summary, write_json
 from ..text import count, first_line
+from .cluster import Place
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "launch.sbatch"
 # sbatch options: flag → #SBATCH option
@@ -206,22 +207,19 @@ def submit(script: str, secrets: dict[str, str]) -> str:
     return result.stdout.strip().split(";")[0]
 
 
-def check_step(env: dict, nodes: int, node_rank: int) -> None:
-    """Inside a Slurm job step: what would hang is an error instead. One launcher per node starts that
-    node's processes; several per node would each start a full set."""
-    if "SLURM_STEP_ID" not in env:
-        return
+def check_step(env: dict, place: Place, nodes: int, node_rank: int) -> None:
+    """Inside a Slurm job step (`place`, read by processes/cluster.py): what would hang is an error instead. One
+    launcher per node starts that node's processes; several per node would each start a full set. Flags given
+    against the step's own numbers are refused."""
     per_node = env.get("SLURM_STEP_TASKS_PER_NODE", "1")
     first = int(re.match(r"\d+", per_node).group())
     if first != 1:
         raise SlurmError(f"this Slurm step runs {first} tasks per node ({per_node}); run one launcher per node "
                          "(srun --ntasks-per-node=1): it starts the node's processes itself")
-    step_nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")))
-    if step_nodes != nodes:
-        raise SlurmError(f"--nodes {nodes}, but this Slurm step spans {step_nodes} node(s)")
-    slurm_rank = int(env.get("SLURM_NODEID", "0"))
-    if slurm_rank != node_rank:
-        raise SlurmError(f"--node-rank {node_rank}, but Slurm runs this task on node {slurm_rank}")
+    if place.nodes != nodes:
+        raise SlurmError(f"--nodes {nodes}, but this Slurm step spans {place.nodes} node(s)")
+    if place.node_rank != node_rank:
+        raise SlurmError(f"--node-rank {node_rank}, but Slurm runs this task on node {place.node_rank}")
 
 
 def submit_run(plan: Plan, args: Flags, argv: list[str]) -> int:
