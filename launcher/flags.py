@@ -35,6 +35,7 @@ GROUPS = {  # the sections of --help, in order, with what each says of its flags
     "training": None,
     "checkpoints and faults": None,
     "Slurm": "submit the run as a batch job instead: one task per node runs launch",
+    "Kubernetes": "write the run as a Kubeflow Trainer TrainJob instead: one pod per node runs launch",
     "logging": None,
 }
 
@@ -46,7 +47,7 @@ def flag(group: str, default=None, help: str | None = None, *, metavar: str | No
                                             "high": high, "why": why})
 
 
-WHERE, ENGINE, TRAINING, FAULTS, SLURM, LOGGING = GROUPS
+WHERE, ENGINE, TRAINING, FAULTS, SLURM, KUBERNETES, LOGGING = GROUPS
 
 
 @dataclass
@@ -148,7 +149,8 @@ class Flags:
                           why="a collective timeout under 10 s would fail healthy runs")
 
     slurm: bool = flag(SLURM, False, "render slurm/launch.sbatch into the run directory and sbatch it")
-    dry_run: bool = flag(SLURM, False, "with --slurm: print the batch script, submit nothing")
+    dry_run: bool = flag(SLURM, False, "with --slurm or --kubernetes: print the batch script or the TrainJob, submit "
+                                       "nothing")
     partition: str | None = flag(SLURM, None, "sbatch --partition", metavar="P")
     time: str | None = flag(SLURM, None, "sbatch --time", metavar="T")
     account: str | None = flag(SLURM, None, "sbatch --account", metavar="A")
@@ -167,6 +169,17 @@ class Flags:
     script_signal: str = flag(SLURM, "TERM", "a training script's: the signal its processes get at the time-limit "
                                              "warning, to save and stop (default TERM; USR1 for a script that saves "
                                              "on it)", metavar="SIG")
+
+    kubernetes: bool = flag(KUBERNETES, False, "write a Kubeflow Trainer v2 TrainJob into the run directory and "
+                                               "kubectl apply it (needs --image)")
+    image: str | None = flag(KUBERNETES, None, "the container image every pod runs: the launcher with the recipe at "
+                                               "the path given here (docker/Dockerfile)", metavar="IMAGE")
+    namespace: str | None = flag(KUBERNETES, None, "the TrainJob's namespace (default: kubectl's)", metavar="NS")
+    runtime: str = flag(KUBERNETES, "torch-distributed", "the ClusterTrainingRuntime it runs on (default "
+                                                         "torch-distributed)", metavar="NAME")
+    secret: str = flag(KUBERNETES, "launcher", "the Secret the pods read W&B's key from (wandb-api-key, optional) and "
+                                               "each secret hyperparameter (by its flag's name) (default launcher)",
+                       metavar="NAME")
 
     run_dir: str | None = flag(LOGGING, None, "where config.json, metrics.jsonl, checkpoints, logs and W&B files go "
                                               "(default: runs/NAME)", metavar="DIR")
@@ -197,6 +210,11 @@ class Flags:
                 raise UsageError(f"{name} must be at least {meta['low']}, not {value}{why}")
             if meta.get("high") is not None and value > meta["high"]:
                 raise UsageError(f"{name} must be at most {meta['high']}, not {value}{why}")
+
+    @property
+    def submits(self) -> bool:
+        """Whether this launcher hands the run to a scheduler (Slurm, Kubernetes) instead of running it here."""
+        return self.slurm or self.kubernetes
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Flags)}

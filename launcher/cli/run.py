@@ -22,7 +22,7 @@ from ..engines import zero
 from ..errors import RecipeError, UsageError
 from ..flags import Flags
 from ..plan import Plan
-from ..processes import cluster, slurm, spawn
+from ..processes import cluster, kubernetes, slurm, spawn
 from ..processes.collector import settle
 from ..processes.leave import leave
 from ..recipe import contract as recipes
@@ -35,7 +35,8 @@ from ..text import count
 # Slurm and its run directory; the others are the launcher's training loop's, which a script does not run
 SCRIPT_FLAGS = {"gpus", "cpu", "procs", "nodes", "node_rank", "master_addr", "master_port", "rendezvous_timeout",
                 "precision", "grad_accum", "compile", "max_restarts", "timeout", "resume", "run_dir", "name",
-                *(name for name, f in flags.FIELDS.items() if f.metadata.get("group") == flags.SLURM)}
+                *(name for name, f in flags.FIELDS.items()
+                  if f.metadata.get("group") in (flags.SLURM, flags.KUBERNETES))}
 
 
 def parse(argv: list[str]) -> tuple[Plan, object, object, Flags]:
@@ -104,6 +105,7 @@ def parse_script(given: list[str], script: str, script_args: list[str]) -> tuple
     place = _place(given_flags)
     _check_environment(given_flags)
     _check_slurm(given_flags, place)
+    _check_kubernetes(given_flags)
     device, nproc = _where(given_flags)
     run_dir, name, _, _ = rundir.choose(given_flags, Path(script).stem)
     same = {flag: getattr(given_flags, flag) for flag in SCRIPT_FLAGS if flag in Plan.__dataclass_fields__}
@@ -157,7 +159,7 @@ def _check_environment(args: Flags) -> None:
     if peak is not None and not 0 < _float(peak) < math.inf:
         raise UsageError(f"LAUNCH_PEAK_TFLOPS={peak}: must be the device's peak TFLOP/s, a positive number")
     cores = len(os.sched_getaffinity(0))
-    if args.procs and args.procs > cores and not args.slurm:  # the job's nodes are another matter
+    if args.procs and args.procs > cores and not args.submits:  # the job's nodes are another matter
         raise UsageError(f"--procs {args.procs}: this machine gives this command {count(cores, 'CPU core')}, and "
                          "each process needs one")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -190,13 +192,34 @@ def _check_slurm(args: Flags, place: cluster.Place | None) -> None:
                 slurm.check_time(args.time, args.slurm_signal)
         except slurm.SlurmError as e:
             raise UsageError(str(e)) from None
-    elif args.dry_run:
-        raise UsageError("--dry-run goes with --slurm")
+    elif args.dry_run and not args.kubernetes:
+        raise UsageError("--dry-run goes with --slurm or --kubernetes")
     elif place is not None and place.source == cluster.SLURM:
         try:
             slurm.check_step(os.environ, place, args.nodes, args.node_rank)  # inside a Slurm job: what would hang
         except slurm.SlurmError as e:
             raise UsageError(str(e)) from None
+
+
+def _check_kubernetes(args: Flags) -> None:
+    if not args.kubernetes:
+        for name, f in flags.FIELDS.items():
+            if f.metadata.get("group") == flags.KUBERNETES and getattr(args, name) != f.default:
+                raise UsageError(f"{flags.option(name)} goes with --kubernetes")
+        return
+    if args.slurm:
+        raise UsageError("--kubernetes and --slurm are two ways to submit the run: choose one")
+    if not args.image:
+        raise UsageError("--kubernetes needs --image IMAGE: the container image each pod runs, with the launcher and "
+                         "the recipe in it (docker/Dockerfile)")
+    for flag in ("node_rank", "master_addr", "master_port"):
+        if getattr(args, flag) not in (None, 0):
+            raise UsageError(f"{flags.option(flag)} is for jobs without a scheduler; with --kubernetes the TrainJob "
+                             "sets it")
+    if args.debug:
+        raise UsageError("--kubernetes writes a TrainJob: --debug runs in this process")
+    if args.gpus is None and not args.cpu:
+        raise UsageError("--kubernetes needs what each node runs: --gpus N, or --cpu [--procs N]")
 
 
 def _check_engine(args: Flags) -> dict | None:
@@ -261,7 +284,7 @@ def _where(args: Flags) -> tuple[str, int]:
 
     import torch  # already imported by the recipe; needed here only to count GPUs
 
-    if args.slurm:  # the GPUs are the job's nodes', counted there
+    if args.submits:  # the GPUs are the job's nodes', counted there
         device, nproc = ("cuda", args.gpus) if args.gpus is not None else ("cpu", args.procs or 1)
     elif args.gpus is not None:
         visible = torch.cuda.device_count()
@@ -283,8 +306,9 @@ def _where(args: Flags) -> tuple[str, int]:
 def _place(args: Flags) -> cluster.Place | None:
     """The node count, this node's rank, node 0's address and port, and the processes per node: the flags', and
     for what they leave out the environment's that started this process (processes/cluster.py: PET_*, a Slurm job
-    step, SkyPilot), unless this launcher submits the job (--slurm); what that environment said, if any."""
-    place = None if args.slurm else cluster.environment(os.environ)
+    step, SkyPilot), unless this launcher submits the job (--slurm, --kubernetes); what that environment said, if
+    any."""
+    place = None if args.submits else cluster.environment(os.environ)
     if place is not None:
         for name in ("nodes", "node_rank", "master_addr", "master_port"):
             if getattr(args, name) is None:
@@ -312,6 +336,7 @@ def make_plan(args: Flags, hp, recipe_path: Path) -> Plan:
     place = _place(args)
     _check_environment(args)
     _check_slurm(args, place)
+    _check_kubernetes(args)
     deepspeed_config = _check_engine(args)
     _check_modes(args)
     device, nproc = _where(args)
@@ -386,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
         plan, module, hp, args = parse(argv)
         if args.slurm:
             sys.exit(slurm.submit_run(plan, args, argv))
+        if args.kubernetes:
+            sys.exit(kubernetes.submit_run(plan, args, argv))
         if hasattr(module, "prepare"):
             began = time.perf_counter()
             try:

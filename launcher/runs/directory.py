@@ -99,7 +99,7 @@ def choose(args: Flags, stem: str) -> tuple[Path, str, Path | None, dict]:
     if args.resume == "auto" and not (args.name or args.run_dir):
         raise UsageError("--resume auto needs --run-dir or --name: the run to continue (each run without them gets "
                          "a new directory)")
-    if args.nodes > 1 and not (args.name or args.run_dir) and not args.slurm:
+    if args.nodes > 1 and not (args.name or args.run_dir) and not args.submits:
         raise UsageError(f"--nodes {args.nodes} needs --run-dir or --name: every node must use the same run "
                          "directory, on a filesystem they share")
     if args.name:
