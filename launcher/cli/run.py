@@ -276,7 +276,7 @@ def _where(args: Flags) -> tuple[str, int]:
         raise UsageError("--debug runs one process; drop --gpus/--procs/--nodes or --debug")
     if args.node_rank >= args.nodes:
         raise UsageError(f"--node-rank {args.node_rank} must be below --nodes {args.nodes}")
-    if args.nodes > 1 and not args.master_addr and not args.slurm:
+    if args.nodes > 1 and not args.master_addr and not args.submits:
         raise UsageError(f"--nodes {args.nodes} needs --master-addr: node 0's address, which every node can reach")
     if args.nodes > 1 and args.max_restarts:
         raise UsageError("--max-restarts works on one node; a multi-node job recovers with --resume auto "
