@@ -84,3 +84,14 @@ def test_the_pods_command_trains_one_run_on_two_nodes(capsys, tmp_path, monkeypa
     assert max(r["step"] for r in records(tmp_path / "run")) == 8
     assert len(list((tmp_path / "run").rglob("offline-run-*"))) == 1
     assert not any(k.startswith("PET_") for k in os.environ)
+
+
+def test_the_readmes_trainjob_is_what_the_dry_run_prints(capsys, monkeypatch):
+    """README.md shows a --dry-run and what it prints: the same manifest, byte for byte."""
+    monkeypatch.chdir(ROOT)
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if "--kubernetes" in line and line.startswith("launch "))
+    shown = readme.split(command + "\n```\n\n```\n", 1)[1].split("```", 1)[0]
+    code, out, err = in_process(capsys, *command.split()[1:])
+    assert code == 0, err
+    assert out == shown
