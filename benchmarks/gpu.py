@@ -20,13 +20,17 @@ torchvision for airbench; never torch) and this project without its pins, then r
    the MLP and the CIFAR-10 network, where a host–device sync per step would show;
 6. checkpoint: benchmarks/checkpoint.py --gpu: an FSDP model of 268 M parameters with AdamW saved sharded
    (synchronously and in the background) against the whole-state gather, and loaded: host memory, the stall of
-   training, throughput against the disk's own.
+   training, throughput against the disk's own;
+7. flight-recorder: on two GPUs (skipped on one), a rank of tests/recipes/tiny.py hangs after the first step:
+   the job must fail after --step-timeout with NCCL's flight recorder dumps in the run's logs, named by the
+   failure, and torchfrtrace must read them.
 
 A step that fails is recorded with its error and the next one runs. OUT/results.json and OUT/results.md are
 written after every step (a time-out still leaves what was measured), each run's console and metrics under
 OUT/runs/; run folders (checkpoints of a 124M model) stay in a scratch folder that does not travel back.
---smoke runs the same steps on the CPU with tiny models and a made-up CIFAR-10 in a minute or two, airbench and
-DeepSpeed's fp16 skipped (they need CUDA): what CI tests, so that the one GPU run does not fail on a typo.
+--smoke runs the same steps on the CPU with tiny models and a made-up CIFAR-10 in a minute or two, airbench,
+DeepSpeed's fp16, the flight recorder and --compile skipped (they need CUDA, or take long on the CPU): what CI
+tests, so that the one GPU run does not fail on a typo.
 """
 
 import argparse
@@ -256,8 +260,38 @@ def checkpoint(setup: Setup) -> dict:
             "table": [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| save")]}
 
 
+def flight_recorder(setup: Setup) -> dict:
+    """A rank that hangs after the first step, on two GPUs: the job fails after --step-timeout, NCCL's flight
+    recorder has dumped into the run's logs, the failure says where and how to read it, and torchfrtrace reads it."""
+    import torch
+
+    if setup.smoke or torch.cuda.device_count() < 2:
+        return {"skipped": "the flight recorder needs 2 GPUs (NCCL runs one rank on each)"}
+    from launcher.processes import flight
+
+    run_dir, log = setup.scratch / "runs" / "flight-recorder", setup.out / "runs" / "flight-recorder.log"
+    start = time.time()
+    done = subprocess.run([sys.executable, "-m", "launcher", ROOT / "tests" / "recipes" / "tiny.py", "--gpus", "2",
+                           "--crash-at", "5", "--crash-rank", "1", "--fault", "hang", "--timeout", "120",
+                           "--step-timeout", "20", "--wandb", "disabled", "--run-dir", run_dir],
+                          capture_output=True, text=True, timeout=400)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(done.stdout + done.stderr)
+    folder = flight.folder(run_dir)
+    dumps = sorted(p.name for p in folder.glob(f"{flight.PREFIX}*"))
+    read = subprocess.run(["torchfrtrace", folder, "-p", flight.PREFIX, "--allow-incomplete-ranks"],
+                          capture_output=True, text=True, timeout=120)
+    (setup.out / "runs" / "torchfrtrace.log").write_text(read.stdout + read.stderr)
+    result = {"exit": done.returncode, "wall_s": round(time.time() - start, 1), "dumps": dumps,
+              "told": f"torchfrtrace {folder}" in done.stderr, "torchfrtrace_exit": read.returncode,
+              "torchfrtrace_tail": (read.stdout + read.stderr).strip().splitlines()[-5:]}
+    if done.returncode != 1 or not dumps or not result["told"] or read.returncode:
+        raise StepError(f"flight recorder: {json.dumps(result)}")
+    return result
+
+
 STEPS = {"smoke": smoke, "cifar": cifar, "lm": lm, "deepspeed-fp16": deepspeed_fp16, "overhead": overhead,
-         "checkpoint": checkpoint}
+         "checkpoint": checkpoint, "flight-recorder": flight_recorder}
 
 
 # ------------------------------------------------------------------ set-up, data and the report
@@ -353,8 +387,13 @@ def checkpoint_md(result: dict) -> list[str]:
             "complete, s | MB/s | vs disk |", "|---|---|---|---|---|---|---|---|", *result["table"]]
 
 
+def flight_md(result: dict) -> list[str]:
+    return [f"exit {result['exit']} after {result['wall_s']:.0f} s; dumps {', '.join(result['dumps'])}; the failure "
+            f"named them: {result['told']}; torchfrtrace:", "", "```", *result["torchfrtrace_tail"], "```"]
+
+
 MARKDOWN = {"smoke": smoke_md, "cifar": cifar_md, "lm": lm_md, "deepspeed-fp16": fp16_md, "overhead": overhead_md,
-            "checkpoint": checkpoint_md}
+            "checkpoint": checkpoint_md, "flight-recorder": flight_md}
 
 
 def report(setup: Setup) -> None:

@@ -17,6 +17,7 @@ from typing import Literal
 from .errors import UsageError
 
 DEBUG_STEPS = 30  # --debug's run length
+STEP_TIMEOUT = 300.0  # --step-timeout on GPUs; torchtitan gives training 100 s, its start 300 s
 # --overfit-batches' budget of steps per batch, under the recipe's schedule stretched over it: the run ends as soon as
 # the batches are memorised, so a long budget costs a healthy model nothing and keeps its learning rate near the peak
 # while it memorises (squeezed into 50 steps, CIFAR's warm-up and decay left it at 19 % of its start)
@@ -147,6 +148,11 @@ class Flags:
     timeout: float = flag(FAULTS, 600.0, "how long a collective waits for a silent rank before the job fails "
                                          "(default 600)", metavar="SECONDS", low=10,
                           why="a collective timeout under 10 s would fail healthy runs")
+    step_timeout: float | None = flag(FAULTS, None, "the same after the first step, so that a hang is found sooner "
+                                                    "(the first has --timeout: compiling, loading, first "
+                                                    "allocations); default 300 on GPUs, --timeout on the CPU",
+                                      metavar="SECONDS", low=10,
+                                      why="a collective timeout under 10 s would fail healthy runs")
 
     slurm: bool = flag(SLURM, False, "render slurm/launch.sbatch into the run directory and sbatch it")
     dry_run: bool = flag(SLURM, False, "with --slurm or --kubernetes: print the batch script or the TrainJob, submit "

@@ -69,6 +69,7 @@ class Plan:
     early_stop: int = Flags.early_stop
     test_weights: str = Flags.test_weights
     timeout: float = Flags.timeout
+    step_timeout: float = Flags.timeout  # after the first step (resolved from --step-timeout)
     debug: bool = Flags.debug
     wandb: str = "offline"  # online | offline | disabled
     wandb_project: str | None = None  # the recipe's name unless given

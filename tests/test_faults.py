@@ -37,7 +37,8 @@ from conftest import (
     train_records,
 )
 from launcher.cli import run as cli
-from launcher.processes import hang, spawn
+from launcher.plan import Plan
+from launcher.processes import env, flight, hang, spawn
 from launcher.processes.stop import SIGNALS
 
 TAG = "LAUNCHER_TEST_TAG"
@@ -108,12 +109,14 @@ def test_a_rank_that_dies_without_a_word_is_reported_with_where_to_look(tmp_path
 
 
 def test_a_silent_rank_fails_the_job_after_the_collective_timeout(tmp_path):
+    """Silent in step 3: after the first step, whose collectives wait --timeout, they wait --step-timeout."""
     start_time = time.monotonic()
     process, tag, folder = start(tmp_path, "hang", "--max-steps", "40", "--crash-at", "3", "--fault", "hang",
-                                 "--timeout", "10")
+                                 "--timeout", "120", "--step-timeout", "10")
     out, err = process.communicate(timeout=180)
     assert process.returncode == 1
-    assert "launch: error: rank 0: a collective waited 10 s (--timeout) for a rank that stopped responding" in err
+    assert "launch: error: rank 0: a collective waited 10 s (--step-timeout) for a rank that stopped responding" \
+        in err, err
     stacks = folder / "run" / "logs" / "stacks"
     # the silent rank, named with where it hung, and every rank's stack where the message says
     joined = re.search(r"; rank 1 was silent, in forward \(tiny\.py:\d+\) during step 3: it had joined (\d+) "
@@ -132,6 +135,50 @@ def test_a_silent_rank_fails_the_job_after_the_collective_timeout(tmp_path):
         in logs, logs
     assert time.monotonic() - start_time < 45
     assert tagged(tag) == []
+
+
+def test_the_step_timeout_is_the_timeout_on_the_cpu_unless_given(tmp_path):
+    """After the first step collectives wait --step-timeout (the test above); on the CPU that is --timeout unless
+    given, so nothing changes there (on GPUs it is flags.STEP_TIMEOUT, 300 s: no GPU here to plan for)."""
+    base = [str(TINY), "--cpu", "--run-dir", str(tmp_path / "run"), "--timeout", "90"]
+    assert cli.parse(base)[0].step_timeout == 90
+    assert cli.parse([*base, "--step-timeout", "20"])[0].step_timeout == 20
+
+
+def test_gpu_workers_get_nccls_flight_recorder_into_the_run_logs_unless_the_user_set_it():
+    """The variables as torchtitan sets them, both names of each where torch renamed one; on the CPU none. (NCCL
+    itself cannot run here: benchmarks/gpu.py's flight-recorder step hangs a rank on two GPUs and reads the
+    dumps.)"""
+    gpu = Plan(recipe="r.py", hparams={}, run_dir="/runs/r", name="r", nproc=2, device="cuda")
+    given = env.worker_env(gpu, {}, parent=7, cores=8, loopback="lo")
+    assert {k: v for k, v in given.items() if k.startswith("TORCH_")} == {
+        "TORCH_FR_BUFFER_SIZE": "20000", "TORCH_NCCL_TRACE_BUFFER_SIZE": "20000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_FR_DUMP_TEMP_FILE": "/runs/r/logs/flight-recorder/rank_",
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": "/runs/r/logs/flight-recorder/rank_"}
+    users = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "0", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+             "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": "/scratch/fr_"}
+    kept = env.worker_env(gpu, users, parent=7, cores=8, loopback="lo")
+    assert {k: v for k, v in kept.items() if k.startswith("TORCH_")} == {"TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
+    cpu = Plan(recipe="r.py", hparams={}, run_dir="/runs/r", name="r", nproc=2)
+    assert not [k for k in env.worker_env(cpu, {}, parent=7, cores=8, loopback="lo") if k.startswith("TORCH_")]
+
+
+def test_a_failure_names_the_flight_recorders_fresh_dumps_and_how_to_read_them(tmp_path):
+    """The files stand in for NCCL's dumps, which only a GPU run writes."""
+    where = tmp_path / "logs" / "flight-recorder"
+    environ = {"TORCH_FR_DUMP_TEMP_FILE": str(where / "rank_")}
+    flight.prepare(environ)
+    assert where.is_dir() and flight.dumped(environ, since=0, world=2) == ""
+    for rank in (0, 1, 2):
+        (where / f"rank_{rank}").write_bytes(b"pickled trace")
+    (where / "rank_x").write_bytes(b"not a rank's")
+    os.utime(where / "rank_2", (1, 1))  # an earlier start's
+    told = flight.dumped(environ, since=time.time() - 60, world=2)
+    assert told == (f"; a collective timed out and NCCL's flight recorder dumped the last collectives of ranks 0, 1 "
+                    f"to {where}: `torchfrtrace {where} -p rank_` names the collective, and the ranks, that never "
+                    "completed it")
+    assert "-p rank_ --allow-incomplete-ranks`" in flight.dumped(environ, since=time.time() - 60, world=4)
+    assert flight.dumped({}, since=0, world=2) == ""
 
 
 @pytest.mark.parametrize("signum,procs", [(signal.SIGTERM, 2), (signal.SIGINT, 2), (signal.SIGINT, 1),

@@ -33,9 +33,11 @@ def test_every_step_runs_in_smoke_mode_and_reports(smoke):
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp / "out" / "results.json").read_text())
     steps = results["steps"]
-    assert list(steps) == ["smoke", "cifar", "lm", "deepspeed-fp16", "overhead", "checkpoint"]
+    assert list(steps) == ["smoke", "cifar", "lm", "deepspeed-fp16", "overhead", "checkpoint", "flight-recorder"]
     assert {name: s["status"] for name, s in steps.items()} == {
-        "smoke": "ok", "cifar": "ok", "lm": "ok", "deepspeed-fp16": "skipped", "overhead": "ok", "checkpoint": "ok"}
+        "smoke": "ok", "cifar": "ok", "lm": "ok", "deepspeed-fp16": "skipped", "overhead": "ok", "checkpoint": "ok",
+        "flight-recorder": "skipped"}
+    assert steps["flight-recorder"]["why"] == "the flight recorder needs 2 GPUs (NCCL runs one rank on each)"
     assert steps["deepspeed-fp16"]["why"] == "DeepSpeed's fp16 needs a GPU"
     assert set(steps["smoke"]["result"]) == {"gpu bf16", "gpu fp16", "debug bf16", "debug fp16"}
     assert all(r["steps"] == 20 for r in steps["smoke"]["result"].values())
@@ -52,7 +54,7 @@ def test_every_step_runs_in_smoke_mode_and_reports(smoke):
     assert [row.split(" | ")[0] for row in steps["checkpoint"]["result"]["table"]] == [
         "| gather", "| sync", "| async", "| load (sharded)"]
     for heading in ("## smoke: ok", "## cifar: ok", "## lm: ok", "## deepspeed-fp16: skipped", "## overhead: ok",
-                    "## checkpoint: ok"):
+                    "## checkpoint: ok", "## flight-recorder: skipped"):
         assert heading in md
     assert "| DeepSpeed ZeRO-2 | " in md and "| mean ± sd | " in md
     assert (tmp / "out" / "runs" / "lm-fsdp.metrics.jsonl").exists()

@@ -367,6 +367,7 @@ def make_plan(args: Flags, hp, recipe_path: Path) -> Plan:
         resume=str(resume) if resume else None, skip_nonfinite=args.skip_nonfinite or args.find_lr,
         wandb=args.wandb or ("disabled" if args.debug else default_wandb_mode()),
         wandb_project=args.wandb_project or recipe_path.stem, wandb_id=wandb_id or secrets.token_hex(4),
+        step_timeout=args.step_timeout or (flags.STEP_TIMEOUT if device == "cuda" else args.timeout),
     )
     same = {f.name: getattr(args, f.name) for f in dataclasses.fields(Plan) if f.name in flags.FIELDS}
     plan = Plan(**{**same, **resolved})

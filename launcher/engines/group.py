@@ -50,6 +50,14 @@ def join(plan: Plan) -> None:
                                          timeout=timedelta(seconds=plan.timeout))
 
 
+def step_timeout(plan: Plan) -> None:
+    """After the first step (compiling, a resume's loads, the first allocations: --timeout), the training group's
+    collectives wait --step-timeout, as torchtitan shortens them: a rank that hangs later is found sooner. Each
+    rank switches on its own; one that has not yet keeps the longer wait."""
+    if plan.step_timeout != plan.timeout and torch.distributed.is_initialized():
+        torch.distributed.distributed_c10d._set_pg_timeout(timedelta(seconds=plan.step_timeout))
+
+
 def guard(seen: int, plan: Plan) -> None:
     """A worker that sees another world than planned would train a separate model, silently: stop it."""
     if seen != plan.world_size:

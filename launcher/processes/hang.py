@@ -105,6 +105,23 @@ def beat(step: int | None = None) -> None:
         _dog.beat(step)
 
 
+_retimed = False  # whether the collectives wait --step-timeout now, not --timeout
+
+
+def retime(plan) -> None:
+    """The collectives wait --step-timeout from now (group.step_timeout): the stacks are written before that
+    ends."""
+    global _retimed
+    _retimed = True
+    if _dog:
+        _dog.after = EARLY * plan.step_timeout
+
+
+def limit(plan) -> tuple[float, str]:
+    """How long a collective waits now, and the flag that says so."""
+    return (plan.step_timeout, "--step-timeout") if _retimed else (plan.timeout, "--timeout")
+
+
 def stalled() -> Path | None:
     """Where this rank wrote its stacks, when training has not moved since: a stall no signal can save from."""
     return _dog.path if _dog and _dog.written else None

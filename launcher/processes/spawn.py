@@ -161,9 +161,11 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from . import agent, env, failures
+    from . import agent, env, failures, flight, hang
 
     os.environ.update(env.worker_env(plan, os.environ, os.getpid(), env.cores(), env.loopback()))
+    flight.prepare(os.environ)
+    started = time.time()
     config, port = agent.launch_config(plan, sock)
     print(f"launch: {count(plan.nproc, 'process')}"
           f"{f' on node {plan.node_rank} of {plan.nnodes}' if plan.nnodes > 1 else ''}"
@@ -175,7 +177,9 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
         agent.run(config, plan)
     except ChildFailedError as e:
         text, reason, code = failures.told(e, plan)
-        _failed(plan, text, reason)
+        dumped = flight.dumped(os.environ, started, plan.world_size)  # NCCL's watchdog ended a rank on a timeout
+        stacks = hang.silent(plan.run_dir, plan.world_size, plan.timeout) if dumped else ""
+        _failed(plan, text + dumped + (f"; {stacks}" if stacks else ""), reason)
         return code
     except DistError as e:  # the agents' rendezvous: a node that never came, or node 0 out of reach
         _failed(plan, f"error: the {plan.nnodes} nodes did not meet at {plan.master_addr}:{port} ({first_line(e)}); "

@@ -112,9 +112,10 @@ def explain(e: Exception, plan: Plan) -> Exception:
         return TrainingError(checkpoint.no_space(f"writing {written}", Path(written).parent, plan.run_dir))
     text = first_line(e)
     if re.search(r"timed out waiting|collective operation timeout", text, re.I):
+        waited, flag = hang.limit(plan)
         return TrainingError(
-            f"a collective waited {plan.timeout:g} s (--timeout) for a rank that stopped responding ({text}); "
-            + (hang.silent(plan.run_dir, plan.world_size, plan.timeout)
+            f"a collective waited {waited:g} s ({flag}) for a rank that stopped responding ({text}); "
+            + (hang.silent(plan.run_dir, plan.world_size, waited)
                or f"the silent rank's output is under {plan.run_dir}/logs"))
     if "Expected to have finished reduction in the prior iteration" in text:  # DDP, a step after the first
         return RecipeError(

@@ -28,6 +28,7 @@ from types import ModuleType
 import torch
 
 from ..engines import engine as engines
+from ..engines import group
 from ..errors import Stopped, TrainingError
 from ..health import debugging, preflight
 from ..health import monitor as health
@@ -257,8 +258,11 @@ class Trainer:
         """Logs, evaluations and saves due after this step; True when training ends early: patience ran out, or
         the batches of --overfit-batches are memorised (on every rank alike: the logged loss is all ranks' mean)."""
         plan, step = self.plan, self.progress.step
-        if plan.compile and step == self.telemetry.first_step + 1:  # torch.compile compiles in a start's first step
-            self.sinks.print(f"compile: the first step took {time.perf_counter() - self.telemetry.began:.1f} s")
+        if step == self.telemetry.first_step + 1:  # this start's first step
+            if plan.compile:  # torch.compile compiles in it
+                self.sinks.print(f"compile: the first step took {time.perf_counter() - self.telemetry.began:.1f} s")
+            group.step_timeout(plan)
+            hang.retime(plan)
         if self.telemetry.due(step):
             self.log()
         if plan.overfit_batches and step % plan.overfit_batches == 0 and debugging.memorised(
