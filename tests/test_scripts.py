@@ -94,6 +94,15 @@ def test_sigterm_reaches_the_scripts_own_handler(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["state"] == "stopped"
 
 
+def test_every_word_after_the_script_is_its_own_even_one_spelled_like_a_launcher_flag(tmp_path):
+    """nanoGPT's `train.py --compile=False`: --compile and --debug are launcher flags that take no value, and
+    --resume auto with --run-dir would make a run directory's resume; after SCRIPT they are the script's."""
+    run_dir = tmp_path / "run"
+    own = ["--compile=False", "--debug=1", "--resume", "auto", "--run-dir", "elsewhere", "--nproc-per-node", "3"]
+    ok(launch("--cpu", "--run-dir", run_dir, ALONE, *own))
+    assert json.loads((run_dir / "config.json").read_text())["command"] == ["--cpu", str(ALONE), *own]
+
+
 @pytest.mark.parametrize("procs,warned", [("2", True), ("1", False)])
 def test_a_script_that_never_joins_a_process_group_is_told_so(tmp_path, procs, warned):
     result = ok(launch("--cpu", "--procs", procs, "--run-dir", tmp_path / "run", ALONE))

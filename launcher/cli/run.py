@@ -475,9 +475,10 @@ def with_files(argv: list[str]) -> list[str]:
 
 def _resumes_by_directory(argv: list[str]) -> bool:
     """`launch --resume auto --run-dir RUN [flags]`, without a recipe: the same as `launch resume RUN [flags]`."""
+    if any(a.endswith(".py") for a in argv):  # a recipe or a script, whose own arguments no parser here may read
+        return False
     known, _ = flags.parser(add_help=False).parse_known_args(argv)
-    # a hyperparameter's value can pass for the positional RECIPE here: a recipe is a .py file
-    return known.resume == "auto" and known.run_dir is not None and not any(a.endswith(".py") for a in argv)
+    return known.resume == "auto" and known.run_dir is not None
 
 
 def _by_directory(argv: list[str]) -> list[str]:
