@@ -294,3 +294,40 @@ def test_an_at_file_holds_arguments_one_per_line(tmp_path):
     args.write_text("recipes/digits.py\n--lr\n0.001\n--name\nwith space\n")
     assert cli.with_files([f"@{args}", "--cpu", "@nowhere"]) == [
         "recipes/digits.py", "--lr", "0.001", "--name", "with space", "--cpu", "@nowhere"]
+
+
+@pytest.mark.parametrize("given,same", [
+    (["--nproc-per-node", "2", "--cpu"], ["--procs", "2", "--cpu"]),
+    (["--cpu", "--nproc_per_node=2"], ["--cpu", "--procs", "2"]),
+    (["--cpu", "--procs", "2", "--nnodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1", "--master-port",
+      "29400"],
+     ["--cpu", "--procs", "2", "--nodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port",
+      "29400"]),
+    (["--cpu", "--max_restarts", "3"], ["--cpu", "--max-restarts", "3"]),
+], ids=["nproc-per-node", "underscores-and-equals", "torchruns-node-flags", "max-restarts"])
+def test_torchruns_flags_are_launchs_own(tmp_path, given, same):
+    """A torchrun user's command line works as typed where launch does the same thing."""
+    run_dir = ["--run-dir", str(tmp_path / "run")]
+    plans = [dataclasses.replace(cli.parse([str(DIGITS), *argv, *run_dir])[0], wandb_id=None) for argv in (given, same)]
+    assert plans[0] == plans[1]
+
+
+@pytest.mark.parametrize("flag,message", [
+    (["--standalone"], "launch needs no --standalone: without --nodes it runs on this node, on a free local port"),
+    (["--rdzv-endpoint", "host:29400"], "--rdzv-endpoint HOST:PORT is --master-addr HOST --master-port PORT here"),
+    (["--rdzv_backend", "c10d"], "there is no rendezvous backend to choose"),
+    (["--num_machines", "2"], "--num-machines is --nodes N here"),
+    (["--main_process_ip", "10.0.0.1"], "--main-process-ip is --master-addr HOST here"),
+    (["--num_processes", "8"], "launch counts processes per node: --gpus N (or --cpu --procs N) on each node"),
+    (["--gradient_accumulation_steps", "4"], "--gradient-accumulation-steps is --grad-accum K here"),
+    (["--mixed_precision", "bf16"], "--mixed-precision is --precision fp32|bf16|fp16 here"),
+    (["--config_file", "acc.yaml"], "launch reads no Accelerate config file: give what it holds as flags"),
+    (["--nproc-per-node", "auto"], "--nproc-per-node auto: launch takes a number of processes on this node here"),
+], ids=lambda v: v[0] if isinstance(v, list) else None)
+@pytest.mark.parametrize("where", ["before-the-recipe", "after-the-recipe", "before-a-script"])
+def test_torchruns_and_accelerates_other_flags_say_what_to_write(capsys, tmp_path, flag, message, where):
+    script = ROOT / "tests" / "scripts" / "alone.py"
+    argv = {"before-the-recipe": [*flag, DIGITS], "after-the-recipe": [DIGITS, *flag],
+            "before-a-script": [*flag, script]}[where]
+    err = refused(capsys, "--cpu", "--run-dir", tmp_path / "run", *argv)
+    assert err.startswith("launch: error: ") and message in err, err

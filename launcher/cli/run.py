@@ -30,6 +30,7 @@ from ..runs import checkpoint, record, universal
 from ..runs import directory as rundir
 from ..runs.files import keep_console, start_summary, update_summary, write_record
 from ..text import count
+from . import foreign
 
 # the launcher flags a training script takes: where it runs, what Accelerate reads from the environment, restarts,
 # Slurm and its run directory; the others are the launcher's training loop's, which a script does not run
@@ -42,6 +43,7 @@ SCRIPT_FLAGS = {"gpus", "cpu", "procs", "nodes", "node_rank", "master_addr", "ma
 def parse(argv: list[str]) -> tuple[Plan, object, object, Flags]:
     """(plan, recipe module, Hparams, flags) from argv, or UsageError. A training script gives no module nor
     Hparams: `launch [launcher flags] SCRIPT [its arguments]`."""
+    argv = foreign.translate(argv)
     at = script_at(argv)
     if at is not None:
         plan, given = parse_script(argv[:at], argv[at], argv[at + 1:])
@@ -85,7 +87,10 @@ def script_at(argv: list[str]) -> int | None:
 def parse_script(given: list[str], script: str, script_args: list[str]) -> tuple[Plan, Flags]:
     """The plan of a training script's run: the launcher starts its processes, with torchrun's environment and
     Accelerate's, and the script does the rest."""
-    args = flags.parser(add_help=False).parse_args(given)
+    parser = flags.parser(add_help=False)
+    args, unknown = parser.parse_known_args(given)
+    if unknown:
+        raise UsageError(unknown_flag(unknown, parser))
     args.recipe = script
     for flag in flags.FIELDS:
         if flag in SCRIPT_FLAGS or flag == "recipe" or getattr(args, flag) == flags.FIELDS[flag].default:
@@ -147,6 +152,8 @@ def unknown_flag(unknown: list[str], parser: argparse.ArgumentParser) -> str:
     if flag is None:
         return f"unexpected argument {unknown[0]!r} (usage: {flags.USAGE})"
     flag = flag.split("=", 1)[0]
+    if foreign.instead(flag):
+        return foreign.instead(flag)
     options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
     close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]}?)" if close else " (see launch RECIPE --help)"
