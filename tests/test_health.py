@@ -297,6 +297,10 @@ def test_overfit_mode_passes_a_learnable_recipe_and_fails_when_labels_are_noise(
     assert sorted(p.name for p in (tmp_path / "noise" / "checkpoints").glob("step-*")) == [
         "step-00000400", "step-00000500", "step-00000600"]
     assert "not near zero. A model that cannot memorise a few batches has a bug" in failed.stderr + failed.stdout
+    capped = launch(TINY, *common, "--max-steps", "4", "--run-dir", tmp_path / "capped")
+    assert capped.returncode == 1 and "has a bug" not in capped.stderr
+    assert ("not yet near zero within the --max-steps 4 it was given (the test's own budget is 600 steps, 300 per "
+            "batch): run it again without --max-steps before looking for a bug") in capped.stderr, capped.stderr
 
 
 @pytest.mark.parametrize("recipe", ["digits", "speakers", pytest.param("lm", marks=pytest.mark.slow)])

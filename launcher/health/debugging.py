@@ -11,6 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import TrainingError
+from ..flags import OVERFIT_STEPS
 from ..text import count
 
 OVERFIT_GOAL = 0.1  # --overfit-batches passes once a pass's mean loss is below this fraction of the first pass's
@@ -98,6 +99,11 @@ def overfit_report(trainer) -> None:
     first, last, passed = memorised(trainer.progress.history["train"], n)
     what = (f"the training loss on {count(n, 'fixed batch')} went from {first:.4g} to {last:.4g} in "
             f"{trainer.progress.step} steps ({100 * last / first:.1f} % of its start; without augmentation, {off})")
+    budget, cap = OVERFIT_STEPS * n, trainer.plan.max_steps
+    if not passed and cap and cap < budget:  # the cap, not the model, may have been the limit
+        raise TrainingError(f"overfit: {what}, not yet near zero within the --max-steps {cap} it was given (the test's "
+                            f"own budget is {budget} steps, {OVERFIT_STEPS} per batch): run it again without "
+                            "--max-steps before looking for a bug")
     if not passed:
         raise TrainingError(f"overfit: {what}, not near zero. A model that cannot memorise a few batches has a "
                             "bug: check that the labels belong to the inputs, the loss, the learning rate "
