@@ -103,6 +103,15 @@ def test_every_word_after_the_script_is_its_own_even_one_spelled_like_a_launcher
     assert json.loads((run_dir / "config.json").read_text())["command"] == ["--cpu", str(ALONE), *own]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_script_that_needs_a_gpu_is_told_so_on_a_machine_without_one(tmp_path):
+    failed = launch("--cpu", "--run-dir", tmp_path / "run", SCRIPTS / "cuda_only.py")
+    assert failed.returncode == 1
+    assert "AttributeError: module 'torch._C' has no attribute '_cuda_setDevice'" in failed.stderr
+    assert failed.stderr.strip().splitlines()[-1].startswith(
+        "cuda_only.py needs a GPU (it calls CUDA or NCCL) and this machine has none (torch "), failed.stderr
+
+
 @pytest.mark.parametrize("procs,warned", [("2", True), ("1", False)])
 def test_a_script_that_never_joins_a_process_group_is_told_so(tmp_path, procs, warned):
     result = ok(launch("--cpu", "--procs", procs, "--run-dir", tmp_path / "run", ALONE))

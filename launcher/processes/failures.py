@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import signal
+from pathlib import Path
 
 from ..plan import Plan
 from ..text import first_line
 from .ranklogs import files
 
+# what torch raises where code calls CUDA and there is none: a CPU build, no driver, no device
+CUDA_MISSING = re.compile(r"_cuda_setDevice|_cuda_init|Torch not compiled with CUDA enabled|Found no NVIDIA driver|"
+                          r"No CUDA GPUs are available|doesn't have NCCL built in|ProcessGroupNCCL is only supported "
+                          r"with GPUs")
 # the agent SIGKILLs a rank 30 s after it SIGTERMed it: a SIGKILL sooner after the first failure came from outside
 OUTSIDE_KILL = 10
 
@@ -54,10 +60,24 @@ def describe(rank: int, failure, plan: Plan) -> str:
                 "rank's output")
     message = failure.message
     if isinstance(message, dict):
-        return f"rank {rank} failed: " + (message.get("extraInfo", {}).get("py_callstack") or message["message"])
+        text = message.get("extraInfo", {}).get("py_callstack") or message["message"]
+        return f"rank {rank} failed: {text}" + _no_gpu(text, plan)
     how = (f"was killed by {failure.signal_name()} (out of memory, or killed from outside?)" if failure.exitcode < 0
            else f"exited with code {failure.exitcode} without a traceback")
     if failure.local_rank == 0:  # its node's launcher printed its output
         return f"rank {rank} {how}; its output is above"
     out, err, _ = files(plan.run_dir, rank, plan.max_restarts)  # the job fails once every restart has been used
     return f"rank {rank} {how}; its output is in {err} and {out.name}"
+
+
+def _no_gpu(text: str, plan: Plan) -> str:
+    """A rank of a CPU run that called CUDA: the code needs a GPU, which this machine does not have."""
+    import torch
+
+    if plan.device != "cpu" or not CUDA_MISSING.search(text) or torch.cuda.is_available():
+        return ""
+    what = Path(plan.recipe).name
+    return (f"\n{what} needs a GPU (it calls CUDA or NCCL) and this machine has none (torch {torch.__version__}, "
+            f"{'built without CUDA' if torch.version.cuda is None else 'no GPU visible'}): run it on a GPU machine, "
+            "or let it choose: torch.device('cuda' if torch.cuda.is_available() else 'cpu'), and the gloo backend "
+            "without CUDA")
