@@ -155,8 +155,9 @@ class Flags:
                                       why="a collective timeout under 10 s would fail healthy runs")
 
     slurm: bool = flag(SLURM, False, "render slurm/launch.sbatch into the run directory and sbatch it")
-    dry_run: bool = flag(SLURM, False, "with --slurm or --kubernetes: print the batch script or the TrainJob, submit "
-                                       "nothing")
+    dry_run: bool = flag(SLURM, False, "with --slurm or --kubernetes: print the batch script or the TrainJob as it "
+                                       "would be, with the run directory it would use (named by the time unless "
+                                       "--run-dir or --name), and write and submit nothing")
     partition: str | None = flag(SLURM, None, "sbatch --partition", metavar="P")
     time: str | None = flag(SLURM, None, "sbatch --time", metavar="T")
     account: str | None = flag(SLURM, None, "sbatch --account", metavar="A")

@@ -441,6 +441,8 @@ def test_dry_run_renders_a_readable_script_with_every_value_quoted(tmp_path, mon
     script = dry_run(capsys, "--nodes", "2", "--cpu", "--procs", "2", "--partition", "gpu queue", "--time", "1:00:00",
                      "--job-name", name, "--run-dir", tmp_path / "run", "--dump-dir", dump)
     assert not (tmp_path / "run").exists() and "SENTINEL" not in script
+    # it names the file `launch --slurm` would write, as what that would do, not as a file this wrote
+    assert f"# `launch --slurm` (without --dry-run) writes it to {tmp_path / 'run' / 'slurm.sbatch'} and " in script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # valid bash
     directives = {key: value for key, _, value in (line[len("#SBATCH --"):].partition("=")
                                                    for line in script.splitlines() if line.startswith("#SBATCH --"))}
