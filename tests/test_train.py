@@ -378,3 +378,23 @@ def test_workers_keep_the_memory_a_step_frees(tmp_path):
                            capture_output=True, check=True,
                            env=clean_env(PYTHONPATH=TINY.parent, MALLOC_MMAP_THRESHOLD_=128 << 10))
     assert float(plain.stdout) > 0.5  # the launcher's setting is what makes the difference
+
+
+@pytest.mark.parametrize("scores,start", [([0.96, 0.99, 0.97], 0.9), ([0.35, 0.8, 0.5], 0.3), ([0.04, 0.5, 0.9], 0.0)])
+def test_the_class_bars_start_below_their_lowest_score(scores, start):
+    """Scores all near 1 against a 0 … 1 axis would be slivers of one length: the axis starts at the tenth below."""
+    from launcher.runs import pictures
+
+    classes = {"names": ["a", "b", "c"], "support": [5, 6, 7], "precision": scores, "recall": scores[::-1],
+               "f1": scores, "weights_step": 10}
+    assert pictures.class_bars(classes, "t").axes[0].get_xlim() == pytest.approx((start, 1))
+
+
+@pytest.mark.parametrize("xs,log,scale", [([1e-4, 1e-3, 1e-2], False, "log"), ([0.1, 0.2, 0.4], False, "linear"),
+                                          ([0.1, 0.2, 0.4], True, "log"), ([-1.0, 0.0, 5.0], False, "linear")])
+def test_a_sweeps_picture_is_logarithmic_where_its_values_span_a_factor_of_ten(xs, log, scale):
+    from launcher.runs import pictures
+
+    spec = {"flag": "--lr", "low": None, "high": None, "log": log}
+    figure = pictures.sweep([(x, float(k)) for k, x in enumerate(xs)], spec, ["val/loss", "min"], "s")
+    assert figure.axes[0].get_xscale() == scale

@@ -167,7 +167,9 @@ def class_bars(classes: dict, title: str) -> Figure:
         ax.barh(y + (k - 1) * height, classes[name], height, color=color, label=name)
     ax.set_yticks(y, [f"{name} ({s:,})" for name, s in zip(classes["names"], classes["support"], strict=True)])
     ax.invert_yaxis()
-    ax.set(xlim=(0, 1), xlabel="score (samples of the class in brackets)",
+    lowest = min(min(classes[name]) for name in ("precision", "recall", "f1"))
+    start = max(0.0, math.floor(10 * lowest - 0.5) / 10)  # scores all near 1 would be slivers against 0 … 1
+    ax.set(xlim=(start, 1), xlabel=f"score{f' from {start:g}' if start else ''} (samples of the class in brackets)",
            title=f"{title}\ntest split per class, step {classes['weights_step']}'s weights")
     ax.grid(axis="x", alpha=0.3)
     fig.legend(loc="outside lower center", ncols=3)
@@ -204,7 +206,9 @@ def sweep(points: list[tuple[float, float]], spec: dict, best: list[str], title:
     for end in (spec["low"], spec["high"]):
         if end is not None:
             ax.axvline(end, color="0.5", linestyle="--", linewidth=1)
-    ax.set(xscale="log" if spec["log"] else "linear", xlabel=f"{flag} (dashed: the range searched)"
+    # a log range, or searched values that span a factor of ten or more (a list such as 1e-4, 1e-3, 1e-2)
+    logarithmic = spec["log"] or (min(xs) > 0 and max(xs) >= 10 * min(xs))
+    ax.set(xscale="log" if logarithmic else "linear", xlabel=f"{flag} (dashed: the range searched)"
            if spec["low"] is not None else flag, ylabel=f"best {metric} ({mode})", title=f"sweep {title}")
     ax.xaxis.set_minor_formatter(NullFormatter())  # a log axis labels its minor ticks too, one over another
     ax.grid(alpha=0.3)
