@@ -398,3 +398,14 @@ def test_a_sweeps_picture_is_logarithmic_where_its_values_span_a_factor_of_ten(x
     spec = {"flag": "--lr", "low": None, "high": None, "log": log}
     figure = pictures.sweep([(x, float(k)) for k, x in enumerate(xs)], spec, ["val/loss", "min"], "s")
     assert figure.axes[0].get_xscale() == scale
+
+
+def test_the_best_evaluation_the_last_line_names_has_a_line_of_its_own(tmp_path):
+    """Evaluations get console lines as often as the log's; the best one, which `done:` names, always does."""
+    out = ok(launch(TINY, "--cpu", "--wandb", "disabled", "--run-dir", tmp_path / "run", "--max-steps", "12",
+                    "--eval-every", "1", "--log-every", "4", "--lr", "0.5")).stdout
+    best = int(re.search(r"best val/loss [\d.]+ at step (\d+)", out.splitlines()[-1])[1])
+    assert best not in (1, 5, 9, 12), out  # between the evaluations shown as they ran: the case at hand
+    logged = next(r for r in records(tmp_path / "run") if r["step"] == best and "val/loss" in r)
+    assert (f"eval  step {best}  val/loss {logged['val/loss']:.4f}  val/acc {logged['val/acc']:.4f}  val/count 37.0000"
+            f"  (the best val/loss; its line was not shown above)") in out.splitlines(), out

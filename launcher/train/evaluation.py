@@ -53,6 +53,7 @@ class Evaluator:
         self.sampler = getattr(recipe, "sample", None)
         self.last: dict = {}  # the last validation's results
         self.validated_at = -1
+        self.shown: set[int] = set()  # the steps whose validation has had a console line in this start
 
     def due(self, step: int) -> bool:
         """A validation after this step: every --eval-every steps, or at the end of every --eval-epochs'th epoch."""
@@ -88,6 +89,12 @@ class Evaluator:
             return "patience"
         return None
 
+    def show_best(self, progress: Progress) -> None:
+        """The best validation's line, where the console has not shown it: the run's last line names it."""
+        if progress.best and progress.best_val and progress.best[1] not in self.shown:
+            self.sinks.print(f"eval  step {progress.best[1]}  {shown(progress.best_val)}  (the best {self.monitor}; "
+                             "its line was not shown above)")
+
     def evaluate(self, split: str, step: int, weights_step: int | None = None) -> dict:
         """The split's metrics, shown and logged; for the test split its confusion matrix too, of the weights of
         `weights_step`."""
@@ -100,12 +107,17 @@ class Evaluator:
             elapsed = time.perf_counter() - t
         line = None
         if self.telemetry.shows_eval(step):
-            shown = "  ".join(f"{k} {v:.4f}" for k, v in results.items())
-            line = f"eval  step {step}  {shown}  ({elapsed:.1f} s)"
+            line = f"eval  step {step}  {shown(results)}  ({elapsed:.1f} s)"
+            if split == "val":
+                self.shown.add(step)
         self.sinks.results(step, results, line)
         if matrix is not None:
             self.sinks.classes(step, self.classes, matrix.tolist(), weights_step)
         return results
+
+
+def shown(results: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in results.items())
 
 
 @contextmanager

@@ -302,6 +302,7 @@ class Trainer:
             if evaluator.validated_at != step:
                 self.validate()
             final.update(evaluator.last)
+            evaluator.show_best(self.progress)
         if self.checkpointer.saved_at != step:  # first: the last step's checkpoint continues the run
             self.save()
         self.checkpointer.wait()
