@@ -248,6 +248,11 @@ def takes_value(name: str) -> bool:
     return kind(name)[0] is not bool
 
 
+def secret_variable(option: str) -> str:
+    """The environment variable a submitted job reads a secret option's value from: LAUNCH_SECRET_HUB_TOKEN."""
+    return "LAUNCH_SECRET_" + option[2:].upper().replace("-", "_")
+
+
 def mask(argv: list[str], options: set[str], placeholder) -> tuple[list[str], dict[str, str]]:
     """argv with the value of each of these options (`--hub-token X`, `--hub-token=X`) replaced by
     placeholder(option), and the values it held, by option. The flags have been parsed: each has its value."""

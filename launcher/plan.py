@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
-from .flags import Flags
+from .flags import Flags, option
 
 PLAN_ENV = "LAUNCHER_PLAN"
 PARENT_ENV = "LAUNCHER_PID"  # the launcher that started this node's workers
@@ -96,6 +96,10 @@ class Plan:
     def secret_hparams(self) -> set[str]:
         """Hyperparameters named like a key, token, secret or password."""
         return {k for k in self.hparams if SECRET.search(k)}
+
+    def secret_options(self) -> set[str]:
+        """The flags of the secret hyperparameters that take a value, as a command line spells them."""
+        return {option(k) for k in self.secret_hparams() if not isinstance(self.hparams[k], bool)}
 
     def public_hparams(self) -> dict:
         """The hyperparameters as files and logs may hold them: values of secret-looking names masked."""

@@ -183,15 +183,10 @@ def _float(text: str) -> float:
 
 def _check_slurm(args: Flags, place: cluster.Place | None) -> None:
     if args.slurm:
-        for flag in ("node_rank", "master_addr", "master_port"):
-            if getattr(args, flag) not in (None, 0):
-                raise UsageError(f"{flags.option(flag)} is for jobs without a scheduler; with --slurm the job "
-                                 "sets it")
         if args.debug or args.max_restarts:
             raise UsageError("--slurm runs a batch job: --debug runs in this process, and a job recovers by "
                              "requeueing instead of --max-restarts")
-        if args.gpus is None and not args.cpu:
-            raise UsageError("--slurm needs what each node runs: --gpus N, or --cpu [--procs N]")
+        _check_submitted(args, "--slurm", "the job")
         try:
             slurm.parse_signal(args.slurm_signal)
             slurm.parse_stop(args.script_signal)
@@ -219,14 +214,18 @@ def _check_kubernetes(args: Flags) -> None:
     if not args.image:
         raise UsageError("--kubernetes needs --image IMAGE: the container image each pod runs, with the launcher and "
                          "the recipe in it (docker/Dockerfile)")
-    for flag in ("node_rank", "master_addr", "master_port"):
-        if getattr(args, flag) not in (None, 0):
-            raise UsageError(f"{flags.option(flag)} is for jobs without a scheduler; with --kubernetes the TrainJob "
-                             "sets it")
     if args.debug:
         raise UsageError("--kubernetes writes a TrainJob: --debug runs in this process")
+    _check_submitted(args, "--kubernetes", "the TrainJob")
+
+
+def _check_submitted(args: Flags, option: str, setter: str) -> None:
+    """A job this launcher submits: its scheduler places the nodes, and the flags say what each node runs."""
+    for flag in ("node_rank", "master_addr", "master_port"):
+        if getattr(args, flag) not in (None, 0):
+            raise UsageError(f"{flags.option(flag)} is for jobs without a scheduler; with {option} {setter} sets it")
     if args.gpus is None and not args.cpu:
-        raise UsageError("--kubernetes needs what each node runs: --gpus N, or --cpu [--procs N]")
+        raise UsageError(f"{option} needs what each node runs: --gpus N, or --cpu [--procs N]")
 
 
 def _check_engine(args: Flags) -> dict | None:

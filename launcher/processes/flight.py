@@ -30,9 +30,14 @@ def environment(plan: Plan, environ: Mapping[str, str]) -> dict:
     return {name: value for names, value in settings if not any(n in environ for n in names) for name in names}
 
 
+def _dump(environ: Mapping[str, str]) -> str | None:
+    """Where the dumps go (a path prefix), under either name."""
+    return next((environ[name] for name in DUMP if environ.get(name)), None)
+
+
 def prepare(environ: Mapping[str, str]) -> None:
     """The folder the dumps go to, which NCCL does not make."""
-    path = next((environ[name] for name in DUMP if environ.get(name)), None)
+    path = _dump(environ)
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
 
@@ -40,7 +45,7 @@ def prepare(environ: Mapping[str, str]) -> None:
 def dumped(environ: Mapping[str, str], since: float, world: int) -> str:
     """For a failed job's message: where the flight recorder dumped since `since` (a time), and how to read it;
     empty where it did not."""
-    path = next((environ[name] for name in DUMP if environ.get(name)), None)
+    path = _dump(environ)
     if not path:
         return ""
     where, prefix = Path(path).parent, Path(path).name

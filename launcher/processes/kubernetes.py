@@ -46,7 +46,7 @@ def manifest(plan: Plan, args: Flags, argv: list[str]) -> dict:
                          ) from None
     quantity = models.IoK8sApimachineryPkgApiResourceQuantity
     name = job_name(plan.name)
-    secret = {flags.option(k) for k in plan.secret_hparams() if not isinstance(plan.hparams[k], bool)}
+    secret = plan.secret_options()
     command, hidden = _hide_secrets(_command(argv, plan, name), secret)
 
     def from_secret(variable: str, key: str, optional: bool):
@@ -84,11 +84,8 @@ def _command(argv: list[str], plan: Plan, name: str) -> list[str]:
 def _hide_secrets(command: list[str], secret_flags: set[str]) -> tuple[list[str], dict[str, str]]:
     """`command` with each secret flag's value replaced by $(VARIABLE), which Kubernetes expands from the pod's
     environment; {variable: the Secret's key}, the flag's name."""
-    def variable(flag: str) -> str:
-        return "LAUNCH_SECRET_" + flag[2:].upper().replace("-", "_")
-
-    hidden, values = flags.mask(command, secret_flags, lambda flag: f"$({variable(flag)})")
-    return hidden, {variable(flag): flag[2:] for flag in values}
+    hidden, values = flags.mask(command, secret_flags, lambda flag: f"$({flags.secret_variable(flag)})")
+    return hidden, {flags.secret_variable(flag): flag[2:] for flag in values}
 
 
 def submit_run(plan: Plan, args: Flags, argv: list[str]) -> int:

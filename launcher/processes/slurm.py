@@ -110,11 +110,8 @@ class FromEnv(str):
 def hide_secrets(command: list[str], secret_flags: set[str]) -> tuple[list[str], dict[str, str]]:
     """`command` with the value of every secret flag (`--hub-token X`, `--hub-token=X`) replaced by a
     reference to a variable, and those variables. The flags have been parsed: each has its value."""
-    def variable(flag: str) -> str:
-        return "LAUNCH_SECRET_" + flag[2:].upper().replace("-", "_")
-
-    hidden, values = flags.mask(command, secret_flags, lambda flag: FromEnv(variable(flag)))
-    return hidden, {variable(flag): value for flag, value in values.items()}
+    hidden, values = flags.mask(command, secret_flags, lambda flag: FromEnv(flags.secret_variable(flag)))
+    return hidden, {flags.secret_variable(flag): value for flag, value in values.items()}
 
 
 def _quote(value: object, what: str) -> str:
@@ -225,7 +222,7 @@ def check_step(env: dict, place: Place, nodes: int, node_rank: int) -> None:
 def submit_run(plan: Plan, args: Flags, argv: list[str]) -> int:
     """--slurm: the batch script for this run; printed with --dry-run, else written and submitted."""
     try:
-        secret = {flags.option(k) for k in plan.secret_hparams() if not isinstance(plan.hparams[k], bool)}
+        secret = plan.secret_options()
         command, secrets = hide_secrets(node_command(argv, args.recipe, plan.script_args), secret)
         script = render(plan, args, command, sys.executable, Path.cwd())
         if args.dry_run:

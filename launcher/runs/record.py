@@ -41,7 +41,7 @@ def command(plan: Plan, argv: list[str]) -> list[str]:
     if plan.script_args is not None:
         at = len(argv) - len(plan.script_args) - 1
         return [*flags.without(argv[:at], RUN_OPTIONS), plan.recipe, *plan.script_args]
-    secret = {flags.option(k) for k in plan.secret_hparams() if not isinstance(plan.hparams[k], bool)}
+    secret = plan.secret_options()
     kept = [plan.recipe if Path(token).resolve() == Path(plan.recipe) else token
             for token in flags.without(argv, RUN_OPTIONS)]
     return flags.mask(kept, secret, lambda flag: REDACTED)[0]
