@@ -62,6 +62,9 @@ class Flags:
     procs: int | None = flag(WHERE, None, "with --cpu: number of processes", metavar="N", low=1)
     nodes: int | None = flag(WHERE, None, "machines in the job; run launch on each with its --node-rank (default: "
                                           "what the environment says, README's table, else 1)", metavar="N", low=1)
+    min_nodes: int | None = flag(WHERE, None, "with --nodes N: an elastic job that trains on when nodes leave, down "
+                                              "to M of them, and takes them back when they return (also written "
+                                              "--nodes M:N, as torchrun does)", metavar="M", low=1)
     node_rank: int | None = flag(WHERE, None, "this machine's place, 0 … N-1 (default: what the environment says, "
                                               "such as the node a Slurm job step runs it on, else 0)", metavar="I",
                                  low=0)

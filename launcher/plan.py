@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .flags import Flags, option
+from .text import count
 
 PLAN_ENV = "LAUNCHER_PLAN"
 PARENT_ENV = "LAUNCHER_PID"  # the launcher that started this node's workers
+ATTEMPT_ENV = "LAUNCHER_ATTEMPT"  # an elastic job's start, counted the same on every node (processes/elastic.py)
 # hyperparameters named like this are never written into a file or a log
 SECRET = re.compile(r"key|token|secret|passw|credential", re.IGNORECASE)
 
@@ -32,7 +34,8 @@ class Plan:
     name: str
     device: str = "cpu"  # "cuda" or "cpu"
     nproc: int = 1  # processes on this node
-    nnodes: int = 1
+    nnodes: int = 1  # with min_nodes, the most nodes: what the batch split below is planned for
+    min_nodes: int | None = None  # an elastic job (--nodes MIN:MAX) trains on with as few as this many nodes
     node_rank: int = 0
     master_addr: str = "127.0.0.1"  # where node 0's launcher hosts the rendezvous
     master_port: int = 0  # 0: any free port (one node only)
@@ -93,6 +96,25 @@ class Plan:
         """Samples per process per forward pass: the global batch split over processes and accumulation."""
         return self.batch_size // (self.world_size * self.grad_accum)
 
+    @property
+    def elastic(self) -> bool:
+        return self.min_nodes is not None and self.min_nodes < self.nnodes
+
+    def resized(self, world: int) -> Plan:
+        """The plan on `world` processes, as an elastic job's start finds them: the same global batch, each process
+        taking its share in micro-batches no larger than planned (more accumulation, never more memory): the
+        largest that divides the share."""
+        if world == self.world_size:
+            return self
+        share = self.batch_size // world
+        micro = max(d for d in range(1, min(self.micro_batch, share) + 1) if share % d == 0)
+        return replace(self, nnodes=world // self.nproc, grad_accum=share // micro)
+
+    def split(self) -> str:
+        """How the global batch is split: '64 = 4 processes × 2 accumulation × 8 per process'."""
+        return (f"{self.batch_size} = {count(self.world_size, 'process')} × {self.grad_accum} accumulation × "
+                f"{self.micro_batch} per process")
+
     def secret_hparams(self) -> set[str]:
         """Hyperparameters named like a key, token, secret or password."""
         return {k for k in self.hparams if SECRET.search(k)}
@@ -119,3 +141,9 @@ class Plan:
         if not text:
             raise RuntimeError(f"{PLAN_ENV} is not set: workers are started by `launch`, not by hand")
         return cls.from_json(text)
+
+
+def attempt(environ=os.environ) -> int:
+    """Which start of the job this process belongs to, 0 for the first: an elastic job's count, the same on every
+    node (a node that joins late starts at the others' count), else torch's restart count."""
+    return int(environ.get(ATTEMPT_ENV) or environ.get("TORCHELASTIC_RESTART_COUNT") or 0)

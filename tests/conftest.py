@@ -31,6 +31,21 @@ def pytest_configure(config):
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores() // workers)))
 
 
+TAG = "LAUNCHER_TEST_TAG"  # a variable a test's launch carries into every process it starts
+
+
+def tagged(tag: str) -> list[int]:
+    """Live processes (zombies have no environment left) that carry the tag."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"{TAG}={tag}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
 def clean_env(**extra) -> dict:
     """The test's environment without W&B credentials or modes inherited from the developer's shell."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}

@@ -111,6 +111,22 @@ BAD = [
     pytest.param([DIGITS, "--cpu", "--nodes", "2", "--run-dir", "x"], "--nodes 2 needs --master-addr", id="no-master"),
     pytest.param([DIGITS, "--cpu", "--nodes", "2", "--node-rank", "2", "--master-addr", "h"],
                  "--node-rank 2 must be below --nodes 2", id="node-rank"),
+    pytest.param([DIGITS, "--cpu", "--nodes", "3:2"], "--nodes 3:2: an elastic node count is MIN:MAX, 1 ≤ MIN ≤ MAX",
+                 id="elastic-backwards"),
+    pytest.param([DIGITS, "--cpu", "--nodes", "1:x"], "--nodes 1:x: an elastic node count is MIN:MAX",
+                 id="elastic-unreadable"),
+    pytest.param([DIGITS, "--cpu", "--nodes", "2", "--min-nodes", "3", "--master-addr", "h"],
+                 "--min-nodes 3 must be at most --nodes 2", id="elastic-min-above"),
+    pytest.param([DIGITS, "--cpu", "--nodes", "2:4", "--master-addr", "h", "--batch-size", "32"],
+                 "--batch-size 32 must split over every world --nodes 2:4 allows (2, 3, 4 processes): 3 does not "
+                 "divide it", id="elastic-batch"),
+    pytest.param([DIGITS, "--cpu", "--nodes", "1:2", "--master-addr", "h", "--engine", "deepspeed"],
+                 "--nodes MIN:MAX restarts on the nodes that are left, where a DeepSpeed checkpoint cannot be loaded",
+                 id="elastic-deepspeed"),
+    pytest.param([DIGITS, "--cpu", "--nodes", "1:2", "--slurm"], "--nodes 1:2 is for nodes you start yourself",
+                 id="elastic-slurm"),
+    pytest.param([DIGITS, "--cpu", "--nodes", "2", "--master-addr", "h", "--max-restarts", "1"],
+                 "--max-restarts works on one node, or with an elastic --nodes MIN:MAX", id="restarts-fixed-nodes"),
     pytest.param([DIGITS, "--cpu", "--master-port", "70000"], "is not a port", id="bad-port"),
     pytest.param([DIGITS, "--cpu", "--rendezvous-timeout", "0"], "--rendezvous-timeout must be at least 2, not 0",
                  id="rendezvous-timeout"),
@@ -304,7 +320,10 @@ def test_an_at_file_holds_arguments_one_per_line(tmp_path):
      ["--cpu", "--procs", "2", "--nodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port",
       "29400"]),
     (["--cpu", "--max_restarts", "3"], ["--cpu", "--max-restarts", "3"]),
-], ids=["nproc-per-node", "underscores-and-equals", "torchruns-node-flags", "max-restarts"])
+    (["--cpu", "--nnodes=1:2", "--master_addr", "h", "--max-restarts", "2"],
+     ["--cpu", "--nodes", "2", "--min-nodes", "1", "--master-addr", "h", "--max-restarts", "2"]),
+    (["--cpu", "--nodes", "2:2", "--master-addr", "h"], ["--cpu", "--nodes", "2", "--master-addr", "h"]),
+], ids=["nproc-per-node", "underscores-and-equals", "torchruns-node-flags", "max-restarts", "elastic", "fixed-range"])
 def test_torchruns_flags_are_launchs_own(tmp_path, given, same):
     """A torchrun user's command line works as typed where launch does the same thing."""
     run_dir = ["--run-dir", str(tmp_path / "run")]

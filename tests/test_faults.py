@@ -22,6 +22,7 @@ import torch
 
 from conftest import (
     LAUNCH,
+    TAG,
     TINY,
     UNSTOPPED,
     assert_same,
@@ -33,6 +34,7 @@ from conftest import (
     records,
     refused,
     summary,
+    tagged,
     tiny,
     train_records,
 )
@@ -40,8 +42,6 @@ from launcher.cli import run as cli
 from launcher.plan import Plan
 from launcher.processes import env, flight, hang, spawn
 from launcher.processes.stop import SIGNALS
-
-TAG = "LAUNCHER_TEST_TAG"
 
 
 def start(tmp_path: Path, name: str, *flags, procs: int = 2) -> tuple[subprocess.Popen, str, Path]:
@@ -54,18 +54,6 @@ def start(tmp_path: Path, name: str, *flags, procs: int = 2) -> tuple[subprocess
          str(folder), *map(str, flags)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(**{TAG: tag}))
     return process, tag, folder
-
-
-def tagged(tag: str) -> list[int]:
-    """Live processes (zombies have no environment left) that carry the tag."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and f"{TAG}={tag}".encode() in (proc / "environ").read_bytes().split(b"\0"):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
 
 
 def wait_for_step(folder: Path, step: int, timeout: float = 60) -> None:

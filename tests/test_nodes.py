@@ -1,13 +1,16 @@
 """Two "nodes" on this machine: two launcher processes meeting over loopback, as two machines would."""
 
+import signal
 import socket
 import subprocess
 import time
+import uuid
 
 import pytest
 import torch
 
-from conftest import LAUNCH, TINY, clean_env, params, records, refused
+from conftest import LAUNCH, TAG, TINY, clean_env, params, records, refused, summary, tagged
+from launcher.plan import Plan
 
 
 def free_port() -> int:
@@ -16,11 +19,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def node(rank: int, port: int, run_dir, *flags) -> subprocess.Popen:
+def node(rank: int, port: int, run_dir, *flags, nodes="2", procs="2", tag="") -> subprocess.Popen:
     return subprocess.Popen(
-        [str(LAUNCH), str(TINY), "--cpu", "--procs", "2", "--nodes", "2", "--node-rank", str(rank), "--master-addr",
-         "127.0.0.1", "--master-port", str(port), "--run-dir", str(run_dir), *map(str, flags)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+        [str(LAUNCH), str(TINY), "--cpu", "--procs", procs, "--nodes", nodes, "--node-rank", str(rank),
+         "--master-addr", "127.0.0.1", "--master-port", str(port), "--run-dir", str(run_dir), *map(str, flags)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(**{TAG: tag}))
 
 
 def test_two_nodes_train_one_model_with_one_wandb_run(tmp_path):
@@ -91,3 +94,60 @@ def test_a_four_rank_job_resumes_bit_for_bit(tmp_path):
         final, straight = params(tmp_path / "crashed", rank), params(tmp_path / "straight", 0)
         for k in final:
             assert torch.equal(final[k], straight[k]), (rank, k)
+
+
+@pytest.mark.parametrize("world,accum,micro", [(4, 1, 12), (3, 2, 8), (2, 2, 12), (1, 4, 12)])
+def test_an_elastic_plan_keeps_its_global_batch_in_micro_batches_no_larger(world, accum, micro):
+    """48 samples planned as 4 nodes × 1 process × 12; on fewer, each process takes its share in the largest
+    micro-batch up to 12 that divides it."""
+    plan = Plan(recipe="r.py", hparams={"batch_size": 48}, run_dir="run", name="run", nnodes=4, min_nodes=1)
+    resized = plan.resized(world)
+    assert (resized.world_size, resized.grad_accum, resized.micro_batch) == (world, accum, micro)
+    assert resized.batch_size == 48 and resized.min_nodes == 1
+
+
+def parent(pid: int) -> int | None:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[1])
+    except OSError:
+        return None
+
+
+def wait_until(what, timeout: float = 120, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, f"waited {timeout} s"
+        time.sleep(every)
+
+
+def test_an_elastic_job_trains_on_when_a_node_is_lost_and_takes_it_back(tmp_path):
+    """--nodes 1:2, a process on each node. kill -9 of node 1's launcher: its worker dies with it, node 0 says which
+    node left at which step and how the batch is split now, and trains on alone from the newest checkpoint; node 1
+    started again joins at once (node 0's workers save and restart); the run ends at its planned last step, both
+    ranks with the same model, nothing left running, no restart counted (--max-restarts is 0)."""
+    port, run_dir, tag = free_port(), tmp_path / "run", uuid.uuid4().hex
+    flags = ("--wandb", "disabled", "--dump-dir", tmp_path, "--max-steps", "70", "--n-train", "320", "--slow",
+             "0.15", "--save-every", "5", "--rendezvous-timeout", "8", "--no-health", "--no-pictures")
+    first = node(0, port, run_dir, *flags, nodes="1:2", procs="1", tag=tag)
+    second = node(1, port, run_dir, *flags, nodes="1:2", procs="1", tag=tag)
+    checkpoints, console = run_dir / "checkpoints", run_dir / "console.log"
+    wait_until(lambda: (checkpoints / "step-00000010").exists())
+    second.kill()
+    assert second.wait() == -signal.SIGKILL
+    wait_until(lambda: all(first.pid in (pid, parent(pid)) for pid in tagged(tag)), 10)  # node 1's worker is gone
+    wait_until(lambda: "left at step" in console.read_text())
+    again = node(1, port, run_dir, *flags, nodes="1:2", procs="1", tag=tag)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, out + err
+    assert again.communicate(timeout=60) and again.returncode == 0
+    assert tagged(tag) == []
+    left = next(line for line in out.splitlines() if "left at step" in line)
+    assert left.startswith("launch: node 1 (") and "training goes on on 1 node (of 1–2) from step-" in left
+    assert left.endswith("the global batch 16 = 1 process × 2 accumulation × 8 per process")
+    joined = next(line for line in out.splitlines() if " joined" in line)
+    assert joined.endswith("training goes on on 2 nodes (of 1–2) from step-%08d, the global batch 16 = 2 processes "
+                           "× 1 accumulation × 8 per process" % int(joined.split("step-")[1][:8]))
+    assert max(r["step"] for r in records(run_dir)) == 70 and summary(run_dir)["state"] == "completed"
+    final = [params(tmp_path, rank) for rank in (0, 1)]
+    for k in final[0]:
+        assert torch.equal(final[0][k], final[1][k]), k

@@ -1,7 +1,8 @@
 """The flags of torchrun and `accelerate launch`, as a user coming from them types them: torchrun's for what launch
-also does are taken as its own flags (`--nproc-per-node 8` is `--gpus 8`, or `--procs 8` with --cpu); the rest are
-refused with what to write instead (after a recipe, only where it has no hyperparameter of that name). Either
-spelling, dashes or underscores, as both tools take them. A script's own arguments, after SCRIPT, are never read."""
+also does are taken as its own flags (`--nproc-per-node 8` is `--gpus 8`, or `--procs 8` with --cpu; `--nnodes 1:4`
+is `--nodes 4 --min-nodes 1`); the rest are refused with what to write instead (after a recipe, only where it has no
+hyperparameter of that name). Either spelling, dashes or underscores, as both tools take them. A script's own
+arguments, after SCRIPT, are never read."""
 
 from __future__ import annotations
 
@@ -44,6 +45,16 @@ def instead(flag: str) -> str | None:
     return INSTEAD.get(flag.partition("=")[0][2:].replace("-", "_"))
 
 
+def nodes(flag: str, value: str) -> list[str]:
+    """`--nodes N`, or torchrun's elastic `--nodes MIN:MAX` as `--nodes MAX --min-nodes MIN`."""
+    low, colon, high = value.partition(":")
+    if not colon:
+        return ["--nodes", value]
+    if not (low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high)):
+        raise UsageError(f"{flag} {value}: an elastic node count is MIN:MAX, 1 ≤ MIN ≤ MAX, e.g. --nodes 2:4")
+    return ["--nodes", high] + (["--min-nodes", low] if int(low) < int(high) else [])
+
+
 def translate(argv: list[str]) -> list[str]:
     """argv with torchrun's flags as launch's, up to a training script (its own arguments left as they are); one of
     theirs that launch spells otherwise, before the recipe or script, is UsageError saying how."""
@@ -61,7 +72,11 @@ def translate(argv: list[str]) -> list[str]:
         name = flag[2:].replace("-", "_")
         if before and instead(flag):  # its value would pass for the recipe
             raise UsageError(instead(flag))
-        if name in ALIASES:
+        if ALIASES.get(name, flag) == "--nodes":
+            if not eq:
+                value = rest.pop(0) if rest else ""
+            out += nodes(flag, value)
+        elif name in ALIASES:
             out.append(ALIASES[name] + eq + value)
         elif name == PER_NODE:
             if not eq:

@@ -284,9 +284,9 @@ def _where(args: Flags) -> tuple[str, int]:
         raise UsageError(f"--node-rank {args.node_rank} must be below --nodes {args.nodes}")
     if args.nodes > 1 and not args.master_addr and not args.submits:
         raise UsageError(f"--nodes {args.nodes} needs --master-addr: node 0's address, which every node can reach")
-    if args.nodes > 1 and args.max_restarts:
-        raise UsageError("--max-restarts works on one node; a multi-node job recovers with --resume auto "
-                         "(Slurm requeues do that)")
+    if args.nodes > 1 and args.max_restarts and not args.min_nodes:
+        raise UsageError("--max-restarts works on one node, or with an elastic --nodes MIN:MAX; a multi-node job of "
+                         "fixed size recovers with --resume auto (Slurm requeues do that)")
 
     import torch  # already imported by the recipe; needed here only to count GPUs
 
@@ -332,6 +332,34 @@ def _place(args: Flags) -> cluster.Place | None:
     return place
 
 
+def _check_elastic(args: Flags) -> None:
+    """--nodes MIN:MAX. Its restarts happen inside the job, where nothing converts a DeepSpeed checkpoint to another
+    world size and no scheduler is asked for nodes."""
+    if args.min_nodes is not None and args.min_nodes > args.nodes:
+        raise UsageError(f"--min-nodes {args.min_nodes} must be at most --nodes {args.nodes} (--nodes MIN:MAX)")
+    if args.min_nodes == args.nodes:
+        args.min_nodes = None  # a fixed size
+    if args.min_nodes is None:
+        return
+    if args.engine == "deepspeed":
+        raise UsageError("--nodes MIN:MAX restarts on the nodes that are left, where a DeepSpeed checkpoint cannot be "
+                         "loaded on another world size without a conversion before the start: use --engine fsdp or "
+                         "ddp, or a fixed --nodes N")
+    if args.submits:
+        raise UsageError(f"--nodes {args.min_nodes}:{args.nodes} is for nodes you start yourself, launch on each; "
+                         "--slurm and --kubernetes submit a fixed number of nodes: give --nodes N")
+
+
+def _check_split(args: Flags, nproc: int, batch: int) -> None:
+    """Every world an elastic job may train on takes the global batch in equal shares."""
+    sizes = [n * nproc for n in range(args.min_nodes or args.nodes, args.nodes + 1)]
+    odd = [world for world in sizes if batch % world]
+    if odd:
+        raise UsageError(f"--batch-size {batch} must split over every world --nodes {args.min_nodes}:{args.nodes} "
+                         f"allows ({', '.join(map(str, sizes))} processes): {' and '.join(map(str, odd))} "
+                         f"do{'es' if len(odd) == 1 else ''} not divide it")
+
+
 def _placed_by(place: cluster.Place | None, args: Flags) -> str | None:
     return place.source if place is not None and args.nodes > 1 else None
 
@@ -340,6 +368,7 @@ def make_plan(args: Flags, hp, recipe_path: Path) -> Plan:
     if args.script_signal != flags.FIELDS["script_signal"].default:
         raise UsageError("--script-signal is for a training script; a recipe saves and stops on SIGTERM")
     place = _place(args)
+    _check_elastic(args)
     _check_environment(args)
     _check_slurm(args, place)
     _check_kubernetes(args)
@@ -350,6 +379,7 @@ def make_plan(args: Flags, hp, recipe_path: Path) -> Plan:
     if batch < 1 or batch % (world * accum):
         raise UsageError(f"--batch-size {batch} must be a positive multiple of {world} process(es) × {accum} "
                          f"accumulation step(s) = {world * accum}: it is the global batch of one optimizer step")
+    _check_split(args, nproc, batch)
     if hp.epochs < 1 and args.max_steps is None:
         raise UsageError(f"--epochs must be at least 1, not {hp.epochs}")
     run_dir, name, resume, manifest = rundir.choose(args, recipe_path.stem)

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import torch
 
-from ..plan import Plan
+from ..plan import Plan, attempt
 
 
 def accelerator(plan: Plan):
@@ -28,11 +28,13 @@ def accelerator(plan: Plan):
 
 def attempt_store(world_size: int, timeout: timedelta):
     """A client of the launcher's store whose keys are this restart attempt's own, which env:// does not give: a
-    restarted worker reading the attempt before's would look for the address of a dead process and hang."""
+    restarted worker reading the attempt before's would look for the address of a dead process and hang. Where the
+    agents share no store (an elastic job's: processes/elastic.py), rank 0 hosts a new one, as env:// does."""
     env = os.environ
-    store = torch.distributed.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False,
+    host = env.get("TORCHELASTIC_USE_AGENT_STORE") == "False" and env.get("RANK") == "0"
+    store = torch.distributed.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=host,
                                        timeout=timeout)
-    return torch.distributed.PrefixStore(f"launcher/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return torch.distributed.PrefixStore(f"launcher/attempt-{attempt()}", store)
 
 
 def join(plan: Plan) -> None:

@@ -3,6 +3,7 @@ crash, and meets the other nodes' agents at node 0's rendezvous, on the socket n
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import socket
@@ -21,19 +22,25 @@ def launch_config(plan: Plan, sock: socket.socket | None):
     from torch.distributed.launcher.api import LaunchConfig
 
     port = sock.getsockname()[1] if sock else plan.master_port
-    # node 0 waits for every node; another node's attempt to reach it lasts half that (torch may try twice)
-    rendezvous = {"rank": plan.node_rank, "timeout": plan.rendezvous_timeout if sock else plan.rendezvous_timeout // 2}
+    if plan.elastic:
+        from . import elastic
+
+        backend, rendezvous = elastic.RENDEZVOUS, elastic.configs(plan)
+    else:  # node 0 waits for every node; another node's attempt to reach it lasts half that (torch may try twice)
+        backend, rendezvous = RENDEZVOUS, {"rank": plan.node_rank, "timeout": plan.rendezvous_timeout if sock
+                                           else plan.rendezvous_timeout // 2}
     if sock:
         rendezvous["listen_fd"] = sock.detach()  # the store owns it from here
     return LaunchConfig(
-        min_nodes=plan.nnodes,
+        min_nodes=plan.min_nodes if plan.elastic else plan.nnodes,
         max_nodes=plan.nnodes,
         nproc_per_node=plan.nproc,
         run_id=plan.name,
-        rdzv_backend=RENDEZVOUS,
+        rdzv_backend=backend,
         rdzv_endpoint=f"{plan.master_addr}:{port}",
         rdzv_configs=rendezvous,
-        local_addr="127.0.0.1" if plan.nnodes == 1 else None,
+        # where an elastic job's first node tells the workers to find its store: on one machine, on loopback
+        local_addr="127.0.0.1" if plan.nnodes == 1 or plan.elastic and _loopback(plan) else None,
         max_restarts=plan.max_restarts,
         monitor_interval=0.1,
         shutdown_timeout=SHUTDOWN_TIMEOUT,
@@ -54,13 +61,24 @@ def run(config, plan: Plan) -> None:
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     script = [] if plan.script_args is None else [plan.recipe, *plan.script_args]
+    # -P: the installed launcher, never a folder of that name in the working directory
+    args = ["-u", "-P", "-m", "launcher.processes.script" if script else "launcher.boot", *script]
     try:
-        # -P: the installed launcher, never a folder of that name in the working directory
-        elastic_launch(config, sys.executable)("-u", "-P", "-m", "launcher.processes.script" if script
-                                               else "launcher.boot", *script)
+        if plan.elastic:
+            from . import elastic
+
+            elastic.launch(config, plan, args)
+        else:
+            elastic_launch(config, sys.executable)(*args)
     finally:
         for s in SIGNALS:
             signal.signal(s, signal.SIG_IGN)
+
+
+def _loopback(plan: Plan) -> bool:
+    """Whether node 0's address is this machine's loopback, so that every node runs here."""
+    address = socket.getaddrinfo(plan.master_addr, None, type=socket.SOCK_STREAM)[0][4][0]
+    return ipaddress.ip_address(address).is_loopback
 
 
 def _bound_static_rendezvous(params):

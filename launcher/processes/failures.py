@@ -6,7 +6,7 @@ import re
 import signal
 from pathlib import Path
 
-from ..plan import Plan
+from ..plan import Plan, attempt
 from ..text import first_line
 from .ranklogs import files
 
@@ -66,7 +66,8 @@ def describe(rank: int, failure, plan: Plan) -> str:
            else f"exited with code {failure.exitcode} without a traceback")
     if failure.local_rank == 0:  # its node's launcher printed its output
         return f"rank {rank} {how}; its output is above"
-    out, err, _ = files(plan.run_dir, rank, plan.max_restarts)  # the job fails once every restart has been used
+    # the job fails once every restart has been used; an elastic job's starts are counted by all its nodes
+    out, err, _ = files(plan.run_dir, rank, attempt() if plan.elastic else plan.max_restarts)
     return f"rank {rank} {how}; its output is in {err} and {out.name}"
 
 

@@ -127,11 +127,14 @@ def stalled() -> Path | None:
     return _dog.path if _dog and _dog.written else None
 
 
+reached: int | None = None  # the step training was in when the watchdog stopped: a failure's record says it
+
+
 def stop() -> None:
-    global _dog
+    global _dog, reached
     if _dog:
         _dog.stop()
-        _dog = None
+        reached, _dog = _dog.step, None
 
 
 def silent(run_dir: str, world: int, timeout: float) -> str:

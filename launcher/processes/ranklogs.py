@@ -11,6 +11,8 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing import LogsDest, LogsSpecs
 
+from ..plan import ATTEMPT_ENV, attempt
+
 
 def files(run_dir: str, rank: int, restart: int = 0) -> tuple[Path, Path, Path]:
     """(stdout, stderr, the exception torch's error handler records) of a rank's start or restart."""
@@ -42,7 +44,7 @@ class RankLogs(LogsSpecs):
     def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
         stdouts, stderrs, errors = {}, {}, {}
         for local_rank, env in envs.items():
-            rank, restart = int(env["RANK"]), int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+            rank, restart = int(env["RANK"]), attempt(os.environ if ATTEMPT_ENV in os.environ else env)
             out, err, error = files(self.run_dir, rank, restart)
             if local_rank == 0:  # the console's
                 stdouts[local_rank] = stderrs[local_rank] = ""

@@ -160,6 +160,7 @@ def listen(host: str, port: int) -> socket.socket:
 def _local_group(plan: Plan, sock: socket.socket | None) -> int:
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
 
     from . import agent, env, failures, flight, hang
 
@@ -167,8 +168,9 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
     flight.prepare(os.environ)
     started = time.time()
     config, port = agent.launch_config(plan, sock)
+    nodes = f"{plan.min_nodes}–{plan.nnodes} (elastic)" if plan.elastic else plan.nnodes
     print(f"launch: {count(plan.nproc, 'process')}"
-          f"{f' on node {plan.node_rank} of {plan.nnodes}' if plan.nnodes > 1 else ''}"
+          f"{f' on node {plan.node_rank} of {nodes}' if plan.nnodes > 1 else ''}"
           f"{f' (as {plan.placed_by} say)' if plan.placed_by else ''}, rendezvous on "
           f"{plan.master_addr}:{port}{f', up to {plan.max_restarts} restarts' if plan.max_restarts else ''}",
           flush=True)
@@ -181,8 +183,15 @@ def _local_group(plan: Plan, sock: socket.socket | None) -> int:
         stacks = hang.silent(plan.run_dir, plan.world_size, plan.timeout) if dumped else ""
         _failed(plan, text + dumped + (f"; {stacks}" if stacks else ""), reason)
         return code
-    except DistError as e:  # the agents' rendezvous: a node that never came, or node 0 out of reach
-        _failed(plan, f"error: the {plan.nnodes} nodes did not meet at {plan.master_addr}:{port} ({first_line(e)}); "
-                      "start every node with the same --nodes, --master-addr and --master-port")
+    except (DistError, RendezvousError) as e:  # the agents' rendezvous: nodes that never came, node 0 out of reach
+        if plan.elastic:
+            _failed(plan, f"error: the nodes did not meet at {plan.master_addr}:{port} within "
+                          f"{plan.rendezvous_timeout} s, {plan.min_nodes} at least "
+                          f"({first_line(e) or type(e).__name__}): the job stops; the newest checkpoint stays, and "
+                          f"--resume auto --run-dir {plan.run_dir} goes on from it once the nodes are back")
+        else:
+            _failed(plan, f"error: the {plan.nnodes} nodes did not meet at {plan.master_addr}:{port} "
+                          f"({first_line(e)}); start every node with the same --nodes, --master-addr and "
+                          "--master-port")
         return 1
     return 0

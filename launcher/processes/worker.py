@@ -95,7 +95,7 @@ def record(e: BaseException, path: str, callstack: str | None = None) -> None:
                     "extraInfo": {"py_callstack": (callstack or traceback.format_exc())[-RESERVED // 2:],
                                   "timestamp": str(int(now))}},
         "launcher": {"time": now, "plain": isinstance(e, PLAIN), "usage": isinstance(e, RecipeError),
-                     "text": str(e), "peer": bool(LOST_PEER.search(str(e)))},
+                     "text": str(e), "peer": bool(LOST_PEER.search(str(e))), "step": hang.reached},
     }
     text = json.dumps(data).encode()
     with open(path + SPARE, "r+b" if os.path.exists(path + SPARE) else "wb") as f:
@@ -129,6 +129,8 @@ def main() -> None:
     once, instead of every rank printing its own traceback."""
     die_with_launcher()
     plan = Plan.from_env()
+    if plan.elastic:  # this start's world, from the nodes that met
+        plan = plan.resized(int(os.environ["WORLD_SIZE"]))
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         reserve(error_file)

@@ -71,7 +71,7 @@ def banner(plan: Plan) -> str:
     where = (f"{count(plan.nproc, 'GPU process')} (nccl)" if plan.device == "cuda"
              else f"{count(plan.nproc, 'CPU process')}{' (gloo)' if plan.nproc > 1 else ''}")
     if plan.nnodes > 1:
-        where += f" on node {plan.node_rank} of {plan.nnodes}"
+        where += f" on node {plan.node_rank} of {f'{plan.min_nodes}–' if plan.elastic else ''}{plan.nnodes}"
     resume = f" · resuming from {plan.resume}" if plan.resume else ""
     if plan.engine == "fsdp":
         where += f" · FSDP2 {plan.sharding}{' with CPU offload' if plan.offload != 'none' else ''}"

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..engines.modules import buffers_kept
-from ..plan import Plan
+from ..plan import Plan, attempt
 from ..processes import hang
 from ..runs import checkpoint
 from ..runs.files import warn
@@ -162,8 +162,9 @@ class Checkpointer:
 
 
 def resume_point(plan: Plan, rank: int) -> Path | None:
-    """The checkpoint to start from: after a crash and restart the newest one, else the plan's."""
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+    """The checkpoint to start from: at a restart (after a crash, or as an elastic job's nodes change) the newest
+    one, else the plan's."""
+    if attempt() > 0:
         found = checkpoint.latest(plan.run_dir, warn if rank == 0 else lambda text: None)
         if found:
             return found
