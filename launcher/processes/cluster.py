@@ -45,7 +45,7 @@ def _torchrun(env: Mapping[str, str]) -> Place | None:
     nodes = env.get("PET_NNODES")
     if nodes is not None and ":" in nodes:
         raise UsageError(f"PET_NNODES={nodes} asks for an elastic node count, which the launcher does not take from "
-                         "the environment: give the number of nodes with --nodes N")
+                         "the environment: give it as flags, --nodes MIN:MAX and each node's --node-rank")
     per_node = env.get("PET_NPROC_PER_NODE", "")
     return Place(source, _number(env, "PET_NNODES", source, low=1), _number(env, "PET_NODE_RANK", source),
                  env.get("PET_MASTER_ADDR") or None, _number(env, "PET_MASTER_PORT", source, low=1),
