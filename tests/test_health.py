@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import ROOT, TINY, in_process, launch, ok, records, refused
 from launcher import FocalLoss, class_weights, freeze, param_groups
+from launcher.health import debugging
 from launcher.health import monitor as health
 from launcher.health import neardup
 
@@ -327,6 +328,60 @@ def test_find_lr_suggests_a_rate_below_the_minimum_and_draws_the_curve(tmp_path)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert list((run / "wandb").glob("offline-run-*/files/media/images/lr_find_*.png"))  # and to W&B
     assert not (run / "checkpoints").exists()
+
+
+def curve(falls: list[float], flat: int = 0, rises: int = 0) -> list[tuple[float, float]]:
+    """(lr, loss) pairs of a sweep: a loss of 4 that stays for `flat` steps, then falls by each of `falls`, then
+    doubles `rises` times."""
+    losses = [4.0] * (flat + 1)
+    for step in falls:
+        losses.append(losses[-1] - step)
+    losses += [losses[-1] * 2 ** (k + 1) for k in range(rises)]
+    return list(zip(debugging.sweep(len(losses)), losses, strict=True))
+
+
+@pytest.mark.parametrize("tried,said", [
+    (curve([0.02] * 20, flat=30, rises=6), "suggested"),
+    (curve([1.5, 0.5, 0.3, 0.2] + [0.01] * 40, rises=6), "within the sweep's first 10 steps, an edge where its "
+                                                          "average has not settled"),
+    (curve([0.01] * 30 + [0.3] * 5, flat=10), "near the sweep's top, and never turned: a higher rate may do better"),
+], ids=["a-fall-inside", "a-fall-at-the-start", "a-fall-at-the-top"])
+def test_find_lr_never_suggests_an_edge_of_its_sweep(tmp_path, tried, said):
+    """A regression whose loss fell fastest in the sweep's first steps was told 1.6e-07, the sweep's start."""
+    found = debugging.lr_finding(tried, tmp_path / "lr_find.png")
+    lrs = [lr for lr, _ in tried]
+    if said == "suggested":
+        assert found["line"].startswith("find-lr: suggested learning rate ")
+        assert 31 <= lrs.index(found["values"]["suggested_lr"]) <= 51  # where it falls
+    else:
+        assert found["line"].startswith("find-lr: no suggestion: the smoothed loss fell fastest at ") and said in \
+            found["line"], found["line"]
+        assert found["values"]["suggested_lr"] is None and found["values"]["edge_lr"] in lrs
+
+
+VIEWS = ROOT / "tests" / "recipes" / "views.py"
+
+
+def test_a_contrastive_loss_gets_no_expected_start_and_a_word_on_its_per_process_batch(capsys):
+    """InfoNCE over in-batch negatives: its classes are the batch's samples, so ln C says nothing, and the loss
+    depends on the samples each process holds."""
+    code, out = check(capsys, recipe=VIEWS)
+    assert code == 0 and warnings_of(out) == [], out
+    assert ("check  loss     initial " in out and "(no expected value: cross_entropy over the samples of each batch "
+            "(labels 0 … 63, each once: in-batch negatives, a contrastive loss)") in out
+    assert ("check  batch    cross_entropy scores each sample against the 64 of its micro-batch: the loss, and what "
+            "the model learns, change with the batch each process holds (64 here") in out
+    code, out = check(capsys, "--procs", "2", recipe=VIEWS)
+    assert "against the 32 of its micro-batch" in out
+
+
+def test_random_views_drawn_inside_the_step_are_named_as_the_input_not_a_layer(capsys):
+    code, out = check(capsys, "--random-views", recipe=VIEWS)
+    found = warnings_of(out)
+    assert code == 1 and len(found) == 1, out
+    assert found[0].startswith("warning: the same batch evaluated twice reaches 0 (Linear) as other inputs: the "
+                               "evaluation step draws something random before the model (augmentation inside "
+                               "step()?)") and "dropout" not in found[0]
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -3,6 +3,7 @@ the loss, models that compute their own loss, streams; and every recipe that bre
 one line and exit 2. Real processes over gloo where processes matter, the launcher in this process where they
 do not."""
 
+import re
 import textwrap
 from collections import namedtuple
 from dataclasses import dataclass
@@ -142,6 +143,26 @@ def test_a_model_that_computes_its_own_loss(tmp_path, mean_split):
     assert_close(params(hf, 0, "final"), params(mean_split, 0, "final"), rtol=1e-6)
     losses = [r["train/loss"] for r in train_records(hf / "run").values()]
     assert losses[-1] < losses[0]
+
+
+def test_the_numbers_a_step_returns_beside_its_loss_are_logged_as_the_loss_is(tmp_path):
+    """--style extras returns ce + 0.1 × aux as its loss, with ce and aux beside it: train/ce and train/aux are
+    averaged over the window, the micro-steps and the ranks exactly as train/loss (so the sum holds in every
+    record), val/ce and val/aux over the split; a checkpoint between two log steps keeps their window's sums."""
+    flags = (*SPLIT, "--style", "extras", "--log-every", "3")
+    whole, result = tokens(tmp_path, "whole", *flags, "--save-every", "4", "--keep", "0")
+    logged = train_records(whole / "run")
+    assert sorted(logged) == [3, 6, 9, 12]
+    for r in logged.values():
+        assert r["train/loss"] == pytest.approx(r["train/ce"] + 0.1 * r["train/aux"], rel=1e-6)
+    evaluations = [r for r in records(whole / "run") if "val/loss" in r]
+    assert evaluations and all(r["val/loss"] == pytest.approx(r["val/ce"] + 0.1 * r["val/aux"], rel=1e-6)
+                               and "val/acc" in r for r in evaluations)
+    assert re.search(r"step +12/12 .* loss \d\.\d{4}  aux \d\.\d{4}  ce \d\.\d{4}  lr ", result.stdout)
+    again, _ = tokens(tmp_path, "again", *flags, "--resume", whole / "run" / "checkpoints" / "step-00000004")
+    resumed = train_records(again / "run")  # its first record, at step 6, holds steps 4 to 6 as the whole run's
+    for key in ("train/loss", "train/ce", "train/aux"):
+        assert resumed[6][key] == pytest.approx(logged[6][key], rel=1e-6), key
 
 
 def order(epoch: int) -> list[int]:

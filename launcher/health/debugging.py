@@ -17,6 +17,7 @@ from ..text import count
 OVERFIT_GOAL = 0.1  # --overfit-batches passes once a pass's mean loss is below this fraction of the first pass's
 SWEEP = (1e-7, 10.0)  # --find-lr's range of learning rates
 SMOOTHING = 0.9  # --find-lr: the exponential moving average of the loss
+SETTLE = round(1 / (1 - SMOOTHING))  # steps the average needs to forget its start: its time constant
 
 
 def without_regularisation(module: nn.Module, optimizer, loss_fn) -> list[str]:
@@ -70,18 +71,32 @@ def diverged(tried: list[tuple[float, float]]) -> bool:
 
 def lr_finding(tried: list[tuple[float, float]], path: Path) -> dict:
     """The suggested learning rate (where the smoothed loss falls fastest against log lr, before its
-    minimum), the curve drawn into `path`, and the event's values and line."""
+    minimum), the curve drawn into `path`, and the event's values and line. An edge of the sweep is never
+    suggested: in its first SETTLE steps the moving average has not settled (its fall there is the batches'
+    noise, or a sweep that began too high), and a fall steepest where the loss never turned may go on above it."""
     tried = [(lr, loss) for lr, loss in tried if math.isfinite(loss)]
     lrs, curve = [lr for lr, _ in tried], smoothed([loss for _, loss in tried])
     lowest = min(range(len(curve)), key=curve.__getitem__) if curve else 0
     slopes = [(curve[i + 1] - curve[i - 1]) / math.log(lrs[i + 1] / lrs[i - 1]) for i in range(1, lowest)]
-    suggested = lrs[1 + min(range(len(slopes)), key=slopes.__getitem__)] if slopes else None
+    steepest = 1 + min(range(len(slopes)), key=slopes.__getitem__) if slopes else None
+    edge = None
+    if steepest is not None and steepest < SETTLE:
+        edge = (f"the smoothed loss fell fastest at {lrs[steepest]:.2g}, within the sweep's first {SETTLE} steps, "
+                "an edge where its average has not settled")
+    elif steepest is not None and lowest == len(curve) - 1 and steepest >= lowest - SETTLE:
+        edge = (f"the smoothed loss fell fastest at {lrs[steepest]:.2g}, near the sweep's top, and never turned: "
+                "a higher rate may do better")
+    suggested = lrs[steepest] if steepest is not None and edge is None else None
     from ..runs import pictures  # matplotlib: for this run alone
 
     pictures.lr_range(lrs, [loss for _, loss in tried], curve, suggested, path)
     values = {"suggested_lr": suggested, "min_loss_lr": lrs[lowest] if lrs else None, "lrs": lrs,
               "losses": [loss for _, loss in tried]}
-    if suggested is None:
+    if edge:
+        values["edge_lr"] = lrs[steepest]
+        line = (f"find-lr: no suggestion: {edge}; read the curve, or sweep again with more steps (--max-steps) "
+                f"→ {path}")
+    elif suggested is None:
         line = (f"find-lr: no suggestion: the loss did not fall over {len(lrs)} steps from {SWEEP[0]:g}; run more "
                 f"steps (--max-steps) or check the model with --overfit-batches → {path}")
     else:

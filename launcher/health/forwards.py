@@ -104,6 +104,7 @@ def forwards(module: nn.Module, step: Callable, batches: list, report: Report) -
         module.train(training)
     checked(report, "inputs", lambda: input_stats(firsts, report))
     checked(report, "loss", lambda: initial_loss(outputs, calls, report))
+    checked(report, "batch", lambda: per_process_batch(calls, report))
     return calls
 
 
@@ -162,6 +163,11 @@ def expectation(outputs: list[steps.Output], calls: list[list[Call]]) -> tuple[f
         if not math.isclose(float(out.loss), value, rel_tol=0.01, abs_tol=1e-6):
             return None, f"the step's loss {float(out.loss):.4g} is not the {call.name} it computed ({value:.4g})", ""
     scores = call.args["input"]
+    if call.name in CLASSIFICATION and all(in_batch(made[0]) for made in calls):
+        n = len(call.args["target"])
+        return None, (f"{call.name} over the samples of each batch (labels 0 … {n - 1}, each once: in-batch "
+                      "negatives, a contrastive loss), whose start depends on the embeddings' spread and the "
+                      "temperature"), ""
     if call.name in CLASSIFICATION:
         classes = scores.shape[1] if scores.ndim >= 2 else scores.shape[0]
         if classes < 2:
@@ -184,6 +190,29 @@ def expectation(outputs: list[steps.Output], calls: list[list[Call]]) -> tuple[f
             f"to log(p / (1 - p)) = {bias:.3g} for that start, and check that a sigmoid is not applied before "
             "binary_cross_entropy_with_logits")
     return None, f"{call.name} is a regression loss", ""
+
+
+def in_batch(call: Call) -> bool:
+    """A cross-entropy whose classes are the batch's own samples: a square score matrix and every row's label a
+    different one (InfoNCE, CLIP, SimCLR)."""
+    scores, target = call.args["input"], call.args["target"]
+    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.ndim != 1 or scores.ndim != 2:
+        return False
+    n = len(target)
+    return n >= 4 and scores.shape == (n, n) and bool((target.sort().values == torch.arange(n, device=target.device))
+                                                      .all())
+
+
+def per_process_batch(calls: list[list[Call]], report: Report) -> None:
+    """A loss over in-batch negatives depends on how many samples each process's micro-batch holds."""
+    first = calls[0]
+    if len(first) == 1 and first[0].name in CLASSIFICATION and all(made and in_batch(made[0]) for made in calls):
+        n = len(first[0].args["target"])
+        report.lines.append(
+            f"batch    {first[0].name} scores each sample against the {n} of its micro-batch: the loss, and what the "
+            f"model learns, change with the batch each process holds ({n} here: --batch-size / (processes × "
+            "--grad-accum)), not only with --batch-size; to compare across process counts, gather the embeddings "
+            "from every process before the loss (torch.distributed.nn.functional.all_gather)")
 
 
 def mean_of(call: Call) -> float:

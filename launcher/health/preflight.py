@@ -28,6 +28,7 @@ from .splits import labels, leakage
 
 SAMPLE_BATCHES = 4
 EVAL_SAMPLES = 64  # of the sample batch, evaluated three times by the eval-mode check
+CALLS = 4  # the calls of one module the evaluation-mode check compares
 EVAL_TOLERANCE = 1e-3  # of an output's largest value: what two evaluations of the same sample may differ by
 
 
@@ -63,15 +64,21 @@ def check_only(plan, recipe, hp) -> int:
 
 @contextmanager
 def module_outputs(module: nn.Module, into: dict):
-    """Fills `into` with each module's first tensor output of a forward (and whether the module was in training
-    mode), in the order the modules finish."""
+    """Fills `into` with each module's tensor outputs, call by call (up to CALLS: a step may call the model on two
+    views), whether the module was in training mode, and each call's first tensor input; in the order the modules
+    first finish."""
     def hook(name):
-        def record(mod, args, out):
-            if isinstance(out, torch.Tensor) and name not in into:
-                into[name] = (mod, mod.training, out.detach().float())
+        def record(mod, args, kwargs, out):
+            if not isinstance(out, torch.Tensor):
+                return
+            _, _, outs, inputs = into.setdefault(name, (mod, mod.training, [], []))
+            if len(outs) < CALLS:
+                given = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+                outs.append(out.detach().float())
+                inputs.append(None if given is None else given.detach().float())
         return record
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in module.named_modules()]
+    handles = [m.register_forward_hook(hook(name), with_kwargs=True) for name, m in module.named_modules()]
     try:
         yield
     finally:
@@ -111,13 +118,19 @@ def eval_mode(module: nn.Module, evaluate: Callable, batch, report: Report) -> N
     finally:
         module.train(training)
     whole, again, part = runs
-    for name, (mod, stuck, out) in whole.items():
+    for name, (mod, stuck, outs, inputs) in whole.items():
         where = f"{name or 'the model'} ({type(mod).__name__}{', still in training mode' * stuck})"
-        if name in again and differs(out, again[name][2]):
+        out = outs[0]
+        for call, (first, given) in enumerate(zip(outs, inputs, strict=True)):
+            if name not in again or call >= len(again[name][2]) or not differs(first, again[name][2][call]):
+                continue
+            other = again[name][3][call]
+            if given is not None and other is not None and differs(given, other):  # not the layer: what it gets
+                return input_warning(report, where)
             return eval_warning(report, where, "the same batch evaluated twice gives other outputs",
                                 "the metrics change from one evaluation to the next", "dropout or another random "
                                 "layer left on")
-        alone = part[name][2] if name in part else None  # a per-sample output: n rows inside, n // 2 alone
+        alone = part[name][2][0] if name in part else None  # a per-sample output: n rows inside, n // 2 alone
         if alone is not None and out.shape[1:] == alone.shape[1:] and (len(out), len(alone)) == (n, n // 2) \
                 and differs(out[: n // 2], alone):
             return eval_warning(report, where, f"a sample's output depends on the other samples of its batch "
@@ -126,6 +139,15 @@ def eval_mode(module: nn.Module, evaluate: Callable, batch, report: Report) -> N
                                 "running ones")
     report.lines.append(f"eval     outputs in eval mode depend on each sample alone ({n // 2} samples alone, inside "
                         f"{n}, and {n} twice)")
+
+
+def input_warning(report: Report, where: str) -> None:
+    """The same batch evaluated twice reaches the model as other inputs: the step draws them."""
+    report.lines.append(f"eval     the same batch evaluated twice reaches {where} as other inputs")
+    report.warnings.append(
+        f"the same batch evaluated twice reaches {where} as other inputs: the evaluation step draws something random "
+        "before the model (augmentation inside step()?), so the metrics change from one evaluation to the next; "
+        "augment in Splits(augment=...), which evaluation skips, or give evaluation an eval_step() without it")
 
 
 def eval_warning(report: Report, where: str, what: str, consequence: str, cause: str) -> None:

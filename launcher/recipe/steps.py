@@ -8,7 +8,11 @@ A recipe may define `step(model, batch, hp)` (and `eval_step`, for evaluation on
     {"loss": loss, "count": count, "preds": logits, "target": labels}
                                               any of "count", "preds", "target" may be left out; metrics
                                               receive update(preds, target). A Hugging Face model's output
-                                              (a dict with "loss") can be returned as it is.
+                                              (a dict with "loss") can be returned as it is. Any other
+                                              number in it (a scalar tensor, an int or a float: "ce",
+                                              "aux") is logged as train/NAME, averaged as the loss is, and
+                                              as val/NAME, test/NAME at evaluation; other values (logits)
+                                              are left alone.
 
 Without one, the step is `loss(hp)(model(x), y)` over (x, y) batches, counting samples, and the metrics
 receive (model(x), y). A loss summed over the items is expressed as (summed_loss / count, count).
@@ -33,6 +37,9 @@ from . import data
 from .data import describe, size
 
 
+RESERVED = ("loss", "count", "preds", "target")  # what a step's dict says; its other numbers are extras
+
+
 @dataclass
 class Output:
     loss: torch.Tensor  # a scalar: the mean over `count` items
@@ -40,6 +47,12 @@ class Output:
     counted: bool  # the step said what the loss averages over; else count is the batch's samples
     preds: Any = None  # what the metrics receive: update(preds, target)
     target: Any = None
+    extras: dict | None = None  # the dict's other numbers, by name: each a mean over the same items as the loss
+
+    def weighted_extras(self) -> dict:
+        """Each extra as the loss is summed: × count where the step gives one."""
+        return {k: (v.detach() if isinstance(v, torch.Tensor) else v) * (self.count if self.counted else 1)
+                for k, v in self.extras.items()}
 
 
 def steps(recipe: ModuleType, hp, device: torch.device) -> tuple[Callable, Callable, Any]:
@@ -90,10 +103,25 @@ def read(result, batch, name: str) -> Output:
         return Output(scalar(result[0], f"{name}'s loss"), count(result[1], name), True)
     if isinstance(result, Mapping) and "loss" in result:
         given = result.get("count")
+        extras = {k: v for k, v in result.items() if k not in RESERVED and number(v)}
         return Output(scalar(result["loss"], f"{name}'s loss"), size(batch) if given is None else count(given, name),
-                      given is not None, result.get("preds"), result.get("target"))
+                      given is not None, result.get("preds"), result.get("target"), extras or None)
     raise RecipeError(f"{name} returned {describe(result)}; a step returns the loss, (loss, count), or a dict "
                       "with 'loss' and any of 'count', 'preds', 'target'")
+
+
+def same_extras(before, now) -> None:
+    """The numbers a step returns beside its loss, as the steps before it did: each is summed over steps and ranks."""
+    if set(before) != set(now):
+        raise RecipeError(f"the step returned {', '.join(sorted(now)) or 'no numbers'} beside its loss, and "
+                          f"{', '.join(sorted(before)) or 'none'} before: every step returns the same ones")
+
+
+def number(value) -> bool:
+    """A number a step's dict may hold beside its loss, to be logged."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and value.dtype != torch.bool
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def scalar(loss, who: str) -> torch.Tensor:

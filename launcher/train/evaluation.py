@@ -13,7 +13,7 @@ import torch
 from ..errors import RecipeError, TrainingError
 from ..plan import Plan
 from ..processes import hang
-from ..recipe import data
+from ..recipe import data, steps
 from .guards import METRICS_NEED
 from .progress import Progress
 from .telemetry import Telemetry
@@ -139,13 +139,23 @@ def evaluate(engine, loader: data.Loader, step, metrics: dict, split: str, batch
     engine.sync_buffers()
     counted = [*metrics.values(), *([] if confusion is None else [confusion])]
     with inference(engine) as model:
-        totals = torch.zeros(2, dtype=torch.float64, device=loader.device)  # sum of loss × count, counts
+        totals, names = None, []  # sums of loss × count and of each extra × count, then the count
         batches = loader.eval_batches(batch, world, rank, limit)
         for found, real in progress(batches, f"eval {split}", loader.eval_count(batch, world, limit)):
             hang.beat()
             out = step(model, found)  # every rank runs the same number of forwards, a padding one included
+            if totals is None:
+                names = sorted(out.extras or ())
+                if clash := [n for n in names if n in metrics]:
+                    raise RecipeError(f"the step returns {', '.join(clash)} beside its loss, which metrics() also "
+                                      f"names: {split}/{clash[0]} would be both; rename one")
+                totals = torch.zeros(2 + len(names), dtype=torch.float64, device=loader.device)
+            elif names or out.extras:
+                steps.same_extras(names, out.extras or ())
             if real:
                 totals[0] += out.loss.double() * out.count
+                for i, name in enumerate(names, start=2):
+                    totals[i] += out.extras[name] * out.count
                 totals[1] += out.count
                 if metrics and out.preds is None:
                     raise RecipeError(METRICS_NEED)
@@ -153,7 +163,9 @@ def evaluate(engine, loader: data.Loader, step, metrics: dict, split: str, batch
                     m.update(out.preds, out.target)
         if world > 1:
             torch.distributed.all_reduce(totals)
-        results = {f"{split}/loss": (totals[0] / totals[1]).item()}
+        loss, items, *extras = totals.tolist()
+        results = {f"{split}/loss": loss / items, **{f"{split}/{n}": v / items for n, v in zip(names, extras,
+                                                                                             strict=True)}}
         for name, m in metrics.items():
             value = m.compute()  # torchmetrics gathers its state from every rank
             m.reset()

@@ -198,6 +198,7 @@ class Trainer:
         hang.beat(progress.step + 1)
         sampled = self.watch is not None and (progress.step + 1) % self.every == 0
         step_loss, step_count = None, 0  # this rank's: the sum of the micro-steps' losses (× count, with counts)
+        extras = {}  # the step's other numbers, summed alike
         for k in range(K):
             batch = self.telemetry.waiting(batches, END)
             if batch is END:
@@ -214,6 +215,9 @@ class Trainer:
             part = out.loss.detach() * out.count if out.counted else out.loss.detach()
             step_loss = part if step_loss is None else step_loss + part
             step_count = step_count + out.count
+            if out.extras:
+                for name, value in out.weighted_extras().items():
+                    extras[name] = extras.get(name, 0) + value
         if progress.step == 0 and engine.buckets and not self.plan.find_unused_parameters:
             guards.unused_parameters(engine.module)
         rescale, total = counts.global_count(step_count)
@@ -227,7 +231,7 @@ class Trainer:
             return self.nonfinite(step_loss / (step_count if counts.counted else K))
         if before and math.isfinite(norm):
             self.sample(before)
-        self.telemetry.took((step_loss, total if counts.counted else None), norm, lr)
+        self.telemetry.took((step_loss, total if counts.counted else None, extras), norm, lr)
 
     def observed(self, watched: bool):
         """Around a micro-step's forward and backward: the ReLUs watched in a sampled step's last micro-step, the

@@ -13,6 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from ..plan import Plan
+from ..recipe.steps import same_extras
 from ..text import duration
 from .length import Length
 
@@ -58,6 +59,7 @@ class Telemetry:
         self.unit = unit  # what the step's counts count (the recipe's `counts`), for throughput
         self.loss_sum = torch.zeros((), device=device)  # of the micro-steps' mean losses; with counts, loss × count
         self.count_sum = torch.zeros((), dtype=torch.float64, device=device)  # with counts: the whole job's
+        self.extra_sums: dict[str, torch.Tensor] = {}  # the step's other numbers, summed as the loss is
         self.window = Window()
         self.norm = self.lr = 0.0  # the last kept step's
         self.peak = peak_flops(device)  # per device; None where unknown: no MFU
@@ -107,28 +109,49 @@ class Telemetry:
         self.window.taken += 1
         if kept is None:
             return
-        step_loss, total = kept
+        step_loss, total, extras = kept
         self.norm, self.lr = norm, lr
         self.loss_sum += step_loss
+        if extras or self.extra_sums:
+            self.add_extras(extras)
         if total is not None:
             self.count_sum += total
         self.window.kept += 1
 
+    def sums(self) -> tuple[list[str], torch.Tensor]:
+        """(the extras' names, this rank's loss sum and theirs in one tensor)."""
+        names = sorted(self.extra_sums)
+        like = {"dtype": self.loss_sum.dtype, "device": self.loss_sum.device}
+        return names, torch.stack([self.loss_sum, *(torch.as_tensor(self.extra_sums[n], **like) for n in names)])
+
+    def add_extras(self, extras: dict) -> None:
+        """A step's extras into the window's sums; every step names the same ones, as every rank's must for
+        their sums to be reduced together."""
+        if self.extra_sums:
+            same_extras(self.extra_sums, extras)
+        for name, value in extras.items():
+            self.extra_sums[name] = self.extra_sums.get(name, 0) + value
+
     def log(self, step: int, counted: bool, skipped: int, scaler) -> float:
-        """A log step: one all-reduce of the loss, and a record on rank zero; the logged loss (all ranks' mean)."""
+        """A log step: one all-reduce of the loss (and the step's extras), and a record on rank zero; the logged
+        loss (all ranks' mean)."""
         plan, window, total_steps, per_epoch = self.plan, self.window, self.length.total, self.length.steps_per_epoch
+        names, sums = self.sums()
         if self.world > 1:
-            torch.distributed.all_reduce(self.loss_sum)
+            torch.distributed.all_reduce(sums)
         if counted:  # the mean over every item the window's kept steps counted
-            total, items = torch.stack((self.loss_sum.double(), self.count_sum)).tolist()
-            loss = total / items if items else math.nan
+            *values, items = torch.cat((sums.double(), self.count_sum.reshape(1))).tolist()
+            divisor = items
         else:
-            loss = self.loss_sum.item() / (window.kept * plan.grad_accum * self.world) if window.kept else math.nan
+            values, divisor = sums.tolist(), window.kept * plan.grad_accum * self.world
+        loss, *extras = (v / divisor if divisor else math.nan for v in values)
         self.loss_sum.zero_()
         self.count_sum.zero_()
+        self.extra_sums = {}
         dt = time.perf_counter() - window.start
         if self.rank == 0:  # the record, which rank zero alone writes (the loss scale is read back from the device)
-            record = {"epoch": round(step / per_epoch, 3), "train/loss": loss, "lr": self.lr,
+            record = {"epoch": round(step / per_epoch, 3), "train/loss": loss,
+                      **{f"train/{n}": v for n, v in zip(names, extras, strict=True)}, "lr": self.lr,
                       "grad_norm": self.norm, "samples_per_s": window.taken * plan.batch_size / dt,
                       "step_time": dt / window.taken, "data_wait": window.waited / dt}
             unit = None
@@ -144,7 +167,9 @@ class Telemetry:
             line, eta = None, self.eta(step)
             if step % self.print_every == 0 or step == total_steps:
                 line = (f"step {step:>{len(str(total_steps))}}/{total_steps}  "
-                        f"epoch {math.ceil(step / per_epoch)}  loss {loss:.4f}  lr {self.lr:.2e}  "
+                        f"epoch {math.ceil(step / per_epoch)}  loss {loss:.4f}  "
+                        + "".join(f"{n} {v:.4f}  " for n, v in zip(names, extras, strict=True))
+                        + f"lr {self.lr:.2e}  "
                         f"grad {self.norm:.3f}  "
                         + (f"{record[f'{unit}_per_s']:,.0f} {unit}/s  " if unit else "")
                         + f"{record['samples_per_s']:,.0f} samples/s  "
@@ -168,17 +193,21 @@ class Telemetry:
     def open_window(self) -> dict:
         """The log window a checkpoint between two log steps cuts: each rank's loss sum so far and the steps in it,
         so that the first record after a resume averages the same steps, in the same order, as an unstopped run's."""
-        sums = [self.loss_sum]
+        names, mine = self.sums()
+        sums = [mine]
         if self.world > 1:
-            sums = [torch.empty_like(self.loss_sum) for _ in range(self.world)]
-            torch.distributed.all_gather(sums, self.loss_sum)
-        return {"loss_sums": torch.stack(sums).tolist(), "count": self.count_sum.item(), "kept": self.window.kept,
-                "grad_accum": self.plan.grad_accum}
+            sums = [torch.empty_like(mine) for _ in range(self.world)]
+            torch.distributed.all_gather(sums, mine)
+        ranks = torch.stack(sums).T.tolist()  # by sum, then rank
+        return {"loss_sums": ranks[0], "extras": dict(zip(names, ranks[1:], strict=True)),
+                "count": self.count_sum.item(), "kept": self.window.kept, "grad_accum": self.plan.grad_accum}
 
     def restore_window(self, window: dict | None) -> None:
         """The open log window of a checkpoint, where the processes and accumulation steps that filled it are the
         same again (checkpoints from before it was saved have none)."""
         if window and len(window["loss_sums"]) == self.world and window["grad_accum"] == self.plan.grad_accum:
             self.loss_sum.fill_(window["loss_sums"][self.rank])
+            self.extra_sums = {name: self.loss_sum.new_full((), sums[self.rank])
+                               for name, sums in window.get("extras", {}).items()}
             self.count_sum.fill_(window["count"])
             self.window.kept = window["kept"]

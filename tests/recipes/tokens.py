@@ -8,6 +8,8 @@ labels -100.
 --style counts     step() returns {"loss", "count", "preds", "target"}: the loss is exact over tokens
 --style pair       step() returns (loss, count), no metrics
 --style mean       step() returns the mean over each micro-batch's tokens, no count
+--style extras     as counts, and the loss is cross-entropy + 0.1 × a penalty, both returned beside it as
+                   "ce" and "aux" (logged as train/ce, val/aux, …)
 --style hf         the model computes its own loss from the labels (Hugging Face's convention) and step()
                    returns the model's output as it is, a dict with "loss" and "logits"
 --stream           the training split is an IterableDataset (with --length, it declares its length)
@@ -41,7 +43,7 @@ class Hparams:
     lr: float = 0.5
     n_train: int = 96
     n_val: int = 30
-    style: Literal["counts", "pair", "mean", "hf"] = "counts"
+    style: Literal["counts", "pair", "mean", "hf", "extras"] = "counts"
     stream: bool = False
     length: bool = False  # the stream declares its length
     unused: bool = False
@@ -149,12 +151,16 @@ def step(model, batch, hp: Hparams):
         return loss, count
     if hp.style == "mean":
         return loss
-    return {"loss": loss, "count": count, "preds": logits.flatten(0, 1), "target": labels.flatten()}
+    out = {"loss": loss, "count": count, "preds": logits.flatten(0, 1), "target": labels.flatten()}
+    if hp.style == "extras":  # the penalty is a mean over the same tokens as the loss
+        aux = (logits.pow(2).mean(-1) * (labels != IGNORE)).sum() / count
+        out.update(loss=loss + 0.1 * aux, ce=loss, aux=aux)
+    return out
 
 
 def metrics(hp: Hparams) -> dict:
     return {"acc": MulticlassAccuracy(num_classes=CLASSES, average="micro", ignore_index=IGNORE)} \
-        if hp.style == "counts" else {}
+        if hp.style in ("counts", "extras") else {}
 
 
 def optimizer(model: nn.Module, hp: Hparams, total_steps: int):
