@@ -237,7 +237,8 @@ def deepspeed_fp16(setup: Setup) -> dict:
 def overhead(setup: Setup) -> dict:
     """benchmarks/overhead.py's MLP and CIFAR-10 rows on the GPU (on the CPU in smoke mode): its table."""
     if setup.smoke:
-        flags, env = ["--reps", "1", "--steps", "300", "--cifar-reps", "0"], {}
+        flags, env = ["--reps", "1", "--steps", "300", "--cifar-reps", "0", "--per-step-reps", "1",
+                      "--per-step-steps", "50"], {}
     else:
         flags, env = ["--gpu", "--reps", "3", "--steps", "1500", "--cifar-reps", "2"], {"CIFAR10_DIR": str(setup.carry)}
     text = command([sys.executable, HERE / "overhead.py", *flags, "--epoch-reps", "0", "--startup-reps", "0",

@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from handwritten import Loop
 from overhead import (
     BIN,
     ROOT,
@@ -39,6 +38,7 @@ from overhead import (
     ratio_cell,
     script_rate,
     shown,
+    side_by_side,
     table,
 )
 
@@ -91,47 +91,10 @@ def instructions(hp: dict, tmp: Path) -> None:
 def one_process(rounds: int, steps: int, hp: dict, tmp: Path) -> None:
     import torch
 
-    from launcher.cli import run as cli
-    from launcher.engines import group
-    from launcher.processes import worker
-    from launcher.runs import files as runfiles
-    from launcher.runs import record
-    from launcher.train.loop import Trainer
-
-    torch.set_num_threads(1)
     total = (rounds + 1) * steps  # the first round warms up
     command = launch_cmd(1, total, tmp / "run", hp)
-    plan, recipe, rhp, _ = cli.parse([str(c) for c in command[1:]])
-    Path(plan.run_dir).mkdir()
-    runfiles.write_json(Path(plan.run_dir) / "config.json", record.record(plan))
-    worker.steady_host_memory()
-    ours = Trainer(plan, group.accelerator(plan), recipe, rhp)
-    if ours.length.steps_per_epoch < total:
-        sys.exit(f"--one-process: {total} steps do not fit in one epoch of {ours.length.steps_per_epoch}")
-    batches = ours.epoch_batches(0, 0, total)
-    hand = Loop(recipe, rhp, total, 1, plan.clip_grad)
-    order = iter(torch.randperm(len(hand.train)).split(rhp.batch_size))
-
-    def launcher() -> None:
-        ours.train_step(batches)
-        ours.after_step()
-
-    def handwritten() -> None:
-        hand.step(next(order))
-
-    sides = {"launcher": launcher, "hand-written": handwritten}
-    seconds = {name: [] for name in sides}
-    for rnd in range(rounds + 1):
-        for name, fn in list(sides.items())[::-1 if rnd % 2 else 1]:
-            start = time.process_time()
-            for _ in range(steps):
-                fn()
-            if rnd:
-                seconds[name].append((time.process_time() - start) / steps)
-        if rnd:
-            print(f"  round {rnd}: " + ", ".join(f"{k} {v[-1] * 1e3:.1f} ms" for k, v in seconds.items()),
-                  file=sys.stderr)
-    tokens = rhp.batch_size * rhp.context
+    seconds = side_by_side(command[1:], rounds, steps, tmp)
+    tokens = tokens_per_step(hp)
     ours_rate, theirs_rate = ([tokens / s for s in seconds[k]] for k in ("launcher", "hand-written"))
     print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}; "
           f"{time.strftime('%Y-%m-%d')}; {rounds} rounds of {steps} steps per side, after one round to warm up; "

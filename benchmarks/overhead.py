@@ -3,6 +3,10 @@
     pip install -e '.[bench]'      # the Lightning peer (skipped, and said so, without it)
     CIFAR10_DIR=../shared/data python benchmarks/overhead.py [--reps 10] [--cifar-reps 4] [--startup-reps 5]
 
+0. The per-step host overhead in µs: the launcher's trainer (built as `launch` builds it for one process) and the
+   hand-written loop train the MLP below side by side in this one process, on one thread, rounds of --per-step-steps
+   steps each in turn; the difference of their CPU time per step, with the default health checks and with
+   --no-health. Goals: ≥ 0.98 and ≥ 0.99 of hand-written's steps/s.
 1. Steps/s on a tiny MLP (benchmarks/mlp.py), one process, one thread, where overhead dominates:
    `launch benchmarks/mlp.py --cpu` against the hand-written loop (benchmarks/handwritten.py) and
    Lightning's Trainer (benchmarks/lightning_peer.py). Goal: launcher ≥ 0.98 of hand-written.
@@ -208,6 +212,79 @@ def script_startup(cmd: list) -> float:
     return json.loads(run(cmd, env()).splitlines()[-1])["first_step"] - start
 
 
+def side_by_side(command: list, rounds: int, steps: int, tmp: Path) -> dict[str, list[float]]:
+    """CPU seconds per step of each side, round by round: the launcher's trainer, built from `command` (a `launch`
+    command line, less its program) as `launch` builds it for one process, and the hand-written loop on the same
+    recipe, hyperparameters and clip, both in this process on one thread, --steps steps each in turn after a
+    round to warm up. What the launcher's step itself costs, on a machine whose speed drifts by ±10 % from one
+    process to the next."""
+    import torch
+
+    from handwritten import Loop
+    from launcher.cli import run as cli
+    from launcher.engines import group
+    from launcher.processes import worker
+    from launcher.runs import files as runfiles
+    from launcher.runs import record
+    from launcher.train.loop import Trainer
+
+    torch.set_num_threads(1)
+    total = (rounds + 1) * steps
+    plan, recipe, hp, _ = cli.parse([str(c) for c in command])
+    Path(plan.run_dir).mkdir(parents=True)
+    runfiles.write_json(Path(plan.run_dir) / "config.json", record.record(plan))
+    worker.steady_host_memory()
+    ours = Trainer(plan, group.accelerator(plan), recipe, hp)
+    if ours.length.steps_per_epoch < total:
+        sys.exit(f"{total} steps do not fit in one epoch of {ours.length.steps_per_epoch}")
+    batches = ours.epoch_batches(0, 0, total)
+    hand = Loop(recipe, hp, total, 1, plan.clip_grad)
+    order = iter(torch.randperm(len(hand.train)).split(hp.batch_size))
+
+    def launcher() -> None:
+        ours.train_step(batches)
+        ours.after_step()
+
+    def handwritten() -> None:
+        hand.step(next(order))
+
+    sides = {"launcher": launcher, "hand-written": handwritten}
+    seconds = {name: [] for name in sides}
+    for rnd in range(rounds + 1):
+        for name, fn in list(sides.items())[::-1 if rnd % 2 else 1]:
+            start = time.process_time()
+            for _ in range(steps):
+                fn()
+            if rnd:
+                seconds[name].append((time.process_time() - start) / steps)
+        if rnd:
+            print(f"  round {rnd}: " + ", ".join(f"{k} {v[-1] * 1e6:.1f} µs" for k, v in seconds.items()),
+                  file=sys.stderr)
+    return seconds
+
+
+def per_step_rows(rounds: int, steps: int, tmp: Path) -> tuple[list[str], list[str]]:
+    """(commands, rows) of the per-step host overhead on the MLP, with the default health checks and without."""
+    commands, rows = [], []
+    for health in ([], ["--no-health"]):
+        total = (rounds + 1) * steps
+        command = [MLP, "--cpu", "--clip-grad", "1.0", "--max-steps", total, "--log-every", LOG_EVERY,
+                   "--samples", 32 * total, "--wandb", "disabled", "--run-dir", tmp / f"steps{'-'.join(health)}",
+                   *health]
+        print(f"MLP per-step CPU time, both loops in one process{', ' + health[0] if health else ''}",
+              file=sys.stderr)
+        seconds = side_by_side(command, rounds, steps, tmp)
+        ours, theirs = seconds["launcher"], seconds["hand-written"]
+        extra = [1e6 * (o - t) for o, t in zip(ours, theirs, strict=True)]
+        commands.append(f"launch {shown(command)} (built in this process), beside benchmarks/handwritten.py's Loop")
+        rows.append(f"| per-step host overhead, MLP, one thread, both loops in one process"
+                    f"{', ' + health[0] if health else ', default health checks'}, µs per step | "
+                    f"{1e6 * median(ours):.1f} − {1e6 * median(theirs):.1f} = {median(extra):.1f} "
+                    f"(min {min(extra):.1f}, max {max(extra):.1f}) | hand-written | {ratio_cell(theirs, ours)} "
+                    "(steps/s) |")
+    return commands, rows
+
+
 def median(xs: list) -> float:
     return statistics.median(xs)
 
@@ -232,6 +309,9 @@ def main() -> None:
     ap.add_argument("--cifar-reps", type=int, default=4)
     ap.add_argument("--epoch-reps", type=int, default=1)
     ap.add_argument("--startup-reps", type=int, default=5, help="0: no start-up rows")
+    ap.add_argument("--per-step-reps", type=int, default=8,
+                    help="rounds of the per-step host overhead, both loops in this process (0: none)")
+    ap.add_argument("--per-step-steps", type=int, default=400, help="steps per side and round of that measure")
     ap.add_argument("--baseline", type=Path, metavar="DIR",
                     help="another checkout of this repository, whose launcher also runs the MLP (a third side)")
     ap.add_argument("--callgrind", action="store_true",
@@ -250,6 +330,8 @@ def main() -> None:
     rows, commands = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if args.per_step_reps and not args.gpu:
+            commands, rows = per_step_rows(args.per_step_reps, args.per_step_steps, tmp)
         one = env(threads=1)
         sides = {"hand-written": lambda rep: script_rate(mlp_hand(args.steps), LOG_EVERY, WARMUP, one),
                  "launcher": lambda rep: launcher_rate(mlp_launch(args.steps, tmp / f"mlp-{rep}"), tmp / f"mlp-{rep}",

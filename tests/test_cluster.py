@@ -58,7 +58,8 @@ def test_submitting_a_slurm_job_reads_no_environment(monkeypatch, tmp_path):
                                       "PET_* variables, for what the flags leave out)"),
     ({**PET, "PET_NNODES": "0"}, "PET_NNODES=0 is not a whole number of at least 1"),
     ({**PET, "PET_NNODES": "1:2"}, "PET_NNODES=1:2 asks for an elastic node count, which the launcher does not take "
-                                   "from the environment: give it as flags, --nodes MIN:MAX and each node's --node-rank"),
+                                   "from the environment: give it as flags, --nodes MIN:MAX and each node's "
+                                   "--node-rank"),
     ({**SKYPILOT, "SKYPILOT_NODE_RANK": "2"}, "--node-rank 2 must be below --nodes 2"),
     ({**SLURM}, "--nodes 2 needs --master-addr"),  # no scontrol to name the step's first host
 ], ids=["rank", "nodes", "range", "rank-too-high", "no-address"])

@@ -10,9 +10,8 @@ from torch import nn
 
 from conftest import ROOT, TINY, in_process, launch, ok, records, refused
 from launcher import FocalLoss, class_weights, freeze, param_groups
-from launcher.health import debugging
+from launcher.health import debugging, neardup
 from launcher.health import monitor as health
-from launcher.health import neardup
 
 
 def check(capsys, *flags, recipe=TINY) -> tuple[int, str]:

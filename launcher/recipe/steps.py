@@ -36,7 +36,6 @@ from ..errors import RecipeError
 from . import data
 from .data import describe, size
 
-
 RESERVED = ("loss", "count", "preds", "target")  # what a step's dict says; its other numbers are extras
 
 
