@@ -224,6 +224,7 @@ def side_by_side(command: list, rounds: int, steps: int, tmp: Path) -> dict[str,
     from launcher.cli import run as cli
     from launcher.engines import group
     from launcher.processes import worker
+    from launcher.processes.collector import settle
     from launcher.runs import files as runfiles
     from launcher.runs import record
     from launcher.train.loop import Trainer
@@ -240,6 +241,7 @@ def side_by_side(command: list, rounds: int, steps: int, tmp: Path) -> dict[str,
     batches = ours.epoch_batches(0, 0, total)
     hand = Loop(recipe, hp, total, 1, plan.clip_grad)
     order = iter(torch.randperm(len(hand.train)).split(hp.batch_size))
+    settle()  # as a worker does before it trains: what start-up made is frozen out of the collector's way
 
     def launcher() -> None:
         ours.train_step(batches)
