@@ -39,7 +39,7 @@ from .data import describe, size
 RESERVED = ("loss", "count", "preds", "target")  # what a step's dict says; its other numbers are extras
 
 
-@dataclass
+@dataclass(slots=True)
 class Output:
     loss: torch.Tensor  # a scalar: the mean over `count` items
     count: torch.Tensor | int | float
@@ -69,7 +69,21 @@ def steps(recipe: ModuleType, hp, device: torch.device) -> tuple[Callable, Calla
 
 
 def default(loss_fn) -> Callable:
+    """The default step. Its first call checks the batch and the loss; the recipe's data and loss give the same
+    kinds of each every step after it, which then go straight through."""
+    checked = False
+
     def step(model: nn.Module, batch) -> Output:
+        nonlocal checked
+        if checked:
+            x, y = batch
+            out = model(x)
+            return Output(loss_fn(out, y), y.shape[0], False, out, y)
+        result = first(model, batch)
+        checked = isinstance(result.target, torch.Tensor) and result.target.ndim > 0
+        return result
+
+    def first(model: nn.Module, batch) -> Output:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise RecipeError(f"the default step takes (input, target) batches and computes "
                               f"loss(hp)(model(input), target), but a batch is {describe(batch)}: define "

@@ -65,6 +65,7 @@ class Sinks:
         self.plan = plan
         config = publish_record(plan.run_dir, data=data)  # training begins: this start's record is the run's
         self.console = Console(total_steps, start_step)
+        self.advance = self.console.advance  # a step taken: the bar moves, where one is drawn
         self.summary = Summary(plan.run_dir, total_steps, start_step)
         self.metrics = MetricsFile(plan.run_dir, start_step)
         self.sinks: list[Sink] = [self.metrics, self.summary, self.console]
@@ -73,9 +74,6 @@ class Sinks:
             self.sinks.append(wandb)
         if plan.tensorboard:
             self.sinks.append(Board(plan.run_dir, start_step))
-
-    def advance(self) -> None:
-        self.console.advance()
 
     def print(self, text: str) -> None:
         self.console.print(text)

@@ -16,6 +16,8 @@ class Console(Sink):
         # disable=None: drawn only when stderr is a terminal, never into log files
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=None,
                         leave=False, file=sys.stderr)
+        if self.bar.disable:  # no terminal: a step has nothing to draw
+            self.advance = lambda: None
 
     def advance(self) -> None:
         try:

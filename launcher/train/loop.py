@@ -192,26 +192,32 @@ class Trainer:
                                            self.world, self.rank)
 
     def train_step(self, batches) -> None:
-        """One optimizer step: `grad_accum` micro-batches forward and backward, then one update. The FLOP count
-        of the first step and the sampled health checks hang on it from outside (observed, sample)."""
-        engine, K, progress, counts = self.engine, self.plan.grad_accum, self.progress, self.counts
+        """One optimizer step: `grad_accum` micro-batches forward and backward, then one update. The ReLUs a
+        sampled step watches, the FLOPs its first step counts (telemetry) and the sampled health checks hang on it;
+        what only a first step needs (the step's output checked, the buckets' parameters) is done on that step
+        alone, and a step of one micro-batch does no accumulation's bookkeeping."""
+        engine, K, progress, counts, telemetry = self.engine, self.plan.grad_accum, self.progress, self.counts, \
+            self.telemetry
         hang.beat(progress.step + 1)
         sampled = self.watch is not None and (progress.step + 1) % self.every == 0
         step_loss, step_count = None, 0  # this rank's: the sum of the micro-steps' losses (× count, with counts)
         extras = {}  # the step's other numbers, summed alike
         for k in range(K):
-            batch = self.telemetry.waiting(batches, END)
+            batch = telemetry.waiting(batches, END)
             if batch is END:
                 raise guards.stream_ended(progress.step, self.length.total, self.plan.batch_size)
             if self.augment:
                 batch = self.augment(batch, progress.step // self.length.steps_per_epoch)
-            engine.sync(k == K - 1)
-            with self.observed(sampled and k == K - 1):
+            if K > 1:  # one micro-batch always reduces, as every engine does unless told otherwise
+                engine.sync(k == K - 1)
+            if sampled and k == K - 1:
+                self.watch.watch()
+            with telemetry.counting():
                 out = self.step_fn(engine.model, batch)
                 if out.counted != counts.counted:
                     guards.first_output(out, counts.counted, self.unit, self.needs_preds)
                     counts.counted = out.counted
-                engine.backward(counts.weighted(out))
+                engine.backward(counts.weighted(out) if out.counted else out.loss)
             part = out.loss.detach() * out.count if out.counted else out.loss.detach()
             step_loss = part if step_loss is None else step_loss + part
             step_count = step_count + out.count
@@ -220,7 +226,7 @@ class Trainer:
                     extras[name] = extras.get(name, 0) + value
         if progress.step == 0 and engine.buckets and not self.plan.find_unused_parameters:
             guards.unused_parameters(engine.module)
-        rescale, total = counts.global_count(step_count)
+        rescale, total = counts.global_count(step_count) if counts.counted else (None, step_count)
         progress.step += 1
         self.sinks.advance()
         lr = engine.lr()
@@ -232,13 +238,6 @@ class Trainer:
         if before and math.isfinite(norm):
             self.sample(before)
         self.telemetry.took((step_loss, total if counts.counted else None, extras), norm, lr)
-
-    def observed(self, watched: bool):
-        """Around a micro-step's forward and backward: the ReLUs watched in a sampled step's last micro-step, the
-        FLOPs counted in the first step (telemetry). Any other step pays for nothing."""
-        if watched:
-            self.watch.watch()
-        return self.telemetry.counting()
 
     def sample(self, before: tuple[dict, dict]) -> None:
         """A sampled step's health record and new warnings, on rank zero."""
